@@ -71,10 +71,12 @@ class TimeMix(nn.Module):
         ratio_0_to_1 = layer_id / max(cfg.n_layer - 1, 1)
         ratio_1_to_almost0 = 1.0 - layer_id / cfg.n_layer
         ddd = (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)
-        self.time_mix_k = nn.Parameter(1.0 - ddd.pow(ratio_1_to_almost0))
-        self.time_mix_v = nn.Parameter(1.0 - (ddd.pow(ratio_1_to_almost0) + 0.3 * ratio_0_to_1))
-        self.time_mix_r = nn.Parameter(1.0 - ddd.pow(0.5 * ratio_1_to_almost0))
-        self.time_mix_g = nn.Parameter(1.0 - ddd.pow(0.5 * ratio_1_to_almost0))
+        # v5 weighs the current token by time_mix (x * mix + shifted * (1 - mix)); the `1 - pow` form
+        # belongs to v6's time_maa, whose formula weighs the shifted token instead.
+        self.time_mix_k = nn.Parameter(ddd.pow(ratio_1_to_almost0))
+        self.time_mix_v = nn.Parameter(ddd.pow(ratio_1_to_almost0) + 0.3 * ratio_0_to_1)
+        self.time_mix_r = nn.Parameter(ddd.pow(0.5 * ratio_1_to_almost0))
+        self.time_mix_g = nn.Parameter(ddd.pow(0.5 * ratio_1_to_almost0))
         n = torch.arange(C, dtype=torch.float32)
         decay_speed = -6.0 + 5.0 * (n / (C - 1)).pow(0.7 + 1.3 * ratio_0_to_1)
         self.time_decay = nn.Parameter(decay_speed.view(H, N))
@@ -114,8 +116,8 @@ class ChannelMix(nn.Module):
         C = cfg.n_embd
         ratio_1_to_almost0 = 1.0 - layer_id / cfg.n_layer
         ddd = (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)
-        self.time_mix_k = nn.Parameter(1.0 - ddd.pow(ratio_1_to_almost0))
-        self.time_mix_r = nn.Parameter(1.0 - ddd.pow(ratio_1_to_almost0))
+        self.time_mix_k = nn.Parameter(ddd.pow(ratio_1_to_almost0))
+        self.time_mix_r = nn.Parameter(ddd.pow(ratio_1_to_almost0))
         self.key = nn.Linear(C, cfg.ffn, bias=False)
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(cfg.ffn, C, bias=False)
