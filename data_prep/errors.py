@@ -3,7 +3,15 @@ one-line message like `rwkv5.errors.Rwkv5Error`. Messages name the file (or repo
 
 from __future__ import annotations
 
-__all__ = ["DataPrepError", "SelectionError", "SourceError", "DownloadError"]
+__all__ = [
+    "DataPrepError",
+    "SelectionError",
+    "SourceError",
+    "DownloadError",
+    "ShardError",
+    "TokenizerMismatchError",
+    "ErrorBudgetExceeded",
+]
 
 
 class DataPrepError(Exception):
@@ -26,6 +34,30 @@ class DownloadError(DataPrepError):
     Args:
         message: names the failed files and why each failed.
         summary: the run's `DownloadSummary` (files downloaded, skipped, failed).
+    """
+
+    def __init__(self, message: str, summary: object = None) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+
+class ShardError(DataPrepError):
+    """A token shard or dataset manifest is missing, corrupt, unlisted or inconsistent; the message names the file."""
+
+
+class TokenizerMismatchError(ShardError):
+    """A shard or manifest was written by a different tokenizer than the one the caller expects.
+
+    Token ids of two tokenizers are not interchangeable, so reading them would train on garbage silently.
+    """
+
+
+class ErrorBudgetExceeded(DataPrepError):
+    """A stage met more bad input than its error budget allows.
+
+    Args:
+        message: names the budget, the observed counts and the worst files.
+        summary: the stage's summary object, so callers can still report what was done.
     """
 
     def __init__(self, message: str, summary: object = None) -> None:
