@@ -41,6 +41,38 @@ def params(preset: str = typer.Option("7b", help="Model preset name.")) -> None:
     typer.echo(count_parameters(model_preset(preset)))
 
 
+@data_app.command("download")
+def data_download(
+    out: str = typer.Option(..., help="Destination folder (keeps manifest.json; re-runs resume there)."),
+    source: str = typer.Option("cerebras/SlimPajama-627B", help="Hub dataset repo id, local folder or fsspec URL."),
+    revision: str = typer.Option("", help="Hub revision. Default: the pinned SlimPajama commit."),
+    split: list[str] = typer.Option([], help="Split folder(s): train, validation, test. Default: all."),
+    chunk: list[int] = typer.Option([], help="Chunk number(s) within the splits. Default: all."),
+    glob: list[str] = typer.Option([], help="fnmatch pattern(s) over paths. Default: *.jsonl.zst."),
+    fraction: float = typer.Option(1.0, help="Deterministic fraction of the matching files (smoke runs)."),
+    seed: int = typer.Option(0, help="Changes which files --fraction keeps."),
+    workers: int = typer.Option(8, help="Files fetched concurrently."),
+    verify_existing: bool = typer.Option(False, help="Re-hash files the manifest already lists."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Download (or copy) SlimPajama files and verify each one's sha256. The token comes from HF_TOKEN."""
+    from data_prep.download import download
+    from data_prep.errors import DataPrepError
+    from data_prep.source import DEFAULT_REVISION, Selection, open_source
+
+    try:
+        selection = Selection(splits=tuple(split), chunks=tuple(chunk), fraction=fraction, seed=seed,
+                              **({"globs": tuple(glob)} if glob else {}))
+        summary = download(open_source(source, revision or DEFAULT_REVISION), out, selection, workers=workers,
+                           verify_existing=verify_existing, progress=progress)
+    except DataPrepError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{summary.selected} files selected: downloaded {summary.downloaded}, already verified "
+               f"{summary.skipped}, adopted {summary.adopted}; {summary.bytes_received / 2**20:.1f} MiB in "
+               f"{summary.seconds:.1f} s; manifest {summary.manifest}")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m rwkv5.cli`
     app()
 
