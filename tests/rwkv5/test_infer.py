@@ -1,0 +1,144 @@
+"""RNN-mode inference: token-by-token equals the parallel forward, memory does not grow, sampling rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rwkv5.config import ModelConfig
+from rwkv5.errors import ConfigError
+from rwkv5.infer import EOD_ID, generate, prefill, sample_logits, step
+
+# A small vocabulary keeps the head cheap; 260 covers the byte-level stand-in tokenizer below.
+CFG = ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=260)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer for these tests only: one id per UTF-8 byte (ids 1..256)."""
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 1 for b in text.encode()]
+
+    def decode(self, ids) -> str:
+        return bytes(i - 1 for i in ids if 0 < i <= 256).decode(errors="replace")
+
+
+@pytest.fixture
+def model(random_model):
+    return random_model(CFG)
+
+
+def test_token_by_token_matches_parallel(model):
+    ids = torch.randint(0, CFG.vocab_size, (1, 37))
+    with torch.no_grad():
+        parallel = model(ids)[0]  # (T, V)
+    state, rows = None, []
+    for token in ids[0].tolist():
+        logits, state = step(model, token, state)
+        rows.append(logits)
+    assert rel_err(torch.stack(rows), parallel) < 1e-5
+
+
+def test_prefill_in_pieces_keeps_state_size_and_matches_one_shot(model):
+    ids = torch.randint(0, CFG.vocab_size, (1, 300))
+    with torch.no_grad():
+        ref_logits, ref_state = model(ids, return_state=True)
+    expected_bytes = CFG.n_layer * (2 * CFG.n_embd * 4 + CFG.n_head * CFG.head_size**2 * 4)
+
+    state, sizes = None, []
+    for piece in ids[0].split(70):  # 4 pieces of 70 and one of 20, each prefilled in chunks of 32
+        logits, state = prefill(model, piece.tolist(), state, chunk_len=32)
+        sizes.append(state.nbytes())
+    assert sizes == [expected_bytes] * len(sizes)
+    assert rel_err(logits, ref_logits[0, -1]) < 1e-5
+    assert rel_err(state.wkv, ref_state.wkv) < 1e-5
+    assert rel_err(state.att_shift, ref_state.att_shift) < 1e-5
+    assert rel_err(state.ffn_shift, ref_state.ffn_shift) < 1e-5
+
+
+def test_prefill_reads_lazily_from_an_iterator(model):
+    ids = torch.randint(0, CFG.vocab_size, (50,)).tolist()
+    consumed = []
+
+    def lazy():
+        for i in ids:
+            consumed.append(i)
+            yield i
+
+    chunks_seen = []
+    original_forward = model.forward
+
+    def spy(idx, *args, **kwargs):
+        chunks_seen.append((idx.shape[1], len(consumed)))
+        return original_forward(idx, *args, **kwargs)
+
+    model.forward = spy
+    logits, _ = prefill(model, lazy(), chunk_len=16)
+    del model.forward
+    # Each call saw only the ids of its own chunk: the iterator was not drained up front.
+    assert chunks_seen == [(16, 16), (16, 32), (16, 48), (2, 50)]
+    ref, _ = prefill(model, torch.tensor(ids), chunk_len=50)
+    assert rel_err(logits, ref) < 1e-5
+
+
+def test_prefill_rejects_empty_input(model):
+    with pytest.raises(ConfigError, match="at least one"):
+        prefill(model, [])
+
+
+def test_sampling_greedy_and_top_p():
+    logits = torch.tensor([0.0, 3.0, 2.5, -1.0, 1.0])
+    assert sample_logits(logits, temperature=0) == 1
+    # top_p small enough: only the most likely token survives.
+    draws = {sample_logits(logits, top_p=1e-3, generator=torch.Generator().manual_seed(s)) for s in range(20)}
+    assert draws == {1}
+    # probs ~ [.03, .53, .32, .01, .09]: top_p 0.8 keeps exactly the two most likely tokens.
+    gen = torch.Generator().manual_seed(0)
+    draws = [sample_logits(logits, top_p=0.8, generator=gen) for _ in range(300)]
+    assert set(draws) == {1, 2}
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    logits = torch.randn(1000)
+    a = [sample_logits(logits, 1.0, 0.9, torch.Generator().manual_seed(7)) for _ in range(5)]
+    b = [sample_logits(logits, 1.0, 0.9, torch.Generator().manual_seed(7)) for _ in range(5)]
+    assert a == b
+    gen = torch.Generator().manual_seed(7)
+    assert len({sample_logits(logits, 1.0, 1.0, gen) for _ in range(20)}) > 1
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5}])
+def test_sampling_rejects_bad_settings(kwargs):
+    with pytest.raises(ConfigError):
+        sample_logits(torch.zeros(4), **kwargs)
+
+
+def test_generate_is_seeded_and_bounded(model):
+    tok = ByteTokenizer()
+    a = list(generate(model, tok, "hello", max_new_tokens=12, seed=3, stop_at_eod=False))
+    b = list(generate(model, tok, "hello", max_new_tokens=12, seed=3, stop_at_eod=False))
+    assert a == b and len(a) == 12
+    assert all(0 <= t < CFG.vocab_size for t in a)
+
+
+def test_generate_continues_a_prefilled_context(model):
+    tok = ByteTokenizer()
+    whole = list(generate(model, tok, "long context. prompt", 8, temperature=0, stop_at_eod=False))
+    context = prefill(model, tok.encode("long context."), chunk_len=4)
+    split = list(generate(model, tok, " prompt", 8, temperature=0, context=context, stop_at_eod=False))
+    assert split == whole
+
+
+def test_generate_stops_at_end_of_document(model):
+    with torch.no_grad():  # make the end-of-document id the only likely token
+        model.ln_out.weight.zero_()
+        model.ln_out.bias.fill_(1.0)
+        model.head.weight.zero_()
+        model.head.weight[EOD_ID] = 1.0
+    tok = ByteTokenizer()
+    assert list(generate(model, tok, "hi", 5, temperature=0)) == []
+    assert list(generate(model, tok, "hi", 5, temperature=0, stop_at_eod=False)) == [EOD_ID] * 5
