@@ -11,6 +11,9 @@ __all__ = [
     "ShardError",
     "TokenizerMismatchError",
     "ErrorBudgetExceeded",
+    "TokenizerError",
+    "TokenizationError",
+    "SampleError",
 ]
 
 
@@ -63,3 +66,28 @@ class ErrorBudgetExceeded(DataPrepError):
     def __init__(self, message: str, summary: object = None) -> None:
         super().__init__(message)
         self.summary = summary
+
+
+class TokenizerError(DataPrepError):
+    """A tokenizer cannot be built: unknown implementation, missing or malformed vocabulary file."""
+
+
+class TokenizationError(DataPrepError, ValueError):
+    """Text or token ids that the tokenizer cannot handle, e.g. a lone surrogate (not encodable as UTF-8).
+
+    The tokenization stage counts these per document instead of failing, so the error carries where it is.
+
+    Args:
+        message: names the problem and its position.
+        position: character index in the text (encode) or index in the id sequence (decode).
+        index: which text of a batch, or None for a single call.
+    """
+
+    def __init__(self, message: str, position: int | None = None, index: int | None = None) -> None:
+        super().__init__(message)
+        self.position = position
+        self.index = index
+
+
+class SampleError(DataPrepError):
+    """The sample corpus cannot be built: invalid sizes, an output folder we did not write, too little text."""
