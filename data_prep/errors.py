@@ -11,6 +11,8 @@ __all__ = [
     "ShardError",
     "TokenizerMismatchError",
     "ErrorBudgetExceeded",
+    "InputReadError",
+    "TruncatedInputError",
     "TokenizerError",
     "TokenizationError",
     "SampleError",
@@ -66,6 +68,14 @@ class ErrorBudgetExceeded(DataPrepError):
     def __init__(self, message: str, summary: object = None) -> None:
         super().__init__(message)
         self.summary = summary
+
+
+class InputReadError(DataPrepError):
+    """An input file cannot be read to its end (I/O error, corrupt zstd data); the message names the file."""
+
+
+class TruncatedInputError(InputReadError):
+    """An input file ends inside a zstd frame (a partial download or copy); the message names the file."""
 
 
 class TokenizerError(DataPrepError):

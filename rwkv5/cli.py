@@ -73,6 +73,38 @@ def data_download(
                f"{summary.seconds:.1f} s; manifest {summary.manifest}")
 
 
+@data_app.command("tokenize")
+def data_tokenize(
+    src: str = typer.Option(..., help="Source root in SlimPajama layout (train/chunk1/*.jsonl.zst, ...)."),
+    out: str = typer.Option(..., help="Output root: one dataset folder per split; re-runs resume there."),
+    workers: int = typer.Option(0, help="Processes (spawned). Default: one per core."),
+    shard_tokens: int = typer.Option(1 << 25, help="Target shard size in tokens."),
+    max_bad_line_fraction: float = typer.Option(0.001, help="Error budget: bad lines per line read."),
+    max_quarantined_fraction: float = typer.Option(0.001, help="Error budget: unreadable files per file."),
+    summary_json: str = typer.Option("", help="Also write the stage summary as JSON to this path."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Tokenize .jsonl.zst files into uint16 Arrow shards with a manifest per split."""
+    import json
+
+    from data_prep.errors import DataPrepError
+    from data_prep.tokenize import TokenizeConfig, tokenize
+
+    try:
+        config = TokenizeConfig(workers=workers, shard_tokens=shard_tokens, progress=progress,
+                                max_bad_line_fraction=max_bad_line_fraction,
+                                max_quarantined_fraction=max_quarantined_fraction)
+        summary = tokenize(src, out, config)
+    except (DataPrepError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if summary_json:
+        with open(summary_json, "w", encoding="utf-8") as fh:
+            json.dump(summary.to_json(), fh, indent=1)
+    typer.echo(summary.to_markdown())
+    typer.echo("manifests: " + ", ".join(f"{k}={v}" for k, v in summary.manifests.items()))
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m rwkv5.cli`
     app()
 
