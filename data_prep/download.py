@@ -334,6 +334,20 @@ class _Run:
                     raise _Aborted from None
 
 
+def _retrying(call, retry: RetryPolicy, what: str):
+    """`call()`, retried on `FetchFailed` like a file; a listing that keeps failing is a `SourceError`."""
+    rng = random.Random()
+    for attempt in range(1, retry.attempts + 1):
+        try:
+            return call()
+        except FetchFailed as exc:
+            if attempt == retry.attempts:
+                raise SourceError(f"{exc} (gave up after {attempt} attempts)") from None
+            delay = retry.delay(attempt, exc.retry_after, rng)
+            logger.warning("%s failed: %s; retry %d/%d in %.2fs", what, exc, attempt, retry.attempts - 1, delay)
+            time.sleep(delay)
+
+
 def _progress_bar(total_bytes: int, files: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -383,10 +397,10 @@ def download(
         raise ValueError(f"workers must be at least 1, got {workers}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    source.resolve()
+    _retrying(source.resolve, retry, f"resolving {source!r}")
     manifest = Manifest(out / MANIFEST_NAME, source.describe())
     logger.info("listing %r with %s", source, selection)
-    files = source.list(selection)
+    files = _retrying(lambda: source.list(selection), retry, f"listing {source!r}")
     summary = DownloadSummary(source=source.describe(), out_dir=str(out), manifest=str(manifest.path),
                               selected=len(files), bytes_selected=sum(f.size for f in files))
     todo = []

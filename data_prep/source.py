@@ -149,7 +149,9 @@ class Source(Protocol):
     """What `download` needs from a source."""
 
     def resolve(self) -> str | None:
-        """Pin the revision (a commit sha for the Hub, None for a directory) before listing."""
+        """Pin the revision (a commit sha for the Hub, None for a directory) before listing.
+
+        Raises `SourceError`, or `FetchFailed` when retrying may help (both also for `list`)."""
 
     def list(self, selection: Selection) -> list[RemoteFile]:
         """The selected files with sizes and expected checksums."""
@@ -225,11 +227,17 @@ class HubSource:
     def _where(self) -> str:
         return f"{self.endpoint} {self.repo_type} {self.repo_id}@{self.revision}"
 
-    def _source_error(self, exc: Exception, what: str) -> SourceError:
-        """A listing error as a message that says what to do, without the token."""
+    def _listing_error(self, exc: Exception, what: str) -> SourceError | FetchFailed:
+        """A listing error as a message that says what to do, without the token.
+
+        429, 5xx and transport errors come back as a retryable `FetchFailed` (the caller retries the listing);
+        the rest are a `SourceError`, which no retry fixes.
+        """
+        import httpx2
         from huggingface_hub.errors import HfHubHTTPError
 
-        status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
+        response = exc.response if isinstance(exc, HfHubHTTPError) else None
+        status = response.status_code if response is not None else None
         if status in (401, 403):
             sent = "a token was sent but is not allowed" if self._token else "no token was sent"
             return SourceError(f"{self._where()}: access denied (HTTP {status}) while {what}; {sent}. "
@@ -237,7 +245,16 @@ class HubSource:
         if status == 404:
             return SourceError(f"{self._where()}: not found (HTTP 404) while {what}: check the repo id, revision "
                                "and split/chunk selection")
-        return SourceError(f"{self._where()}: {what} failed: {type(exc).__name__}: {exc}")
+        if response is not None:
+            server_says = response.headers.get("X-Error-Message") or response.reason_phrase
+            detail = f"HTTP {status} ({server_says}) from {response.url}"
+        else:
+            detail = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        message = f"{self._where()}: {what} failed: {detail}"
+        if status in (408, 429) or (status or 0) >= 500 or isinstance(exc, httpx2.TransportError):
+            retry_after = _retry_after(response.headers.get("Retry-After")) if response is not None else None
+            return FetchFailed(message, retryable=True, retry_after=retry_after)
+        return SourceError(message)
 
     def resolve(self) -> str:
         """Commit sha of `revision` (one request). Errors: `SourceError`."""
@@ -245,7 +262,7 @@ class HubSource:
             try:
                 info = self._api.repo_info(self.repo_id, revision=self.revision, repo_type=self.repo_type)
             except Exception as exc:  # HTTP and transport errors alike become one SourceError
-                raise self._source_error(exc, "resolving the revision") from None
+                raise self._listing_error(exc, "resolving the revision") from None
             if not info.sha:
                 raise SourceError(f"{self._where()}: the Hub returned no commit sha for the revision")
             self._commit = info.sha
@@ -260,7 +277,7 @@ class HubSource:
                 entries = list(self._api.list_repo_tree(self.repo_id, prefix or None, recursive=True,
                                                         revision=commit, repo_type=self.repo_type))
             except Exception as exc:  # HTTP and transport errors alike become one SourceError
-                raise self._source_error(exc, f"listing {prefix or '/'!r}") from None
+                raise self._listing_error(exc, f"listing {prefix or '/'!r}") from None
             for entry in entries:
                 if not hasattr(entry, "blob_id"):
                     continue  # a folder

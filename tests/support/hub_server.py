@@ -13,7 +13,7 @@ code, its URL building, pagination and header parsing, instead of mocks:
   metadata from the redirect itself.
 
 Faults are injected per test with `HubStandIn.inject(Fault(...))`: status codes (500, 429 with `Retry-After`),
-slow responses, truncated bodies (full `Content-Length`, half the bytes, connection closed) and wrong bytes (same
+slow responses (before the headers, or stalled mid-body), truncated bodies (full `Content-Length`, half the bytes, connection closed) and wrong bytes (same
 size, different sha256). `hub.token = "..."` makes every Hub route answer 401 without `Authorization: Bearer`.
 Every request is recorded (`hub.requests`, `hub.count(...)`), so tests can assert what was (not) downloaded.
 
@@ -161,14 +161,15 @@ class Fault:
 
     Args:
         kind: `status` answers `status` (with `Retry-After: retry_after` if set) without running the handler;
-            `slow` sleeps `delay` seconds before answering; `truncate` sends the full `Content-Length` but half
-            the body, then closes the connection; `wrong_bytes` flips the last byte (same size, other sha256).
+            `slow` sleeps `delay` seconds before answering; `stall` sends half the body, then sleeps `delay`
+            seconds before the rest; `truncate` sends the full `Content-Length` but half the body, then closes
+            the connection; `wrong_bytes` flips the last byte (same size, other sha256).
         routes: route names it applies to; bytes are served by `resolve` (non-LFS) and `cdn` (LFS).
         path: fnmatch pattern over the repo path of the request.
         methods: HTTP methods it applies to.
     """
 
-    kind: Literal["status", "slow", "truncate", "wrong_bytes"]
+    kind: Literal["status", "slow", "stall", "truncate", "wrong_bytes"]
     routes: tuple[str, ...] = ("resolve", "cdn")
     path: str = "*"
     methods: tuple[str, ...] = ("GET",)
@@ -555,18 +556,17 @@ class _Handler(BaseHTTPRequestHandler):
             if hub._stopping.wait(fault.delay):
                 return
         response = route.handler(request, groups)
-        truncate = False
+        body_fault = None
         if self.command == "GET" and response.body:
-            fault = hub._take_fault(("truncate", "wrong_bytes"), route.name, self.command, path)
-            if fault is not None and fault.kind == "wrong_bytes":
-                record.fault = "wrong_bytes"
+            body_fault = hub._take_fault(("stall", "truncate", "wrong_bytes"), route.name, self.command, path)
+            if body_fault is not None:
+                record.fault = body_fault.kind
+            if body_fault is not None and body_fault.kind == "wrong_bytes":
                 response.body = response.body[:-1] + bytes([response.body[-1] ^ 0x01])
-            elif fault is not None:
-                record.fault = "truncate"
-                truncate = True
-        self._send(response, record, truncate=truncate)
+        self._send(response, record, body_fault=body_fault)
 
-    def _send(self, response: Response, record: RequestRecord | None, *, truncate: bool = False) -> None:
+    def _send(self, response: Response, record: RequestRecord | None, *, body_fault: Fault | None = None) -> None:
+        truncate = body_fault is not None and body_fault.kind == "truncate"
         if record is not None:
             record.status = response.status
         self.send_response(response.status)
@@ -578,10 +578,16 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
-        if truncate:
-            self.wfile.write(response.body[: len(response.body) // 2])
+        if body_fault is not None and body_fault.kind in ("truncate", "stall"):
+            half = len(response.body) // 2
+            self.wfile.write(response.body[:half])
             self.wfile.flush()
-            self.close_connection = True
+            if truncate:
+                self.close_connection = True
+                return
+            if self.hub._stopping.wait(body_fault.delay):
+                return
+            self.wfile.write(response.body[half:])
             return
         self.wfile.write(response.body)
 
