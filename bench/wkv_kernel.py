@@ -1,0 +1,177 @@
+"""Times the WKV5 CUDA kernel against flash-linear-attention's chunk_rwkv6 and our PyTorch chunked path.
+
+    python bench/wkv_kernel.py --out bench/results/wkv_kernel-h200.json
+
+Per shape (B, T, C, H): forward and forward+backward, median of many CUDA-event timings after warm-up,
+inputs bf16; the backward returns the gradients of r, k, v,
+time_decay, time_faaaa (torch.autograd.grad: no accumulation into .grad). fla gets w = -exp(time_decay) broadcast over
+time (materialised once, outside the timing), scale=1.0, u = time_faaaa. The floor is the bytes each pass
+must move (fwd: r, k, v read and y written; bwd: r, k, v, dy read and dr, dk, dv written) over the copy
+bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.wkv5 import chunk_wkv5  # noqa: E402
+
+SHAPES = [(8, 4096, 4096, 64), (4, 4096, 4096, 64), (1, 16384, 4096, 64), (1, 131072, 4096, 64),
+          (16, 2048, 2048, 32)]
+
+
+def cuda_time(fn, warmup: int, reps: int, budget_s: float = 20.0) -> float:
+    """Median milliseconds of fn() over up to `reps` runs (fewer if they exceed `budget_s`)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times, start = [], time.time()
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+        if time.time() - start > budget_s and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = cuda_time(lambda: y.copy_(x), 3, 20)
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def make(B, T, C, H, device="cuda"):
+    N = C // H
+    g = torch.Generator(device=device).manual_seed(0)
+    r, k, v = (torch.randn(B, T, H, N, device=device, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    w = torch.empty(H, N, device=device).uniform_(-6.0, 1.0, generator=g).requires_grad_()
+    u = (torch.randn(H, N, device=device, generator=g) * 0.5).requires_grad_()
+    dy = torch.randn(B, T, H, N, device=device, generator=g).bfloat16()
+    return r, k, v, w, u, dy
+
+
+def bench_shape(shape, fla_fn, warmup, reps):
+    from kernels.wkv5.cuda import cuda_wkv5
+
+    B, T, C, H = shape
+    r, k, v, w, u, dy = make(*shape)
+    row = {"B": B, "T": T, "C": C, "H": H}
+    elems = B * T * C
+    row["bytes_fwd"] = elems * 2 * 4
+    row["bytes_fwd_bwd"] = elems * 2 * 4 + elems * 2 * 7
+
+    def ours_fwd():
+        with torch.no_grad():
+            cuda_wkv5(r, k, v, w, u)
+
+    def ours_fwd_bwd():
+        y, _ = cuda_wkv5(r, k, v, w, u)
+        torch.autograd.grad(y, (r, k, v, w, u), dy)
+
+    row["ours_fwd_ms"] = cuda_time(ours_fwd, warmup, reps)
+    row["ours_fwd_bwd_ms"] = cuda_time(ours_fwd_bwd, warmup, reps)
+
+    if fla_fn is not None:
+        w_log = (-torch.exp(w.detach())).expand(B, T, H, C // H).contiguous().requires_grad_()
+        u_fla = u.detach().clone().requires_grad_()
+
+        def fla_fwd():
+            with torch.no_grad():
+                fla_fn(r, k, v, w_log, u_fla, scale=1.0, output_final_state=True)
+
+        def fla_fwd_bwd():
+            o, _ = fla_fn(r, k, v, w_log, u_fla, scale=1.0, output_final_state=True)
+            torch.autograd.grad(o, (r, k, v, w_log, u_fla), dy)
+
+        try:
+            row["fla_fwd_ms"] = cuda_time(fla_fwd, warmup, reps)
+            row["fla_fwd_bwd_ms"] = cuda_time(fla_fwd_bwd, warmup, reps)
+        except Exception as exc:  # report and keep timing the other variants
+            row["fla_error"] = repr(exc)[:300]
+        del w_log, u_fla
+
+    if B * T <= 32768:
+
+        def torch_fwd_bwd():
+            y, _ = chunk_wkv5(r, k, v, w, u)
+            torch.autograd.grad(y, (r, k, v, w, u), dy)
+
+        def torch_fwd():
+            with torch.no_grad():
+                chunk_wkv5(r, k, v, w, u)
+
+        row["torch_fwd_ms"] = cuda_time(torch_fwd, 1, 3)
+        row["torch_fwd_bwd_ms"] = cuda_time(torch_fwd_bwd, 1, 3)
+    else:
+        row["torch_skipped"] = "B*T > 32768: its Python loop over chunks takes seconds per call"
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench/results/wkv_kernel-h200.json")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--shapes", default="all", help="'all' or indices into SHAPES, e.g. 0,2")
+    args = parser.parse_args()
+
+    try:
+        from fla.ops.rwkv6 import chunk_rwkv6 as fla_fn
+    except ImportError as exc:
+        print(f"fla not importable ({exc}); timing ours and the PyTorch path only")
+        fla_fn = None
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    bw = copy_bandwidth()
+    rows = []
+    for shape in shapes:
+        row = bench_shape(shape, fla_fn, args.warmup, args.reps)
+        row["floor_fwd_ms"] = row["bytes_fwd"] / bw * 1e3
+        row["floor_fwd_bwd_ms"] = row["bytes_fwd_bwd"] / bw * 1e3
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        torch.cuda.empty_cache()
+
+    header = (f"{'B,T,C,H':>22} {'ours fwd':>9} {'fla fwd':>9} {'x':>5} {'ours f+b':>9} {'fla f+b':>9} {'x':>5}"
+              f" {'torch f+b':>10} {'floor f':>8} {'floor f+b':>9}")
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; times in ms; x = fla / ours; floor = fraction of the byte floor")
+    print(header)
+    for row in rows:
+        fla_f, fla_fb = row.get("fla_fwd_ms"), row.get("fla_fwd_bwd_ms")
+        shape = f"{row['B']},{row['T']},{row['C']},{row['H']}"
+        print(f"{shape:>22} {row['ours_fwd_ms']:9.3f} {fla_f or float('nan'):9.3f} "
+              f"{(fla_f or float('nan')) / row['ours_fwd_ms']:5.2f} {row['ours_fwd_bwd_ms']:9.3f} "
+              f"{fla_fb or float('nan'):9.3f} {(fla_fb or float('nan')) / row['ours_fwd_bwd_ms']:5.2f} "
+              f"{row.get('torch_fwd_bwd_ms', float('nan')):10.2f} "
+              f"{row['floor_fwd_ms'] / row['ours_fwd_ms']:8.2f} {row['floor_fwd_bwd_ms'] / row['ours_fwd_bwd_ms']:9.2f}")
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "chunk_env": os.environ.get("RWKV5_WKV_CHUNK"),
+        "copy_bandwidth_bytes_per_s": bw,
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main()

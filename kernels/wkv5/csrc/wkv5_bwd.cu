@@ -1,0 +1,516 @@
+// WKV5 backward, in two sweeps over the sequence (README.md has the derivation).
+//
+// Sweep A (forward in time, warp w owns key rows i in [16w, 16w+16) of S and of D = dS/dlog w):
+//   dr_t   = w^t' (dy_t S^T) + wc^(t'-8) sum_{s<t} (dy_t . v_s) (k_s wc^(7-s')) + u k_t (v_t . dy_t)
+//   dlog w += t' r_t dr_t (pairs inside the sub-block and reads of S)  +  sum_j D_ij dG_ij
+//   where dG = sum_t (r_t w^t')^T dy_t; then D = w^le (D + le S) + ..., S = w^le S + ...
+// Sweep B (backward in time, G = dLoss/dS held twice: rows i for dk, rows j for dv):
+//   dk_s = w^(le-1-s') (v_s G^T) + wc^(7-s') sum_{t>s} (v_s . dy_t) (r_t wc^(t'-8)) + u r_s (v_s . dy_s)
+//   dv_s = (k_s w^(le-1-s')) G + sum_{t>=s} A[t,s] dy_t;  G = w^le G + sum_t (r_t w^t')^T dy_t
+//   dlog w -= (s'+1) k_s dk_s (the in-sub-block part)
+// Both sweeps add into one (B, H, N) buffer for dlog w; du likewise.
+#ifndef WKV5_KERNELS_ONLY  // defined for compile checks without the torch CUDA headers
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#endif
+
+#include "wkv5_common.cuh"
+
+namespace wkv5 {
+
+using bf16 = __nv_bfloat16;
+
+template <int N, int L>
+__global__ void __launch_bounds__(2 * N) bwd_a_kernel(
+    const bf16* __restrict__ r, const bf16* __restrict__ k, const bf16* __restrict__ v, const float* __restrict__ td,
+    const float* __restrict__ u, const float* __restrict__ s0, const bf16* __restrict__ dy,
+    const float* __restrict__ ds_out, bf16* __restrict__ dr, float* __restrict__ dlw, float* __restrict__ du, int T,
+    int H) {
+    constexpr int NW = N / 16, LDN = N + 8, LDL = L + 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][4][L][LDN]: r, k, v, dy
+    bf16* kmT = raw + 2 * 4 * L * LDN;          // [N][LDL] k wc^(7-s')
+    bf16* rtT = kmT + N * LDL;                  // r w^t'
+    bf16* dyT = rtT + N * LDL;                  // dy
+    bf16* kqT = dyT + N * LDL;                  // k w^(le-1-s')
+    bf16* kdT = kqT + N * LDL;                  // (le-1-s') k w^(le-1-s')
+    bf16* vT = kdT + N * LDL;                   // v
+    float* pw = reinterpret_cast<float*>(vT + N * LDL);
+    float* pwc = pw + 17 * N;
+    float* us = pwc + 17 * N;
+    float* vdp = us + N;  // [NW][L] partials of v_t . dy_t
+
+    const int bh = blockIdx.x, b = bh / H, h = bh % H;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int64_t rs = static_cast<int64_t>(H) * N;
+    const int64_t row0 = static_cast<int64_t>(b) * T;
+    const int64_t col0 = static_cast<int64_t>(h) * N;
+
+    fill_tables<N>(pw, pwc, us, td, u, h);
+
+    float S[N / 8][4], D[N / 8][4];  // row i = 16 warp + g (+8), column j = 8 nt + 2q (+1)
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = 16 * warp + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
+            S[nt][e] = s0 ? s0[(static_cast<int64_t>(bh) * N + i) * N + j] : 0.f;
+            D[nt][e] = 0.f;
+        }
+    float dla[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, dua[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, dlb[2] = {0.f, 0.f};
+
+    const bf16* srcs[4] = {r, k, v, dy};
+    const int nchunks = (T + L - 1) / L;
+    load_chunk<N, L, 4>(raw, srcs, row0, min(L, T), rs, col0);
+    const int tp = tid & 15, i0 = 8 * (tid >> 4);
+
+    for (int c = 0; c < nchunks; ++c) {
+        const int t0 = c * L, Lc = min(L, T - t0);
+        cp_async_wait_all();
+        __syncthreads();
+        if (c + 1 < nchunks)
+            load_chunk<N, L, 4>(raw + ((c + 1) & 1) * 4 * L * LDN, srcs, row0 + t0 + L, min(L, T - t0 - L), rs, col0);
+        const bf16* rN = raw + (c & 1) * 4 * L * LDN;
+        const bf16* kN = rN + L * LDN;
+        const bf16* vN = kN + L * LDN;
+        const bf16* dyN = vN + L * LDN;
+
+#pragma unroll
+        for (int a = 0; a < L / kSub; ++a) {
+            const int t = kSub * a + tp;
+            const bool valid = t < Lc;
+            const int dq = valid ? min(kSub, Lc - kSub * a) - 1 - tp : 0;
+            float fr[8], fk[8], fv[8], fd[8];
+            unpack8(*reinterpret_cast<const uint4*>(rN + t * LDN + i0), fr);
+            unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
+            unpack8(*reinterpret_cast<const uint4*>(vN + t * LDN + i0), fv);
+            unpack8(*reinterpret_cast<const uint4*>(dyN + t * LDN + i0), fd);
+            float vd = 0.f;
+#pragma unroll
+            for (int x = 0; x < 8; ++x) {
+                const int i = i0 + x;
+                const float kq = fk[x] * pw[dq * N + i];
+                kmT[i * LDL + t] = __float2bfloat16(fk[x] * pwc[(15 - tp) * N + i]);
+                rtT[i * LDL + t] = __float2bfloat16(fr[x] * pw[tp * N + i]);
+                dyT[i * LDL + t] = __float2bfloat16(fd[x]);
+                kqT[i * LDL + t] = __float2bfloat16(kq);
+                kdT[i * LDL + t] = __float2bfloat16(kq * static_cast<float>(dq));
+                vT[i * LDL + t] = __float2bfloat16(fv[x]);
+                vd += fv[x] * fd[x];
+            }
+            vd += __shfl_xor_sync(0xffffffffu, vd, 16);
+            if (lane < 16) vdp[warp * L + t] = vd;
+        }
+        __syncthreads();
+
+        for (int a = 0; a < L / kSub; ++a) {
+            if (kSub * a >= Lc) break;
+            const int le = min(kSub, Lc - kSub * a);
+            const int m0 = kSub * a;
+            float bd[2][4], di[2][4];
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) bd[hh][e] = di[hh][e] = 0.f;
+#pragma unroll
+            for (int kt = 0; kt < N / 16; ++kt) {
+                uint32_t af[4];
+                load_a(af, dyN, LDN, m0, 16 * kt, lane);
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    uint32_t b0, b1;
+                    load_b(b0, b1, vN, LDN, m0 + 8 * hh, 16 * kt, lane);
+                    mma16816(bd[hh], af, b0, b1);
+                    state_as_b<N>(S, kt, hh, b0, b1);
+                    mma16816(di[hh], af, b0, b1);
+                }
+            }
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int tt = g + 8 * (e >> 1), ss = 8 * hh + 2 * q + (e & 1);
+                    if (ss >= tt) bd[hh][e] = 0.f;
+                }
+            uint32_t pb[4];
+            c_to_a(bd, pb);
+            float dj[2][4];
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                uint32_t b0, b1;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) dj[hh][e] = 0.f;
+                load_b(b0, b1, kmT, LDL, 16 * warp + 8 * hh, m0, lane);
+                mma16816(dj[hh], pb, b0, b1);
+            }
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int tt = g + 8 * half, t = m0 + tt;
+                if (t >= Lc) continue;
+                float vd = 0.f;
+#pragma unroll
+                for (int w = 0; w < NW; ++w) vd += vdp[w * L + t];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    float out[2];
+#pragma unroll
+                    for (int x = 0; x < 2; ++x) {
+                        const int e = 2 * half + x, i = 16 * warp + 8 * hh + 2 * q + x;
+                        const float dri = pw[tt * N + i] * di[hh][e] + pwc[tt * N + i] * dj[hh][e];
+                        const float rv = __bfloat162float(rN[t * LDN + i]);
+                        const float kv = __bfloat162float(kN[t * LDN + i]);
+                        dla[hh][x] += static_cast<float>(tt) * rv * dri;
+                        dua[hh][x] += rv * kv * vd;
+                        out[x] = dri + us[i] * kv * vd;
+                    }
+                    *reinterpret_cast<__nv_bfloat162*>(dr + (row0 + t0 + t) * rs + col0 + 16 * warp + 8 * hh + 2 * q) =
+                        __floats2bfloat162_rn(out[0], out[1]);
+                }
+            }
+            {
+                uint32_t af[4];
+                load_a(af, rtT, LDL, 16 * warp, m0, lane);
+#pragma unroll
+                for (int nt = 0; nt < N / 8; ++nt) {
+                    float tmp[4] = {0.f, 0.f, 0.f, 0.f};
+                    uint32_t b0, b1;
+                    load_b(b0, b1, dyT, LDL, 8 * nt, m0, lane);
+                    mma16816(tmp, af, b0, b1);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) dlb[e >> 1] += D[nt][e] * tmp[e];
+                }
+            }
+#pragma unroll
+            for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float f = pw[le * N + 16 * warp + g + 8 * (e >> 1)];
+                    D[nt][e] = f * (D[nt][e] + static_cast<float>(le) * S[nt][e]);
+                    S[nt][e] *= f;
+                }
+            state_add<N>(D, kdT, LDL, 16 * warp, vT, LDL, m0, lane);
+            state_add<N>(S, kqT, LDL, 16 * warp, vT, LDL, m0, lane);
+        }
+    }
+
+    if (ds_out) {
+#pragma unroll
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = 16 * warp + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
+                dlb[e >> 1] += ds_out[(static_cast<int64_t>(bh) * N + i) * N + j] * D[nt][e];
+            }
+    }
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+                dla[hh][x] += __shfl_xor_sync(0xffffffffu, dla[hh][x], off);
+                dua[hh][x] += __shfl_xor_sync(0xffffffffu, dua[hh][x], off);
+            }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) dlb[half] += __shfl_xor_sync(0xffffffffu, dlb[half], off);
+    float* dlw_bh = dlw + static_cast<int64_t>(bh) * N;
+    if (g == 0) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+                const int i = 16 * warp + 8 * hh + 2 * q + x;
+                atomicAdd(dlw_bh + i, dla[hh][x]);
+                atomicAdd(du + static_cast<int64_t>(bh) * N + i, dua[hh][x]);
+            }
+    }
+    if (q == 0) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) atomicAdd(dlw_bh + 16 * warp + g + 8 * half, dlb[half]);
+    }
+}
+
+template <int N, int L>
+__global__ void __launch_bounds__(2 * N) bwd_b_kernel(
+    const bf16* __restrict__ r, const bf16* __restrict__ k, const bf16* __restrict__ v, const float* __restrict__ td,
+    const float* __restrict__ u, const bf16* __restrict__ dy, const float* __restrict__ ds_out,
+    bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ ds0, float* __restrict__ dlw, int T, int H) {
+    constexpr int NW = N / 16, LDN = N + 8, LDL = L + 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][4][L][LDN]: r, k, v, dy
+    bf16* kqN = raw + 2 * 4 * L * LDN;          // [L][LDN] k w^(le-1-s')
+    bf16* kmN = kqN + L * LDN;                  // k wc^(7-s')
+    bf16* rmN = kmN + L * LDN;                  // r wc^(t'-8)
+    bf16* rmT = rmN + L * LDN;                  // [N][LDL] r wc^(t'-8)
+    bf16* dyT = rmT + N * LDL;                  // dy
+    bf16* rtT = dyT + N * LDL;                  // r w^t'
+    float* pw = reinterpret_cast<float*>(rtT + N * LDL);
+    float* pwc = pw + 17 * N;
+    float* us = pwc + 17 * N;
+    float* vdp = us + N;       // [NW][L] partials of v_t . dy_t
+    float* dgp = vdp + NW * L;  // [NW][L] partials of sum_i r u k
+
+    const int bh = blockIdx.x, b = bh / H, h = bh % H;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, q = lane & 3;
+    const int64_t rs = static_cast<int64_t>(H) * N;
+    const int64_t row0 = static_cast<int64_t>(b) * T;
+    const int64_t col0 = static_cast<int64_t>(h) * N;
+
+    fill_tables<N>(pw, pwc, us, td, u, h);
+
+    // G: row i = 16 warp + g (+8), column j = 8 nt + 2q (+1).  GT: row j = 16 warp + g (+8), column i.
+    float G[N / 8][4], GT[N / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int rr = 16 * warp + g + 8 * (e >> 1), cc = 8 * nt + 2 * q + (e & 1);
+            G[nt][e] = ds_out ? ds_out[(static_cast<int64_t>(bh) * N + rr) * N + cc] : 0.f;
+            GT[nt][e] = ds_out ? ds_out[(static_cast<int64_t>(bh) * N + cc) * N + rr] : 0.f;
+        }
+    float dlk[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
+
+    const bf16* srcs[4] = {r, k, v, dy};
+    const int nchunks = (T + L - 1) / L;
+    {
+        const int cl = nchunks - 1;
+        load_chunk<N, L, 4>(raw + (cl & 1) * 4 * L * LDN, srcs, row0 + cl * L, T - cl * L, rs, col0);
+    }
+    const int tp = tid & 15, i0 = 8 * (tid >> 4);
+
+    for (int c = nchunks - 1; c >= 0; --c) {
+        const int t0 = c * L, Lc = min(L, T - t0);
+        cp_async_wait_all();
+        __syncthreads();
+        if (c > 0) load_chunk<N, L, 4>(raw + ((c - 1) & 1) * 4 * L * LDN, srcs, row0 + t0 - L, L, rs, col0);
+        const bf16* rN = raw + (c & 1) * 4 * L * LDN;
+        const bf16* kN = rN + L * LDN;
+        const bf16* vN = kN + L * LDN;
+        const bf16* dyN = vN + L * LDN;
+
+#pragma unroll
+        for (int a = 0; a < L / kSub; ++a) {
+            const int t = kSub * a + tp;
+            const bool valid = t < Lc;
+            const int dq = valid ? min(kSub, Lc - kSub * a) - 1 - tp : 0;
+            float fr[8], fk[8], fv[8], fd[8], o1[8], o2[8], o3[8];
+            unpack8(*reinterpret_cast<const uint4*>(rN + t * LDN + i0), fr);
+            unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
+            unpack8(*reinterpret_cast<const uint4*>(vN + t * LDN + i0), fv);
+            unpack8(*reinterpret_cast<const uint4*>(dyN + t * LDN + i0), fd);
+            float vd = 0.f, dg = 0.f;
+#pragma unroll
+            for (int x = 0; x < 8; ++x) {
+                const int i = i0 + x;
+                o1[x] = fk[x] * pw[dq * N + i];
+                o2[x] = fk[x] * pwc[(15 - tp) * N + i];
+                o3[x] = fr[x] * pwc[tp * N + i];
+                rmT[i * LDL + t] = __float2bfloat16(o3[x]);
+                dyT[i * LDL + t] = __float2bfloat16(fd[x]);
+                rtT[i * LDL + t] = __float2bfloat16(fr[x] * pw[tp * N + i]);
+                vd += fv[x] * fd[x];
+                dg += fr[x] * us[i] * fk[x];
+            }
+            *reinterpret_cast<uint4*>(kqN + t * LDN + i0) = pack8(o1);
+            *reinterpret_cast<uint4*>(kmN + t * LDN + i0) = pack8(o2);
+            *reinterpret_cast<uint4*>(rmN + t * LDN + i0) = pack8(o3);
+            vd += __shfl_xor_sync(0xffffffffu, vd, 16);
+            dg += __shfl_xor_sync(0xffffffffu, dg, 16);
+            if (lane < 16) {
+                vdp[warp * L + t] = vd;
+                dgp[warp * L + t] = dg;
+            }
+        }
+        __syncthreads();
+
+        const int nsb = (Lc + kSub - 1) / kSub;
+        for (int a = nsb - 1; a >= 0; --a) {
+            const int le = min(kSub, Lc - kSub * a);
+            const int m0 = kSub * a;
+            float bt[2][4], xc[2][4];
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) bt[hh][e] = xc[hh][e] = 0.f;
+#pragma unroll
+            for (int kt = 0; kt < N / 16; ++kt) {
+                uint32_t af[4];
+                load_a(af, vN, LDN, m0, 16 * kt, lane);
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    uint32_t b0, b1;
+                    load_b(b0, b1, dyN, LDN, m0 + 8 * hh, 16 * kt, lane);
+                    mma16816(bt[hh], af, b0, b1);
+                    state_as_b<N>(G, kt, hh, b0, b1);
+                    mma16816(xc[hh], af, b0, b1);
+                }
+            }
+            // bt[s][t] = v_s . dy_t, kept for t > s.
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int ss = g + 8 * (e >> 1), tt = 8 * hh + 2 * q + (e & 1);
+                    if (tt <= ss) bt[hh][e] = 0.f;
+                }
+            uint32_t pb[4];
+            c_to_a(bt, pb);
+            float yi[2][4];
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                uint32_t b0, b1;
+#pragma unroll
+                for (int e = 0; e < 4; ++e) yi[hh][e] = 0.f;
+                load_b(b0, b1, rmT, LDL, 16 * warp + 8 * hh, m0, lane);
+                mma16816(yi[hh], pb, b0, b1);
+            }
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int ss = g + 8 * half, s = m0 + ss;
+                if (s >= Lc) continue;
+                float vd = 0.f;
+#pragma unroll
+                for (int w = 0; w < NW; ++w) vd += vdp[w * L + s];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    float out[2];
+#pragma unroll
+                    for (int x = 0; x < 2; ++x) {
+                        const int e = 2 * half + x, i = 16 * warp + 8 * hh + 2 * q + x;
+                        const float intra = pwc[(15 - ss) * N + i] * yi[hh][e];
+                        const float rv = __bfloat162float(rN[s * LDN + i]);
+                        const float kv = __bfloat162float(kN[s * LDN + i]);
+                        dlk[hh][x] -= static_cast<float>(ss + 1) * kv * intra;
+                        out[x] = pw[(le - 1 - ss) * N + i] * xc[hh][e] + intra + us[i] * rv * vd;
+                    }
+                    *reinterpret_cast<__nv_bfloat162*>(dk + (row0 + t0 + s) * rs + col0 + 16 * warp + 8 * hh + 2 * q) =
+                        __floats2bfloat162_rn(out[0], out[1]);
+                }
+            }
+
+            // at[s][t] = A[t][s] for t > s, with diag(u) terms on the diagonal.
+            float at[2][4];
+            tile16<N>(at, kmN, LDN, m0, rmN, LDN, m0, lane);
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int ss = g + 8 * (e >> 1), tt = 8 * hh + 2 * q + (e & 1);
+                    float dsum = 0.f;
+                    if (tt == ss) {
+#pragma unroll
+                        for (int w = 0; w < NW; ++w) dsum += dgp[w * L + m0 + ss];
+                    }
+                    at[hh][e] = tt > ss ? at[hh][e] : dsum;
+                }
+            uint32_t pa[4];
+            c_to_a(at, pa);
+            float z[2][4];
+            act_times_state<N>(z, kqN, LDN, m0, GT, lane);
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+                uint32_t b0, b1;
+                load_b(b0, b1, dyT, LDL, 16 * warp + 8 * hh, m0, lane);
+                mma16816(z[hh], pa, b0, b1);
+            }
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int s = m0 + g + 8 * half;
+                    if (s < Lc) {
+                        const int j = 16 * warp + 8 * hh + 2 * q;
+                        *reinterpret_cast<__nv_bfloat162*>(dv + (row0 + t0 + s) * rs + col0 + j) =
+                            __floats2bfloat162_rn(z[hh][2 * half], z[hh][2 * half + 1]);
+                    }
+                }
+
+#pragma unroll
+            for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    G[nt][e] *= pw[le * N + 16 * warp + g + 8 * (e >> 1)];
+                    GT[nt][e] *= pw[le * N + 8 * nt + 2 * q + (e & 1)];
+                }
+            state_add<N>(G, rtT, LDL, 16 * warp, dyT, LDL, m0, lane);
+            state_add<N>(GT, dyT, LDL, 16 * warp, rtT, LDL, m0, lane);
+        }
+    }
+
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int i = 16 * warp + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
+            ds0[(static_cast<int64_t>(bh) * N + i) * N + j] = G[nt][e];
+        }
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+            for (int x = 0; x < 2; ++x) dlk[hh][x] += __shfl_xor_sync(0xffffffffu, dlk[hh][x], off);
+    if (g == 0) {
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+            for (int x = 0; x < 2; ++x)
+                atomicAdd(dlw + static_cast<int64_t>(bh) * N + 16 * warp + 8 * hh + 2 * q + x, dlk[hh][x]);
+    }
+}
+
+#ifndef WKV5_KERNELS_ONLY
+template <int N, int L>
+void launch_bwd(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& td,
+                const torch::Tensor& u, const float* s0, const torch::Tensor& dy, const float* ds_out,
+                torch::Tensor& dr, torch::Tensor& dk, torch::Tensor& dv, torch::Tensor& ds0, torch::Tensor& dlw,
+                torch::Tensor& du) {
+    const int B = r.size(0), T = r.size(1), H = r.size(2);
+    auto stream = at::cuda::getCurrentCUDAStream();
+    const auto* rp = reinterpret_cast<const bf16*>(r.data_ptr());
+    const auto* kp = reinterpret_cast<const bf16*>(k.data_ptr());
+    const auto* vp = reinterpret_cast<const bf16*>(v.data_ptr());
+    const auto* dyp = reinterpret_cast<const bf16*>(dy.data_ptr());
+    constexpr int smem_a = smem_bwd_a(N, L), smem_b = smem_bwd_b(N, L);
+    auto ka = bwd_a_kernel<N, L>;
+    auto kb = bwd_b_kernel<N, L>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(ka, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_a));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kb, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_b));
+    ka<<<B * H, 2 * N, smem_a, stream>>>(rp, kp, vp, td.data_ptr<float>(), u.data_ptr<float>(), s0, dyp, ds_out,
+                                         reinterpret_cast<bf16*>(dr.data_ptr()), dlw.data_ptr<float>(),
+                                         du.data_ptr<float>(), T, H);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    kb<<<B * H, 2 * N, smem_b, stream>>>(rp, kp, vp, td.data_ptr<float>(), u.data_ptr<float>(), dyp, ds_out,
+                                         reinterpret_cast<bf16*>(dk.data_ptr()), reinterpret_cast<bf16*>(dv.data_ptr()),
+                                         ds0.data_ptr<float>(), dlw.data_ptr<float>(), T, H);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#endif  // WKV5_KERNELS_ONLY
+}  // namespace wkv5
+
+#ifndef WKV5_KERNELS_ONLY
+
+void wkv5_backward_cuda(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v,
+                        const torch::Tensor& td, const torch::Tensor& u, const c10::optional<torch::Tensor>& s0,
+                        const torch::Tensor& dy, const c10::optional<torch::Tensor>& ds_out, torch::Tensor& dr,
+                        torch::Tensor& dk, torch::Tensor& dv, torch::Tensor& ds0, torch::Tensor& dlw,
+                        torch::Tensor& du, int64_t chunk) {
+    const int N = r.size(3);
+    const float* s0p = s0.has_value() ? s0->data_ptr<float>() : nullptr;
+    const float* dsp = ds_out.has_value() ? ds_out->data_ptr<float>() : nullptr;
+#define WKV5_BWD(NN, LL) wkv5::launch_bwd<NN, LL>(r, k, v, td, u, s0p, dy, dsp, dr, dk, dv, ds0, dlw, du)
+    if (N == 32 && chunk == 64) WKV5_BWD(32, 64);
+    else if (N == 32) WKV5_BWD(32, 32);
+    else if (N == 64 && chunk == 64) WKV5_BWD(64, 64);
+    else if (N == 64) WKV5_BWD(64, 32);
+    else if (N == 128) WKV5_BWD(128, 32);
+    else TORCH_CHECK(false, "wkv5: head size must be 32, 64 or 128, got ", N);
+#undef WKV5_BWD
+}
+#endif  // WKV5_KERNELS_ONLY

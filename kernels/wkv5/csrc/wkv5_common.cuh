@@ -1,0 +1,197 @@
+// Shared pieces of the WKV5 kernels: tensor-core fragments (mma.sync m16n8k16, bf16 in, fp32 out),
+// asynchronous chunk loads, and the per-head decay tables.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16), with g = lane / 4 and q = lane % 4:
+//   A (16x16, row major): a0 = (g, 2q..2q+1), a1 = (g+8, 2q..), a2 = (g, 8+2q..), a3 = (g+8, 8+2q..)
+//   B (16x8, "col"):      b0 = (k = 2q..2q+1, n = g), b1 = (k = 8+2q.., n = g)
+//   C (16x8, fp32):       c0, c1 = (g, 2q..2q+1), c2, c3 = (g+8, 2q..2q+1)
+// Every operand lives in shared memory with its reduction (K) dimension contiguous, so each fragment
+// register is one 32-bit load. States stay in registers as C fragments and are reused as B fragments.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cstdint>
+
+namespace wkv5 {
+
+constexpr int kSub = 16;            // steps per sub-block: the unit of the in-register recurrence
+constexpr float kMidLogDecayMin = -10.0f;  // midpoint factors w^(+-8) stay inside fp32/bf16 range
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 p = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&p);
+}
+
+__device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A fragment of rows [m0, m0+16) and reduction columns [k0, k0+16) of a row-major bf16 array.
+__device__ __forceinline__ void load_a(uint32_t a[4], const __nv_bfloat16* s, int ld, int m0, int k0, int lane) {
+    const int g = lane >> 2, q = lane & 3;
+    const __nv_bfloat16* p = s + (m0 + g) * ld + k0 + 2 * q;
+    a[0] = *reinterpret_cast<const uint32_t*>(p);
+    a[1] = *reinterpret_cast<const uint32_t*>(p + 8 * ld);
+    a[2] = *reinterpret_cast<const uint32_t*>(p + 8);
+    a[3] = *reinterpret_cast<const uint32_t*>(p + 8 * ld + 8);
+}
+
+// B fragment for output columns [n0, n0+8) and reduction rows [k0, k0+16), from an [n][k] bf16 array.
+__device__ __forceinline__ void load_b(uint32_t& b0, uint32_t& b1, const __nv_bfloat16* s, int ld, int n0, int k0,
+                                       int lane) {
+    const int g = lane >> 2, q = lane & 3;
+    const __nv_bfloat16* p = s + (n0 + g) * ld + k0 + 2 * q;
+    b0 = *reinterpret_cast<const uint32_t*>(p);
+    b1 = *reinterpret_cast<const uint32_t*>(p + 8);
+}
+
+// A state X (16 rows owned by this warp, N columns) held as N/8 C fragments, used as the B operand of
+// act (16 x N) . X^T: reduction over X's columns (k-tile kt), output columns = X's rows (half h).
+template <int N>
+__device__ __forceinline__ void state_as_b(const float x[N / 8][4], int kt, int h, uint32_t& b0, uint32_t& b1) {
+    b0 = pack_bf16(x[2 * kt][2 * h], x[2 * kt][2 * h + 1]);
+    b1 = pack_bf16(x[2 * kt + 1][2 * h], x[2 * kt + 1][2 * h + 1]);
+}
+
+// A 16x16 product held as two C fragments (column halves), reused as an A fragment.
+__device__ __forceinline__ void c_to_a(const float c[2][4], uint32_t a[4]) {
+    a[0] = pack_bf16(c[0][0], c[0][1]);
+    a[1] = pack_bf16(c[0][2], c[0][3]);
+    a[2] = pack_bf16(c[1][0], c[1][1]);
+    a[3] = pack_bf16(c[1][2], c[1][3]);
+}
+
+// out (16 x 16: the warp's rows of the result) = act[m0:m0+16, :] . X^T, X the warp's state rows.
+template <int N>
+__device__ __forceinline__ void act_times_state(float out[2][4], const __nv_bfloat16* act, int ld, int m0,
+                                                const float x[N / 8][4], int lane) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) out[h][e] = 0.f;
+#pragma unroll
+    for (int kt = 0; kt < N / 16; ++kt) {
+        uint32_t a[4];
+        load_a(a, act, ld, m0, kt * 16, lane);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            uint32_t b0, b1;
+            state_as_b<N>(x, kt, h, b0, b1);
+            mma16816(out[h], a, b0, b1);
+        }
+    }
+}
+
+// 16x16 product P[m][n] = sum_k A[m0+m][k] B[n0+n][k] over k in [0, K), both row-major with k contiguous.
+template <int K>
+__device__ __forceinline__ void tile16(float out[2][4], const __nv_bfloat16* a_s, int lda, int m0,
+                                       const __nv_bfloat16* b_s, int ldb, int n0, int lane) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) out[h][e] = 0.f;
+#pragma unroll
+    for (int kt = 0; kt < K / 16; ++kt) {
+        uint32_t a[4];
+        load_a(a, a_s, lda, m0, kt * 16, lane);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            uint32_t b0, b1;
+            load_b(b0, b1, b_s, ldb, n0 + 8 * h, kt * 16, lane);
+            mma16816(out[h], a, b0, b1);
+        }
+    }
+}
+
+// X[16 warp rows][N] += A[arow0:+16][k0:+16] . B[:, k0:+16]^T, one reduction step of 16.
+template <int N>
+__device__ __forceinline__ void state_add(float x[N / 8][4], const __nv_bfloat16* a_s, int lda, int arow0,
+                                          const __nv_bfloat16* b_s, int ldb, int k0, int lane) {
+    uint32_t a[4];
+    load_a(a, a_s, lda, arow0, k0, lane);
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt) {
+        uint32_t b0, b1;
+        load_b(b0, b1, b_s, ldb, nt * 8, k0, lane);
+        mma16816(x[nt], a, b0, b1);
+    }
+}
+
+// 16-byte global -> shared copy that zero-fills when `valid` is false (rows past the sequence end).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+    const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    const int bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+// Decay tables for one head: pw[d][i] = w_i^d and pwc[d][i] = wc_i^(d-8) for d in [0, 16], where
+// log w = -exp(time_decay) and wc clamps log w at kMidLogDecayMin for the midpoint factorisation.
+template <int N>
+__device__ __forceinline__ void fill_tables(float* pw, float* pwc, float* us, const float* td, const float* u,
+                                            int h) {
+    for (int x = threadIdx.x; x < 17 * N; x += blockDim.x) {
+        const int d = x / N, i = x % N;
+        const float lw = -expf(td[h * N + i]);
+        pw[x] = expf(lw * d);
+        pwc[x] = expf(fmaxf(lw, kMidLogDecayMin) * (d - 8));
+    }
+    for (int i = threadIdx.x; i < N; i += blockDim.x) us[i] = u[h * N + i];
+}
+
+// Issue the copies of one chunk of up to L rows of NARR (B, T, H, N) arrays into padded shared rows.
+template <int N, int L, int NARR>
+__device__ __forceinline__ void load_chunk(__nv_bfloat16* dst, const __nv_bfloat16* const* src, int64_t row0,
+                                           int rows, int64_t row_stride, int64_t col0) {
+    constexpr int LDN = N + 8;
+    constexpr int VPR = N / 8;  // 16-byte vectors per row
+    for (int x = threadIdx.x; x < NARR * L * VPR; x += blockDim.x) {
+        const int arr = x / (L * VPR), rem = x % (L * VPR);
+        const int t = rem / VPR, c = rem % VPR;
+        const bool valid = t < rows;
+        const __nv_bfloat16* p = src[arr] + (valid ? (row0 + t) * row_stride + col0 + 8 * c : 0);
+        cp_async16(dst + (arr * L + t) * LDN + 8 * c, p, valid);
+    }
+    cp_async_commit();
+}
+
+}  // namespace wkv5
+
+namespace wkv5 {
+
+__device__ __forceinline__ void unpack8(const uint4& raw, float f[8]) {
+    const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int x = 0; x < 4; ++x) {
+        const float2 v = __bfloat1622float2(p[x]);
+        f[2 * x] = v.x;
+        f[2 * x + 1] = v.y;
+    }
+}
+
+__device__ __forceinline__ uint4 pack8(const float f[8]) {
+    uint4 u;
+    u.x = pack_bf16(f[0], f[1]);
+    u.y = pack_bf16(f[2], f[3]);
+    u.z = pack_bf16(f[4], f[5]);
+    u.w = pack_bf16(f[6], f[7]);
+    return u;
+}
+
+// Shared-memory bytes of each kernel, used by the kernels' carving and by the launchers.
+__host__ __device__ constexpr int smem_fwd(int N, int L) {
+    return (2 * 3 + 3) * L * (N + 8) * 2 + 2 * N * (L + 8) * 2 + 35 * N * 4 + (N / 16) * L * 4;
+}
+__host__ __device__ constexpr int smem_bwd_a(int N, int L) {
+    return 2 * 4 * L * (N + 8) * 2 + 6 * N * (L + 8) * 2 + 35 * N * 4 + (N / 16) * L * 4;
+}
+__host__ __device__ constexpr int smem_bwd_b(int N, int L) {
+    return (2 * 4 + 3) * L * (N + 8) * 2 + 3 * N * (L + 8) * 2 + 35 * N * 4 + 2 * (N / 16) * L * 4;
+}
+
+}  // namespace wkv5

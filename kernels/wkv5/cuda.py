@@ -1,0 +1,116 @@
+"""WKV5 on the tensor cores: our CUDA kernels registered as torch custom ops (autograd and torch.compile see them).
+
+Importing this module registers the ops `rwkv5::wkv5_fwd` and `rwkv5::wkv5_bwd` and builds nothing: the
+extension is compiled (or loaded from the cache, see `kernels.build`) on the first call.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels.build import load_wkv5
+
+__all__ = ["cuda_wkv5", "default_chunk"]
+
+
+def default_chunk(head_size: int) -> int:
+    """Steps per shared-memory chunk: `RWKV5_WKV_CHUNK` (32 or 64) if set, else 64 (32 for head size 128)."""
+    forced = os.environ.get("RWKV5_WKV_CHUNK")
+    if forced:
+        if forced not in ("32", "64"):
+            raise ValueError(f"RWKV5_WKV_CHUNK={forced!r}; expected 32 or 64")
+        return int(forced)
+    return 32 if head_size == 128 else 64
+
+
+@torch.library.custom_op("rwkv5::wkv5_fwd", mutates_args=())
+def _wkv5_fwd(
+    r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+    state: torch.Tensor | None, chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, s = load_wkv5().forward(r, k, v, w, u, state, chunk)
+    return y, s
+
+
+@_wkv5_fwd.register_fake
+def _wkv5_fwd_fake(r, k, v, w, u, state, chunk):
+    B, _, H, N = r.shape
+    return torch.empty_like(r), r.new_empty((B, H, N, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("rwkv5::wkv5_bwd", mutates_args=())
+def _wkv5_bwd(
+    r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
+    state: torch.Tensor | None, dy: torch.Tensor, dstate: torch.Tensor | None, chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    bwd_chunk = 64 if chunk == 64 and r.shape[-1] <= 64 else 32
+    dr, dk, dv, dlog_w, du, dstate0 = load_wkv5().backward(r, k, v, w, u, state, dy, dstate, bwd_chunk)
+    # Per-(batch, head) partials summed here in fp32; d/dw of log w = -exp(w) is log w itself.
+    dw = dlog_w.sum(0) * -torch.exp(w)
+    return dr, dk, dv, dw, du.sum(0), dstate0
+
+
+@_wkv5_bwd.register_fake
+def _wkv5_bwd_fake(r, k, v, w, u, state, dy, dstate, chunk):
+    B, _, H, N = r.shape
+    f32 = torch.float32
+    return (torch.empty_like(r), torch.empty_like(r), torch.empty_like(r), w.new_empty((H, N), dtype=f32),
+            w.new_empty((H, N), dtype=f32), r.new_empty((B, H, N, N), dtype=f32))
+
+
+def _setup_context(ctx, inputs, output):
+    r, k, v, w, u, state, chunk = inputs
+    ctx.save_for_backward(r, k, v, w, u, state)
+    ctx.chunk = chunk
+
+
+def _backward(ctx, dy, dstate):
+    r, k, v, w, u, state = ctx.saved_tensors
+    dr, dk, dv, dw, du, dstate0 = _wkv5_bwd(
+        r, k, v, w, u, state, dy.contiguous(), None if dstate is None else dstate.contiguous(), ctx.chunk
+    )
+    return dr, dk, dv, dw, du, (dstate0 if state is not None else None), None
+
+
+_wkv5_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cuda_wkv5(
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """WKV5 with state in and out on CUDA tensors, differentiable in every input including `state`.
+
+    Args:
+        r, k, v (Tensor): `[B, T, H, N]`, N in {32, 64, 128}, any T >= 1; computed in bfloat16 (other
+            dtypes are cast, and y is cast back).
+        w (Tensor): time_decay `[H, N]`; the per-step decay exp(-exp(w)) is formed in float32.
+        u (Tensor): time_faaaa `[H, N]`.
+        state (Tensor, optional): `[B, H, N, N]` float32, [key channel, value channel]. Default: zeros.
+
+    Returns:
+        y `[B, T, H, N]` in r's dtype and the final state `[B, H, N, N]` in float32.
+    """
+    B, T, H, N = r.shape
+    if k.shape != r.shape or v.shape != r.shape:
+        raise ValueError(f"r, k, v must share a shape [B, T, H, N]; got {tuple(r.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if w.shape != (H, N) or u.shape != (H, N):
+        raise ValueError(f"w and u must be [H, N] = [{H}, {N}]; got {tuple(w.shape)}, {tuple(u.shape)}")
+    if state is not None and state.shape != (B, H, N, N):
+        raise ValueError(f"state must be [B, H, N, N] = [{B}, {H}, {N}, {N}]; got {tuple(state.shape)}")
+    if N not in (32, 64, 128):
+        raise ValueError(f"the CUDA WKV5 kernel takes head size 32, 64 or 128; got {N}")
+    if T < 1:
+        raise ValueError(f"the CUDA WKV5 kernel needs T >= 1; got T = {T}")
+    bf = torch.bfloat16
+    rr, kk, vv = (x.to(bf).contiguous() for x in (r, k, v))
+    ww, uu = (x.float().contiguous() for x in (w, u))
+    s = None if state is None else state.float().contiguous()
+    y, s_out = torch.ops.rwkv5.wkv5_fwd(rr, kk, vv, ww, uu, s, default_chunk(N))
+    return y.to(r.dtype), s_out
