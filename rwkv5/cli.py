@@ -105,6 +105,35 @@ def data_tokenize(
     typer.echo("manifests: " + ", ".join(f"{k}={v}" for k, v in summary.manifests.items()))
 
 
+@data_app.command("sample")
+def data_sample(
+    out: str = typer.Option(..., help="Output folder (SlimPajama layout); a complete build there is left alone."),
+    megabytes: float = typer.Option(3.0, help="Approximate uncompressed text, both splits together, in MB."),
+    train_chunks: int = typer.Option(2, help="Number of train/chunk{n} folders."),
+    train_files_per_chunk: int = typer.Option(4, help="Files per train chunk."),
+    validation_chunks: int = typer.Option(2, help="Number of validation/chunk{n} folders."),
+    validation_files_per_chunk: int = typer.Option(2, help="Files per validation chunk."),
+    seed: int = typer.Option(0, help="Seed of the document shuffle."),
+) -> None:
+    """Build a small SlimPajama-layout corpus from the Python standard library (offline, deterministic)."""
+    from data_prep.errors import DataPrepError
+    from data_prep.sample import SampleSpec, build_sample
+
+    try:
+        spec = SampleSpec(megabytes=megabytes, train_chunks=train_chunks,
+                          train_files_per_chunk=train_files_per_chunk, validation_chunks=validation_chunks,
+                          validation_files_per_chunk=validation_files_per_chunk, seed=seed)
+        result = build_sample(out, spec)
+    except DataPrepError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    totals = result.totals
+    verb = "already complete" if result.skipped else "built"
+    typer.echo(f"{result.out}: {verb}; {totals['files']} files, {totals['documents']} documents, "
+               f"{totals['text_bytes'] / 1e6:.2f} MB of text ({totals['compressed_bytes'] / 1e6:.2f} MB compressed); "
+               f"manifest {result.out / 'manifest.json'}")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m rwkv5.cli`
     app()
 
