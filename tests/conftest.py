@@ -18,7 +18,7 @@ def _fixed_seeds():
     yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def random_model():
     """Factory `(cfg, seed=0) -> RWKV5` in eval mode whose every parameter matters.
 
