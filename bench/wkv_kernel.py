@@ -138,13 +138,25 @@ def main() -> None:
         fla_fn = None
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     bw = copy_bandwidth()
-    rows = []
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "chunk_env": os.environ.get("RWKV5_WKV_CHUNK"),
+        "copy_bandwidth_bytes_per_s": bw,
+        "rows": [],
+    }
+    rows = result["rows"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for shape in shapes:
         row = bench_shape(shape, fla_fn, args.warmup, args.reps)
         row["floor_fwd_ms"] = row["bytes_fwd"] / bw * 1e3
         row["floor_fwd_bwd_ms"] = row["bytes_fwd_bwd"] / bw * 1e3
         rows.append(row)
         print(json.dumps(row), flush=True)
+        tmp = out.with_suffix(".tmp")  # rewritten after every shape: a cut-off run keeps what it measured
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(tmp, out)
         torch.cuda.empty_cache()
 
     header = (f"{'B,T,C,H':>22} {'ours fwd':>9} {'fla fwd':>9} {'x':>5} {'ours f+b':>9} {'fla f+b':>9} {'x':>5}"
@@ -159,18 +171,6 @@ def main() -> None:
               f"{fla_fb or float('nan'):9.3f} {(fla_fb or float('nan')) / row['ours_fwd_bwd_ms']:5.2f} "
               f"{row.get('torch_fwd_bwd_ms', float('nan')):10.2f} "
               f"{row['floor_fwd_ms'] / row['ours_fwd_ms']:8.2f} {row['floor_fwd_bwd_ms'] / row['ours_fwd_bwd_ms']:9.2f}")
-    result = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "chunk_env": os.environ.get("RWKV5_WKV_CHUNK"),
-        "copy_bandwidth_bytes_per_s": bw,
-        "rows": rows,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,18 @@ from kernels.build import load_wkv5
 __all__ = ["cuda_wkv5", "default_chunk"]
 
 
-def default_chunk(head_size: int) -> int:
-    """Steps per shared-memory chunk: `RWKV5_WKV_CHUNK` (32 or 64) if set, else 64 (32 for head size 128)."""
-    forced = os.environ.get("RWKV5_WKV_CHUNK")
-    if forced:
-        if forced not in ("32", "64"):
-            raise ValueError(f"RWKV5_WKV_CHUNK={forced!r}; expected 32 or 64")
-        return int(forced)
-    return 32 if head_size == 128 else 64
+def default_chunk(head_size: int, backward: bool = False) -> int:
+    """Steps per shared-memory chunk of the forward (backward) kernel.
+
+    `RWKV5_WKV_CHUNK` (`RWKV5_WKV_BWD_CHUNK`) forces 32 or 64. Defaults: forward 64 (32 for head size 128);
+    backward 32, whose kernels keep twice the arrays in shared memory (64 only for head size <= 64).
+    """
+    name = "RWKV5_WKV_BWD_CHUNK" if backward else "RWKV5_WKV_CHUNK"
+    forced = os.environ.get(name)
+    if forced and forced not in ("32", "64"):
+        raise ValueError(f"{name}={forced!r}; expected 32 or 64")
+    chunk = int(forced) if forced else (32 if backward or head_size == 128 else 64)
+    return 32 if backward and head_size == 128 else chunk
 
 
 @torch.library.custom_op("rwkv5::wkv5_fwd", mutates_args=())
@@ -45,8 +49,7 @@ def _wkv5_bwd(
     r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
     state: torch.Tensor | None, dy: torch.Tensor, dstate: torch.Tensor | None, chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    bwd_chunk = 64 if chunk == 64 and r.shape[-1] <= 64 else 32
-    dr, dk, dv, dlog_w, du, dstate0 = load_wkv5().backward(r, k, v, w, u, state, dy, dstate, bwd_chunk)
+    dr, dk, dv, dlog_w, du, dstate0 = load_wkv5().backward(r, k, v, w, u, state, dy, dstate, chunk)
     # Per-(batch, head) partials summed here in fp32; d/dw of log w = -exp(w) is log w itself.
     dw = dlog_w.sum(0) * -torch.exp(w)
     return dr, dk, dv, dw, du.sum(0), dstate0
@@ -61,15 +64,15 @@ def _wkv5_bwd_fake(r, k, v, w, u, state, dy, dstate, chunk):
 
 
 def _setup_context(ctx, inputs, output):
-    r, k, v, w, u, state, chunk = inputs
+    r, k, v, w, u, state, _ = inputs
     ctx.save_for_backward(r, k, v, w, u, state)
-    ctx.chunk = chunk
 
 
 def _backward(ctx, dy, dstate):
     r, k, v, w, u, state = ctx.saved_tensors
     dr, dk, dv, dw, du, dstate0 = _wkv5_bwd(
-        r, k, v, w, u, state, dy.contiguous(), None if dstate is None else dstate.contiguous(), ctx.chunk
+        r, k, v, w, u, state, dy.contiguous(), None if dstate is None else dstate.contiguous(),
+        default_chunk(r.shape[-1], backward=True),
     )
     return dr, dk, dv, dw, du, (dstate0 if state is not None else None), None
 

@@ -2,16 +2,17 @@
 //
 // Sweep A (forward in time, warp w owns key rows i in [16w, 16w+16) of S and of D = dS/dlog w):
 //   dr_t   = w^t' (dy_t S^T) + wc^(t'-8) sum_{s<t} (dy_t . v_s) (k_s wc^(7-s')) + u k_t (v_t . dy_t)
-//   dlog w += t' r_t dr_t (pairs inside the sub-block and reads of S)  +  sum_j D_ij dG_ij
-//   where dG = sum_t (r_t w^t')^T dy_t; then D = w^le (D + le S) + ..., S = w^le S + ...
+//   dlog w += t' r_t w^t' (dy_t S^T)  +  sum over pairs s < t in the sub-block of (t-1-s) X[t,s]
+//             +  sum_j D_ij dG_ij, with dG = sum_t (r_t w^t')^T dy_t; then D = w^le (D + le S) + ...,
+//   S = w^le S + ...  (every term a real contribution: nothing large cancels)
 // Sweep B (backward in time, G = dLoss/dS held twice: rows i for dk, rows j for dv):
 //   dk_s = w^(le-1-s') (v_s G^T) + wc^(7-s') sum_{t>s} (v_s . dy_t) (r_t wc^(t'-8)) + u r_s (v_s . dy_s)
 //   dv_s = (k_s w^(le-1-s')) G + sum_{t>=s} A[t,s] dy_t;  G = w^le G + sum_t (r_t w^t')^T dy_t
-//   dlog w -= (s'+1) k_s dk_s (the in-sub-block part)
-// Both sweeps add into one (B, H, N) buffer for dlog w; du likewise.
+// Sweep A writes per-(batch, head) partials of dlog w and du; the caller sums them over the batch.
 #ifndef WKV5_KERNELS_ONLY  // defined for compile checks without the torch CUDA headers
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 #endif
 
@@ -65,6 +66,25 @@ __global__ void __launch_bounds__(2 * N) bwd_a_kernel(
     const int nchunks = (T + L - 1) / L;
     load_chunk<N, L, 4>(raw, srcs, row0, min(L, T), rs, col0);
     const int tp = tid & 15, i0 = 8 * (tid >> 4);
+    __syncthreads();
+    // Decay factors fixed per thread: the prep's (step tp, channels i0..) and the output's (steps g, g+8).
+    float f_km[8], f_rt[8], f_kq[8], f_in[2][2][2], f_mid[2][2][2];
+#pragma unroll
+    for (int x = 0; x < 8; ++x) {
+        f_km[x] = pwc[(15 - tp) * N + i0 + x];
+        f_rt[x] = pw[tp * N + i0 + x];
+        f_kq[x] = pw[(15 - tp) * N + i0 + x];
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+                const int tt = g + 8 * half, i = 16 * warp + 8 * hh + 2 * q + x;
+                f_in[half][hh][x] = pw[tt * N + i];
+                f_mid[half][hh][x] = pwc[tt * N + i];
+            }
 
     for (int c = 0; c < nchunks; ++c) {
         const int t0 = c * L, Lc = min(L, T - t0);
@@ -81,7 +101,8 @@ __global__ void __launch_bounds__(2 * N) bwd_a_kernel(
         for (int a = 0; a < L / kSub; ++a) {
             const int t = kSub * a + tp;
             const bool valid = t < Lc;
-            const int dq = valid ? min(kSub, Lc - kSub * a) - 1 - tp : 0;
+            const int le = min(kSub, Lc - kSub * a);
+            const int dq = valid ? le - 1 - tp : 0;
             float fr[8], fk[8], fv[8], fd[8];
             unpack8(*reinterpret_cast<const uint4*>(rN + t * LDN + i0), fr);
             unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
@@ -91,9 +112,9 @@ __global__ void __launch_bounds__(2 * N) bwd_a_kernel(
 #pragma unroll
             for (int x = 0; x < 8; ++x) {
                 const int i = i0 + x;
-                const float kq = fk[x] * pw[dq * N + i];
-                kmT[i * LDL + t] = __float2bfloat16(fk[x] * pwc[(15 - tp) * N + i]);
-                rtT[i * LDL + t] = __float2bfloat16(fr[x] * pw[tp * N + i]);
+                const float kq = fk[x] * (le == kSub ? f_kq[x] : pw[dq * N + i]);
+                kmT[i * LDL + t] = __float2bfloat16(fk[x] * f_km[x]);
+                rtT[i * LDL + t] = __float2bfloat16(fr[x] * f_rt[x]);
                 dyT[i * LDL + t] = __float2bfloat16(fd[x]);
                 kqT[i * LDL + t] = __float2bfloat16(kq);
                 kdT[i * LDL + t] = __float2bfloat16(kq * static_cast<float>(dq));
@@ -127,23 +148,29 @@ __global__ void __launch_bounds__(2 * N) bwd_a_kernel(
                     mma16816(di[hh], af, b0, b1);
                 }
             }
+            // bd[t][s] = dy_t . v_s for s < t; bg weighs each pair by its gap t-1-s, the exponent that
+            // d/dlog w brings down (summing gap-weighted pairs directly avoids cancelling large terms).
+            float bg[2][4];
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int tt = g + 8 * (e >> 1), ss = 8 * hh + 2 * q + (e & 1);
                     if (ss >= tt) bd[hh][e] = 0.f;
+                    bg[hh][e] = bd[hh][e] * static_cast<float>(max(tt - 1 - ss, 0));
                 }
-            uint32_t pb[4];
+            uint32_t pb[4], pg[4];
             c_to_a(bd, pb);
-            float dj[2][4];
+            c_to_a(bg, pg);
+            float dj[2][4], dgap[2][4];
 #pragma unroll
             for (int hh = 0; hh < 2; ++hh) {
                 uint32_t b0, b1;
 #pragma unroll
-                for (int e = 0; e < 4; ++e) dj[hh][e] = 0.f;
+                for (int e = 0; e < 4; ++e) dj[hh][e] = dgap[hh][e] = 0.f;
                 load_b(b0, b1, kmT, LDL, 16 * warp + 8 * hh, m0, lane);
                 mma16816(dj[hh], pb, b0, b1);
+                mma16816(dgap[hh], pg, b0, b1);
             }
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
@@ -158,10 +185,11 @@ __global__ void __launch_bounds__(2 * N) bwd_a_kernel(
 #pragma unroll
                     for (int x = 0; x < 2; ++x) {
                         const int e = 2 * half + x, i = 16 * warp + 8 * hh + 2 * q + x;
-                        const float dri = pw[tt * N + i] * di[hh][e] + pwc[tt * N + i] * dj[hh][e];
+                        const float inter = f_in[half][hh][x] * di[hh][e];
+                        const float dri = inter + f_mid[half][hh][x] * dj[hh][e];
                         const float rv = __bfloat162float(rN[t * LDN + i]);
                         const float kv = __bfloat162float(kN[t * LDN + i]);
-                        dla[hh][x] += static_cast<float>(tt) * rv * dri;
+                        dla[hh][x] += rv * (static_cast<float>(tt) * inter + f_mid[half][hh][x] * dgap[hh][e]);
                         dua[hh][x] += rv * kv * vd;
                         out[x] = dri + us[i] * kv * vd;
                     }
@@ -238,7 +266,7 @@ template <int N, int L>
 __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
     const bf16* __restrict__ r, const bf16* __restrict__ k, const bf16* __restrict__ v, const float* __restrict__ td,
     const float* __restrict__ u, const bf16* __restrict__ dy, const float* __restrict__ ds_out,
-    bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ ds0, float* __restrict__ dlw, int T, int H) {
+    bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ ds0, int T, int H) {
     constexpr int NW = N / 16, LDN = N + 8, LDL = L + 8;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][4][L][LDN]: r, k, v, dy
@@ -273,7 +301,6 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
             G[nt][e] = ds_out ? ds_out[(static_cast<int64_t>(bh) * N + rr) * N + cc] : 0.f;
             GT[nt][e] = ds_out ? ds_out[(static_cast<int64_t>(bh) * N + cc) * N + rr] : 0.f;
         }
-    float dlk[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 
     const bf16* srcs[4] = {r, k, v, dy};
     const int nchunks = (T + L - 1) / L;
@@ -282,6 +309,25 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
         load_chunk<N, L, 4>(raw + (cl & 1) * 4 * L * LDN, srcs, row0 + cl * L, T - cl * L, rs, col0);
     }
     const int tp = tid & 15, i0 = 8 * (tid >> 4);
+    __syncthreads();
+    float f_kq[8], f_km[8], f_rm[8], f_rt[8], f_mid[2][2][2], f_end[2][2][2];
+#pragma unroll
+    for (int x = 0; x < 8; ++x) {
+        f_kq[x] = pw[(15 - tp) * N + i0 + x];
+        f_km[x] = pwc[(15 - tp) * N + i0 + x];
+        f_rm[x] = pwc[tp * N + i0 + x];
+        f_rt[x] = pw[tp * N + i0 + x];
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+            for (int x = 0; x < 2; ++x) {
+                const int ss = g + 8 * half, i = 16 * warp + 8 * hh + 2 * q + x;
+                f_mid[half][hh][x] = pwc[(15 - ss) * N + i];
+                f_end[half][hh][x] = pw[(15 - ss) * N + i];
+            }
 
     for (int c = nchunks - 1; c >= 0; --c) {
         const int t0 = c * L, Lc = min(L, T - t0);
@@ -297,7 +343,8 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
         for (int a = 0; a < L / kSub; ++a) {
             const int t = kSub * a + tp;
             const bool valid = t < Lc;
-            const int dq = valid ? min(kSub, Lc - kSub * a) - 1 - tp : 0;
+            const int le = min(kSub, Lc - kSub * a);
+            const int dq = valid ? le - 1 - tp : 0;
             float fr[8], fk[8], fv[8], fd[8], o1[8], o2[8], o3[8];
             unpack8(*reinterpret_cast<const uint4*>(rN + t * LDN + i0), fr);
             unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
@@ -307,12 +354,12 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
 #pragma unroll
             for (int x = 0; x < 8; ++x) {
                 const int i = i0 + x;
-                o1[x] = fk[x] * pw[dq * N + i];
-                o2[x] = fk[x] * pwc[(15 - tp) * N + i];
-                o3[x] = fr[x] * pwc[tp * N + i];
+                o1[x] = fk[x] * (le == kSub ? f_kq[x] : pw[dq * N + i]);
+                o2[x] = fk[x] * f_km[x];
+                o3[x] = fr[x] * f_rm[x];
                 rmT[i * LDL + t] = __float2bfloat16(o3[x]);
                 dyT[i * LDL + t] = __float2bfloat16(fd[x]);
-                rtT[i * LDL + t] = __float2bfloat16(fr[x] * pw[tp * N + i]);
+                rtT[i * LDL + t] = __float2bfloat16(fr[x] * f_rt[x]);
                 vd += fv[x] * fd[x];
                 dg += fr[x] * us[i] * fk[x];
             }
@@ -382,11 +429,10 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
 #pragma unroll
                     for (int x = 0; x < 2; ++x) {
                         const int e = 2 * half + x, i = 16 * warp + 8 * hh + 2 * q + x;
-                        const float intra = pwc[(15 - ss) * N + i] * yi[hh][e];
+                        const float intra = f_mid[half][hh][x] * yi[hh][e];
                         const float rv = __bfloat162float(rN[s * LDN + i]);
-                        const float kv = __bfloat162float(kN[s * LDN + i]);
-                        dlk[hh][x] -= static_cast<float>(ss + 1) * kv * intra;
-                        out[x] = pw[(le - 1 - ss) * N + i] * xc[hh][e] + intra + us[i] * rv * vd;
+                        const float decay = le == kSub ? f_end[half][hh][x] : pw[(le - 1 - ss) * N + i];
+                        out[x] = decay * xc[hh][e] + intra + us[i] * rv * vd;
                     }
                     *reinterpret_cast<__nv_bfloat162*>(dk + (row0 + t0 + s) * rs + col0 + 16 * warp + 8 * hh + 2 * q) =
                         __floats2bfloat162_rn(out[0], out[1]);
@@ -449,19 +495,6 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
             const int i = 16 * warp + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
             ds0[(static_cast<int64_t>(bh) * N + i) * N + j] = G[nt][e];
         }
-#pragma unroll
-    for (int off = 4; off < 32; off <<= 1)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-            for (int x = 0; x < 2; ++x) dlk[hh][x] += __shfl_xor_sync(0xffffffffu, dlk[hh][x], off);
-    if (g == 0) {
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-            for (int x = 0; x < 2; ++x)
-                atomicAdd(dlw + static_cast<int64_t>(bh) * N + 16 * warp + 8 * hh + 2 * q + x, dlk[hh][x]);
-    }
 }
 
 #ifndef WKV5_KERNELS_ONLY
@@ -481,14 +514,22 @@ void launch_bwd(const torch::Tensor& r, const torch::Tensor& k, const torch::Ten
     auto kb = bwd_b_kernel<N, L>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(ka, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_a));
     C10_CUDA_CHECK(cudaFuncSetAttribute(kb, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_b));
+    // The two sweeps are independent: sweep B runs on a side stream next to sweep A, so that small B*H
+    // still fills the chip; the caller's stream waits for both.
+    const auto side = at::cuda::getStreamFromPool(false, r.device().index());
+    at::cuda::CUDAEvent inputs_ready, b_done;
+    inputs_ready.record(stream);
+    inputs_ready.block(side);
     ka<<<B * H, 2 * N, smem_a, stream>>>(rp, kp, vp, td.data_ptr<float>(), u.data_ptr<float>(), s0, dyp, ds_out,
                                          reinterpret_cast<bf16*>(dr.data_ptr()), dlw.data_ptr<float>(),
                                          du.data_ptr<float>(), T, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    kb<<<B * H, 2 * N, smem_b, stream>>>(rp, kp, vp, td.data_ptr<float>(), u.data_ptr<float>(), dyp, ds_out,
+    kb<<<B * H, 2 * N, smem_b, side>>>(rp, kp, vp, td.data_ptr<float>(), u.data_ptr<float>(), dyp, ds_out,
                                          reinterpret_cast<bf16*>(dk.data_ptr()), reinterpret_cast<bf16*>(dv.data_ptr()),
-                                         ds0.data_ptr<float>(), dlw.data_ptr<float>(), T, H);
+                                         ds0.data_ptr<float>(), T, H);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    b_done.record(side);
+    b_done.block(stream);
 }
 
 #endif  // WKV5_KERNELS_ONLY

@@ -185,7 +185,7 @@ __device__ __forceinline__ uint4 pack8(const float f[8]) {
 
 // Shared-memory bytes of each kernel, used by the kernels' carving and by the launchers.
 __host__ __device__ constexpr int smem_fwd(int N, int L) {
-    return (2 * 3 + 3) * L * (N + 8) * 2 + 2 * N * (L + 8) * 2 + 35 * N * 4 + (N / 16) * L * 4;
+    return (3 + 3) * L * (N + 8) * 2 + 2 * N * (L + 8) * 2 + 35 * N * 4 + (N / 16) * L * 4;
 }
 __host__ __device__ constexpr int smem_bwd_a(int N, int L) {
     return 2 * 4 * L * (N + 8) * 2 + 6 * N * (L + 8) * 2 + 35 * N * 4 + (N / 16) * L * 4;

@@ -27,8 +27,8 @@ __global__ void __launch_bounds__(2 * N) fwd_kernel(const bf16* __restrict__ r, 
                                                     bf16* __restrict__ y, float* __restrict__ s_out, int T, int H) {
     constexpr int NW = N / 16, LDN = N + 8, LDL = L + 8;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][3][L][LDN]: r, k, v, double-buffered
-    bf16* rq = raw + 2 * 3 * L * LDN;           // [L][LDN] r w^t'
+    bf16* raw = reinterpret_cast<bf16*>(smem);  // [3][L][LDN]: r, k, v (the next chunk loads during the sub-blocks)
+    bf16* rq = raw + 3 * L * LDN;               // [L][LDN] r w^t'
     bf16* rm = rq + L * LDN;                    // [L][LDN] r wc^(t'-8)
     bf16* km = rm + L * LDN;                    // [L][LDN] k wc^(7-t')
     bf16* vT = km + L * LDN;                    // [N][LDL] v transposed
@@ -59,15 +59,23 @@ __global__ void __launch_bounds__(2 * N) fwd_kernel(const bf16* __restrict__ r, 
     const bf16* srcs[3] = {r, k, v};
     const int nchunks = (T + L - 1) / L;
     load_chunk<N, L, 3>(raw, srcs, row0, min(L, T), rs, col0);
+    // Thread (tp, i0) prepares step tp of every sub-block, channels [i0, i0+8): its decay factors are fixed.
     const int tp = tid & 15, i0 = 8 * (tid >> 4);
+    __syncthreads();
+    float f_rq[8], f_rm[8], f_km[8], f_kq[8];
+#pragma unroll
+    for (int x = 0; x < 8; ++x) {
+        f_rq[x] = pw[tp * N + i0 + x];
+        f_rm[x] = pwc[tp * N + i0 + x];
+        f_km[x] = pwc[(15 - tp) * N + i0 + x];
+        f_kq[x] = pw[(15 - tp) * N + i0 + x];
+    }
 
     for (int c = 0; c < nchunks; ++c) {
         const int t0 = c * L, Lc = min(L, T - t0);
         cp_async_wait_all();
         __syncthreads();
-        if (c + 1 < nchunks)
-            load_chunk<N, L, 3>(raw + ((c + 1) & 1) * 3 * L * LDN, srcs, row0 + t0 + L, min(L, T - t0 - L), rs, col0);
-        const bf16* rr = raw + (c & 1) * 3 * L * LDN;
+        const bf16* rr = raw;
         const bf16* kk = rr + L * LDN;
         const bf16* vv = kk + L * LDN;
 
@@ -75,7 +83,8 @@ __global__ void __launch_bounds__(2 * N) fwd_kernel(const bf16* __restrict__ r, 
         for (int a = 0; a < L / kSub; ++a) {
             const int t = kSub * a + tp;
             const bool valid = t < Lc;
-            const int dq = valid ? min(kSub, Lc - kSub * a) - 1 - tp : 0;
+            const int le = min(kSub, Lc - kSub * a);
+            const int dq = valid ? le - 1 - tp : 0;
             float fr[8], fk[8], fv[8], o1[8], o2[8], o3[8];
             unpack8(*reinterpret_cast<const uint4*>(rr + t * LDN + i0), fr);
             unpack8(*reinterpret_cast<const uint4*>(kk + t * LDN + i0), fk);
@@ -84,12 +93,12 @@ __global__ void __launch_bounds__(2 * N) fwd_kernel(const bf16* __restrict__ r, 
 #pragma unroll
             for (int x = 0; x < 8; ++x) {
                 const int i = i0 + x;
-                o1[x] = fr[x] * pw[tp * N + i];
-                o2[x] = fr[x] * pwc[tp * N + i];
-                o3[x] = fk[x] * pwc[(15 - tp) * N + i];
+                o1[x] = fr[x] * f_rq[x];
+                o2[x] = fr[x] * f_rm[x];
+                o3[x] = fk[x] * f_km[x];
                 dg += fr[x] * us[i] * fk[x];
                 vT[i * LDL + t] = __float2bfloat16(fv[x]);
-                kqT[i * LDL + t] = __float2bfloat16(fk[x] * pw[dq * N + i]);
+                kqT[i * LDL + t] = __float2bfloat16(fk[x] * (le == kSub ? f_kq[x] : pw[dq * N + i]));
             }
             *reinterpret_cast<uint4*>(rq + t * LDN + i0) = pack8(o1);
             *reinterpret_cast<uint4*>(rm + t * LDN + i0) = pack8(o2);
@@ -98,6 +107,7 @@ __global__ void __launch_bounds__(2 * N) fwd_kernel(const bf16* __restrict__ r, 
             if (lane < 16) dgp[warp * L + t] = dg;
         }
         __syncthreads();
+        if (c + 1 < nchunks) load_chunk<N, L, 3>(raw, srcs, row0 + t0 + L, min(L, T - t0 - L), rs, col0);
 
         for (int a = 0; a < L / kSub; ++a) {
             if (kSub * a >= Lc) break;
