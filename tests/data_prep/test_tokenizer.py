@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import pickle
+import random
 import subprocess
 import sys
 import textwrap
@@ -62,6 +63,27 @@ def test_fast_matches_reference(name, reference, fast):
     assert all(1 <= i < VOCAB_SIZE for i in ids)
     assert reference.decode(ids) == text
     assert fast.decode(ids) == text
+
+
+def test_fast_matches_reference_on_random_text(reference, fast):
+    rng = random.Random(0)
+    entries = [t for t in read_vocab(DEFAULT_VOCAB_PATH).tokens[1:] if _is_utf8(t)]
+    # Concatenated vocabulary entries put entry boundaries everywhere greedy matching could go wrong.
+    glued = b"".join(rng.choice(entries) for _ in range(3000)).decode("utf-8")
+    planes = [(0x20, 0x7F), (0xA0, 0x2FFF), (0x3000, 0x9FFF), (0xAC00, 0xD7A3), (0xE000, 0xFFFD), (0x1F300, 0x1FAFF)]
+    scattered = "".join(chr(rng.randrange(*rng.choice(planes))) for _ in range(5000))
+    for text in (glued, scattered):
+        ids = reference.encode(text)
+        assert fast.encode(text) == ids
+        assert fast.decode(ids) == text
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def test_batch_matches_single(reference, fast):
