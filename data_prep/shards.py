@@ -259,8 +259,9 @@ class ShardWriter:
         out_dir: dataset directory.
         prefix: relative POSIX path prefix of the shard names; shard k is `<prefix>-<k:05d>.arrow`.
         tokenizer_fingerprint: recorded in every shard's metadata.
-        shard_tokens: a shard is cut once it holds at least this many tokens (documents are never split).
-            Default: `DEFAULT_SHARD_TOKENS`.
+        shard_tokens: a shard is cut once it holds at least this many tokens (documents are never split);
+            None cuts only on `flush_shard()`, for callers that decide the cuts themselves. Default:
+            `DEFAULT_SHARD_TOKENS`.
         source_files: input files recorded in every shard's metadata.
     """
 
@@ -269,10 +270,10 @@ class ShardWriter:
         out_dir: str | os.PathLike,
         prefix: str,
         tokenizer_fingerprint: str,
-        shard_tokens: int = DEFAULT_SHARD_TOKENS,
+        shard_tokens: int | None = DEFAULT_SHARD_TOKENS,
         source_files: Sequence[str] = (),
     ) -> None:
-        if shard_tokens < 1:
+        if shard_tokens is not None and shard_tokens < 1:
             raise ShardError(f"{out_dir}: shard_tokens must be >= 1, got {shard_tokens}")
         self.out_dir = Path(out_dir)
         self.prefix = prefix
@@ -310,7 +311,7 @@ class ShardWriter:
         arrays.append(tokens)
         counts.append(documents)
         self._pending_tokens += tokens.size
-        if self._pending_tokens >= self.shard_tokens:
+        if self.shard_tokens is not None and self._pending_tokens >= self.shard_tokens:
             self.flush_shard()
 
     def flush_shard(self) -> ShardInfo | None:

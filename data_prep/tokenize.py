@@ -76,8 +76,6 @@ class TokenizeConfig:
         max_bad_line_fraction: most bad lines (all kinds) per line read before the stage fails. Default: 0.001.
         max_quarantined_fraction: most quarantined files per input file before the stage fails. Default: 0.001
             (a few dozen of SlimPajama's 59k files; none of a small corpus).
-        flush_tokens: a worker hands its buffered ids to the shard writer every this many tokens (memory
-            bound, no effect on output bytes). Default: 4 Mi.
         max_files: process at most this many pending files in this run, None for all (smoke runs; tests of
             resume). Default: None.
         progress: show a tqdm bar. Default: True.
@@ -89,16 +87,14 @@ class TokenizeConfig:
     tokenizer_impl: str = "fast"
     max_bad_line_fraction: float = 0.001
     max_quarantined_fraction: float = 0.001
-    flush_tokens: int = 1 << 22
     max_files: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise ValueError(f"tokenize.workers must be >= 0, got {self.workers}")
-        if self.shard_tokens < 1 or self.flush_tokens < 1:
-            raise ValueError(f"tokenize.shard_tokens and flush_tokens must be >= 1, got {self.shard_tokens}, "
-                             f"{self.flush_tokens}")
+        if self.shard_tokens < 1:
+            raise ValueError(f"tokenize.shard_tokens must be >= 1, got {self.shard_tokens}")
         for name in ("max_bad_line_fraction", "max_quarantined_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"tokenize.{name} must be in [0, 1], got {getattr(self, name)}")
@@ -116,7 +112,6 @@ class FileTask:
         vocab_path: tokenizer vocabulary, None for the default.
         tokenizer_impl: "fast" or "reference".
         shard_tokens: target shard size in tokens.
-        flush_tokens: see `TokenizeConfig.flush_tokens`.
     """
 
     src: str
@@ -126,7 +121,6 @@ class FileTask:
     vocab_path: str | None = None
     tokenizer_impl: str = "fast"
     shard_tokens: int = DEFAULT_SHARD_TOKENS
-    flush_tokens: int = 1 << 22
 
     @property
     def record_path(self) -> Path:
@@ -150,7 +144,8 @@ class FileResult:
         tokenizer: fingerprint of the tokenizer used.
         shard_tokens: target shard size used.
         lines: non-blank lines read.
-        text_bytes: bytes of JSON lines read (the "MB of text" of throughput figures).
+        json_bytes: bytes of the JSON lines read.
+        text_bytes: UTF-8 bytes of the documents' text (the "MB of text" of throughput figures).
         documents, tokens: documents written and their tokens (end-of-document ids included).
         by_source: `{source: {"documents": n, "tokens": n}}`.
         bad_lines: `{kind: count}` for the kinds in `BAD_LINE_KINDS`.
@@ -168,6 +163,7 @@ class FileResult:
     tokenizer: str = ""
     shard_tokens: int = 0
     lines: int = 0
+    json_bytes: int = 0
     text_bytes: int = 0
     documents: int = 0
     tokens: int = 0
@@ -197,7 +193,7 @@ def _tokenizer(vocab_path: str | None, impl: str) -> WorldTokenizer:
 
 
 class _SourceBuffer:
-    """Ids of consecutive documents of one source, as a growable uint16 buffer (C-speed `extend`)."""
+    """Ids of consecutive documents of one source, as a growable uint16 buffer."""
 
     __slots__ = ("ids", "documents")
 
@@ -206,12 +202,12 @@ class _SourceBuffer:
         self.documents = 0
 
 
-def _flush(buffers: dict[str, _SourceBuffer], writer: ShardWriter) -> None:
-    # Sorted sources: the writer's segment order, and so the output bytes, must not depend on dict history.
+def _cut_shard(buffers: dict[str, _SourceBuffer], writer: ShardWriter) -> None:
+    # Sorted sources: the shard's batch order, and so its bytes, must not depend on which source came first.
     for source in sorted(buffers):
         buf = buffers[source]
-        if buf.documents:
-            writer.add_many(np.frombuffer(buf.ids, dtype=np.uint16), buf.documents, source)
+        writer.add_many(np.frombuffer(buf.ids, dtype=np.uint16), buf.documents, source)
+    writer.flush_shard()
     buffers.clear()
 
 
@@ -242,12 +238,12 @@ def tokenize_file(task: FileTask) -> FileResult:
             bad_numbers[kind].append(line)
 
     buffers: dict[str, _SourceBuffer] = {}
-    pending = 0
+    shard_fill = 0  # tokens since the last cut, in input order: cuts do not depend on how sources interleave
     try:
-        with ShardWriter(task.out_dir, task.prefix, tok.fingerprint, task.shard_tokens, [task.rel]) as writer:
+        with ShardWriter(task.out_dir, task.prefix, tok.fingerprint, None, [task.rel]) as writer:
             for item in iter_documents(task.src):
                 result.lines += 1
-                result.text_bytes += item.size
+                result.json_bytes += item.size
                 if isinstance(item, BadLine):
                     count_bad(item.kind, item.line)
                     continue
@@ -256,20 +252,24 @@ def tokenize_file(task: FileTask) -> FileResult:
                 except TokenizationError:
                     count_bad("unencodable", item.line)
                     continue
+                # isascii() is O(1) on CPython strings, so only non-ASCII text pays for an encode to count.
+                result.text_bytes += len(item.text) if item.text.isascii() else len(item.text.encode("utf-8"))
                 buf = buffers.get(item.source)
                 if buf is None:
                     buf = buffers[item.source] = _SourceBuffer()
-                buf.ids.extend(ids)
+                # array("H", list) converts in one C loop; extending by another array is a memcpy.
+                buf.ids.extend(array.array("H", ids))
                 buf.ids.append(0)
                 buf.documents += 1
-                pending += len(ids) + 1
                 counts = result.by_source.setdefault(item.source, {"documents": 0, "tokens": 0})
                 counts["documents"] += 1
                 counts["tokens"] += len(ids) + 1
-                if pending >= task.flush_tokens:
-                    _flush(buffers, writer)
-                    pending = 0
-            _flush(buffers, writer)
+                shard_fill += len(ids) + 1
+                if shard_fill >= task.shard_tokens:
+                    _cut_shard(buffers, writer)
+                    shard_fill = 0
+            if buffers:
+                _cut_shard(buffers, writer)
         shards = writer.commit()
     except InputReadError as exc:
         result.status, result.reason = "quarantined", str(exc)
@@ -323,7 +323,6 @@ def plan_tasks(src: str | os.PathLike, out: str | os.PathLike, config: TokenizeC
                 vocab_path=config.vocab_path,
                 tokenizer_impl=config.tokenizer_impl,
                 shard_tokens=config.shard_tokens,
-                flush_tokens=config.flush_tokens,
             )
         )
     return tasks

@@ -102,6 +102,9 @@ def test_ids_equal_reference_tokenizer(corpus, clean_run):
     train = read_manifest(out / "train")
     assert summary.tokens == train.tokens + read_manifest(out / "validation").tokens
     assert len(train.shards) > 6  # several shards per input at shard_tokens=1000
+    for rel in {s.source_files for s in train.shards}:
+        sizes = [s.tokens for s in train.shards if s.source_files == rel]
+        assert min(sizes[:-1], default=1000) >= 1000  # cut at the first document end past the target
     assert len(PackedDataset(out / "train", 64, expected_tokenizer=reference.fingerprint)) == sum(
         (c["tokens"] - 1) // 64 for c in train.by_source.values()
     )

@@ -1,0 +1,247 @@
+"""Data pipeline throughput: each step per core, the tokenize stage end to end at 1 and 2 processes, the loader.
+
+    python bench/data_pipeline.py [--megabytes 12] [--copies 4] [--out bench/results/data_pipeline.json]
+
+Input: the offline sample corpus (`data_prep.sample`, standard-library prose and code in SlimPajama's layout)
+with its train documents written `--copies` times into larger `.jsonl.zst` files (several zstd frames each),
+so that per-file work dominates as it does on SlimPajama's ~60 MB files. Steps, each on one core:
+
+- read: zstd decompression and JSON parsing (`iter_documents`), MB/s of JSON input;
+- tokenize: `WorldTokenizer.encode` plus the uint16 conversion the stage does, MB/s of UTF-8 text;
+- write: Arrow shards of those ids (`ShardWriter`, sha256 included), MB/s of the text they came from;
+- end to end: `tokenize_file` over every file in 1 process and in a warmed `spawn` pool of 2 (pool start-up
+  excluded, as it is once per hours-long run), MB/s of text per process and the scaling efficiency; the whole
+  `tokenize()` stage at 2 workers (start-up included) for reference;
+- loader: `PackedDataset.batch` of random positions (ctx 4096, batch 8), tokens/s.
+
+Also projects the hours for all of SlimPajama (~2.4 TB of text) on 64 cores from the per-process end-to-end
+rate and the measured 2-process efficiency. Wall time and CPU time are both recorded: on a shared machine
+wall time includes waiting for a core, so the load average before and after is saved too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import zstandard
+
+from data_prep.jsonl import Document, iter_documents, iter_lines
+from data_prep.loader import PackedDataset
+from data_prep.sample import SampleSpec, build_sample
+from data_prep.shards import ShardWriter
+from data_prep.tokenize import FileTask, TokenizeConfig, tokenize, tokenize_file
+from data_prep.tokenizer import load_tokenizer
+
+SLIMPAJAMA_TEXT_BYTES = 2.4e12
+PROJECTION_CORES = 64
+TARGET_MB_S_PER_CORE = 35.0
+
+
+class _Timer:
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+
+def _rate(amount: float, seconds: float) -> float:
+    return amount / seconds if seconds > 0 else float("nan")
+
+
+def build_corpus(root: Path, megabytes: float, copies: int) -> list[Path]:
+    """The sample's train lines, `copies` times, into 4 files of several zstd frames each."""
+    sample = root / "sample"
+    build_sample(sample, SampleSpec(megabytes=megabytes, validation_chunks=1, validation_files_per_chunk=1))
+    lines = [raw for path in sorted((sample / "train").rglob("*.jsonl.zst")) for _, raw in iter_lines(path)]
+    files = []
+    compressor = zstandard.ZstdCompressor(level=3)
+    for i in range(4):
+        body = b"\n".join(lines[i::4] * copies) + b"\n"
+        frames = [body[j : j + (8 << 20)] for j in range(0, len(body), 8 << 20)]
+        path = root / "corpus" / "train" / "chunk1" / f"example_train_{i}.jsonl.zst"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"".join(compressor.compress(f) for f in frames))
+        files.append(path)
+    return files
+
+
+def _warm(_: int) -> int:
+    # Loads the tokenizer in a pool worker, so the timed map measures work, not start-up.
+    from data_prep.tokenize import _tokenizer
+
+    return len(_tokenizer(None, "fast").fingerprint)
+
+
+def run(megabytes: float, copies: int, workdir: Path) -> dict:
+    files = build_corpus(workdir, megabytes, copies)
+    tok = load_tokenizer()
+    steps: dict[str, dict] = {}
+
+    with _Timer() as t:
+        docs = [d for f in files for d in iter_documents(f) if isinstance(d, Document)]
+    json_bytes = sum(d.size for d in docs)
+    text_bytes = sum(len(d.text.encode("utf-8")) for d in docs)
+    steps["read (zstd + JSON)"] = {"mb": json_bytes / 1e6, "wall_s": t.wall, "cpu_s": t.cpu,
+                                   "mb_s_wall": _rate(json_bytes / 1e6, t.wall), "mb_s_cpu": _rate(json_bytes / 1e6, t.cpu)}
+    with _Timer() as t:
+        for f in files:
+            for _ in iter_lines(f):
+                pass
+    steps["read: zstd only"] = {"mb": json_bytes / 1e6, "wall_s": t.wall, "cpu_s": t.cpu,
+                                "mb_s_wall": _rate(json_bytes / 1e6, t.wall), "mb_s_cpu": _rate(json_bytes / 1e6, t.cpu)}
+
+    with _Timer() as t:
+        arrays = []
+        for d in docs:
+            ids = array.array("H", tok.encode(d.text))
+            ids.append(0)
+            arrays.append(ids)
+    tokens = sum(len(a) for a in arrays)
+    steps["tokenize"] = {"mb": text_bytes / 1e6, "tokens": tokens, "wall_s": t.wall, "cpu_s": t.cpu,
+                         "mb_s_wall": _rate(text_bytes / 1e6, t.wall), "mb_s_cpu": _rate(text_bytes / 1e6, t.cpu),
+                         "tokens_s_wall": _rate(tokens, t.wall)}
+
+    shard_dir = workdir / "shards"
+    with _Timer() as t:
+        with ShardWriter(shard_dir, "bench", tok.fingerprint) as writer:
+            for d, ids in zip(docs, arrays):
+                writer.add(np.frombuffer(ids, dtype=np.uint16), d.source)
+    shard_bytes = sum(p.stat().st_size for p in shard_dir.rglob("*.arrow"))
+    steps["shard write"] = {"mb": text_bytes / 1e6, "tokens": tokens, "shard_mb": shard_bytes / 1e6,
+                            "wall_s": t.wall, "cpu_s": t.cpu, "mb_s_wall": _rate(text_bytes / 1e6, t.wall),
+                            "mb_s_cpu": _rate(text_bytes / 1e6, t.cpu), "tokens_s_wall": _rate(tokens, t.wall)}
+    del arrays
+
+    def tasks(out: Path) -> list[FileTask]:
+        return [FileTask(src=str(f), rel=f.name, out_dir=str(out), prefix=f.stem.split(".")[0]) for f in files]
+
+    with _Timer() as t:
+        results = [tokenize_file(task) for task in tasks(workdir / "e2e1")]
+    e2e_text = sum(r.text_bytes for r in results)
+    e2e_tokens = sum(r.tokens for r in results)
+    one = _rate(e2e_text / 1e6, t.wall)
+    steps["end to end, 1 process"] = {"mb": e2e_text / 1e6, "tokens": e2e_tokens, "wall_s": t.wall, "cpu_s": t.cpu,
+                                      "mb_s_wall": one, "mb_s_per_process": one,
+                                      "tokens_s_wall": _rate(e2e_tokens, t.wall)}
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        pool.map(_warm, range(2), chunksize=1)
+        with _Timer() as t:
+            results2 = pool.map(tokenize_file, tasks(workdir / "e2e2"), chunksize=1)
+    two = _rate(sum(r.text_bytes for r in results2) / 1e6, t.wall)
+    steps["end to end, 2 processes"] = {"mb": e2e_text / 1e6, "tokens": e2e_tokens, "wall_s": t.wall,
+                                        "mb_s_wall": two, "mb_s_per_process": two / 2,
+                                        "tokens_s_wall": _rate(e2e_tokens, t.wall),
+                                        "scaling_efficiency": two / (2 * one)}
+    same = all((workdir / "e2e1" / s["path"]).read_bytes() == (workdir / "e2e2" / s["path"]).read_bytes()
+               for r in results for s in r.shards)
+
+    corpus = files[0].parents[2]
+    with _Timer() as t:
+        summary = tokenize(corpus, workdir / "stage", TokenizeConfig(workers=2, progress=False))
+    steps["tokenize() stage, 2 workers, start-up included"] = {
+        "mb": summary.text_bytes / 1e6, "wall_s": t.wall, "mb_s_wall": summary.mb_per_s,
+        "tokens_s_wall": summary.tokens_per_s}
+
+    ds = PackedDataset(workdir / "stage" / "train", ctx_len=4096, seed=0)
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 4 * len(ds), 8) for _ in range(200)]
+    ds.batch(batches[0])
+    with _Timer() as t:
+        for positions in batches:
+            ds.batch(positions)
+    loaded = 200 * 8 * 4097
+    steps["loader (ctx 4096, batch 8, random positions)"] = {
+        "tokens": loaded, "wall_s": t.wall, "cpu_s": t.cpu, "tokens_s_wall": _rate(loaded, t.wall)}
+
+    per_process = steps["end to end, 2 processes"]["mb_s_per_process"]
+    efficiency = min(1.0, steps["end to end, 2 processes"]["scaling_efficiency"])
+    hours = SLIMPAJAMA_TEXT_BYTES / (one * 1e6 * efficiency * PROJECTION_CORES) / 3600
+    return {
+        "steps": steps,
+        "corpus": {"files": len(files), "documents": len(docs), "json_mb": json_bytes / 1e6,
+                   "text_mb": text_bytes / 1e6, "tokens": tokens, "bytes_per_token": text_bytes / tokens,
+                   "compressed_mb": sum(f.stat().st_size for f in files) / 1e6},
+        "shards_identical_1_vs_2_processes": same,
+        "projection": {
+            "slimpajama_text_bytes": SLIMPAJAMA_TEXT_BYTES, "cores": PROJECTION_CORES,
+            "mb_s_per_core": one, "efficiency_assumed": efficiency,
+            "hours": hours,
+            "note": "1-process end-to-end rate times the measured 2-process efficiency, on 64 cores; text of "
+                    "this sample (standard-library prose and code), not SlimPajama's web text",
+        },
+        "target": {"mb_s_per_core": TARGET_MB_S_PER_CORE, "one_process_met": one >= TARGET_MB_S_PER_CORE,
+                   "two_processes_per_process_met": per_process >= TARGET_MB_S_PER_CORE},
+    }
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    versions = {}
+    for pkg in ("numpy", "pyarrow", "zstandard", "orjson", "pyrwkv-tokenizer"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "packages": versions}
+
+
+def print_table(result: dict) -> None:
+    print(f"{'step':<50} {'MB/s':>8} {'MB/s cpu':>9} {'tokens/s':>12} {'wall s':>8}")
+    for name, s in result["steps"].items():
+        mb = s.get("mb_s_wall", float("nan"))
+        print(f"{name:<50} {mb:>8.1f} {s.get('mb_s_cpu', float('nan')):>9.1f} "
+              f"{s.get('tokens_s_wall', float('nan')):>12,.0f} {s['wall_s']:>8.2f}")
+    two = result["steps"]["end to end, 2 processes"]
+    print(f"2 processes: {two['mb_s_per_process']:.1f} MB/s per process, efficiency {two['scaling_efficiency']:.2f}")
+    p = result["projection"]
+    print(f"SlimPajama ({p['slimpajama_text_bytes'] / 1e12:.1f} TB of text) on {p['cores']} cores: "
+          f"{p['hours']:.2f} h; load average {result['load_before']} -> {result['load_after']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megabytes", type=float, default=12.0, help="size of the sample corpus built first")
+    parser.add_argument("--copies", type=int, default=4, help="times its train text is repeated in the input")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "data_pipeline.json"))
+    args = parser.parse_args()
+    load_before = os.getloadavg()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    try:
+        result = run(args.megabytes, args.copies, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        **result,
+    }
+    print_table(result)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
