@@ -73,6 +73,55 @@ def data_download(
                f"{summary.seconds:.1f} s; manifest {summary.manifest}")
 
 
+@app.command()
+def up(
+    state_dir: str = typer.Option(None, help="State directory. Default: $RWKV5_HOME or ./.state."),
+    deploy: bool = typer.Option(True, help="Apply prefect.yaml's deployments once the server is up."),
+) -> None:
+    """Start the local stack (Prefect server + worker, MLflow, Ray head) where not already running."""
+    from pathlib import Path
+
+    from flows.stack import StackConfig, up as stack_up
+
+    cfg = StackConfig(state_dir=Path(state_dir).resolve()) if state_dir else StackConfig()
+    prefect_yaml = Path("prefect.yaml")
+    started = stack_up(cfg, deploy=prefect_yaml if deploy and prefect_yaml.exists() else None)
+    for name, state in started.items():
+        typer.echo(f"{name:16s} {state}")
+    typer.echo(f"Prefect UI   http://{cfg.host}:{cfg.prefect_port}")
+    typer.echo(f"MLflow       {cfg.mlflow_url}")
+    typer.echo(f"Ray          {cfg.ray_dashboard_url}")
+    typer.echo(f"export PREFECT_API_URL={cfg.prefect_api_url} MLFLOW_TRACKING_URI={cfg.mlflow_url}")
+
+
+@app.command()
+def down(state_dir: str = typer.Option(None, help="State directory used by `rwkv5 up`.")) -> None:
+    """Stop exactly the processes `rwkv5 up` started."""
+    from pathlib import Path
+
+    from flows.stack import StackConfig, down as stack_down
+
+    cfg = StackConfig(state_dir=Path(state_dir).resolve()) if state_dir else StackConfig()
+    for name, state in stack_down(cfg).items():
+        typer.echo(f"{name:16s} {state}")
+
+
+@app.command()
+def status(state_dir: str = typer.Option(None, help="State directory used by `rwkv5 up`.")) -> None:
+    """Report each local service: pid, health and URL; exits 1 if any is down."""
+    from pathlib import Path
+
+    from flows.stack import StackConfig, status as stack_status
+
+    cfg = StackConfig(state_dir=Path(state_dir).resolve()) if state_dir else StackConfig()
+    rows = stack_status(cfg)
+    for row in rows:
+        state = "up" if row["healthy"] else "down"
+        typer.echo(f"{row['service']:16s} {state:5s} pid={row['pid']} {row['url']}")
+    if not all(row["healthy"] for row in rows):
+        raise typer.Exit(1)
+
+
 @data_app.command("tokenize")
 def data_tokenize(
     src: str = typer.Option(..., help="Source root in SlimPajama layout (train/chunk1/*.jsonl.zst, ...)."),
@@ -132,6 +181,91 @@ def data_sample(
     typer.echo(f"{result.out}: {verb}; {totals['files']} files, {totals['documents']} documents, "
                f"{totals['text_bytes'] / 1e6:.2f} MB of text ({totals['compressed_bytes'] / 1e6:.2f} MB compressed); "
                f"manifest {result.out / 'manifest.json'}")
+
+
+@app.command()
+@one_line_errors
+def init(
+    out: str = typer.Option(..., help="Checkpoint file to write (native safetensors)."),
+    preset: str = typer.Option("tiny", help="Model preset name."),
+    seed: int = typer.Option(0, help="Seed of the initialisation."),
+) -> None:
+    """Write a freshly initialised model as a native checkpoint."""
+    import torch
+
+    from rwkv5.checkpoint import save_checkpoint
+    from rwkv5.config import count_parameters, model_preset
+    from rwkv5.model import RWKV5
+
+    cfg = model_preset(preset)
+    torch.manual_seed(seed)
+    path = save_checkpoint(RWKV5(cfg), out, {"preset": preset, "seed": seed, "tokens_seen": 0})
+    typer.echo(f"{path}: freshly initialised {preset} model, {count_parameters(cfg)} parameters")
+
+
+def _load_for_inference(ckpt: str):
+    """A native checkpoint, or an RWKV-LM .pth by its suffix, as an fp32 eval model on the best device."""
+    import torch
+
+    from rwkv5.checkpoint import load_checkpoint, load_rwkv_pth
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ckpt.endswith(".pth"):
+        return load_rwkv_pth(ckpt, device, torch.float32)
+    return load_checkpoint(ckpt, device, torch.float32)[0]
+
+
+@app.command()
+@one_line_errors
+def generate(
+    ckpt: str = typer.Option(..., help="Native checkpoint, or an RWKV-LM / rwkv-package .pth."),
+    prompt: str = typer.Option("", help="Text to continue. Empty: start a new document."),
+    context_file: str = typer.Option(None, help="UTF-8 text fed before the prompt, streamed in chunks."),
+    max_tokens: int = typer.Option(100, help="Most tokens to generate."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature; 0 = greedy."),
+    top_p: float = typer.Option(0.85, help="Nucleus sampling mass."),
+    seed: int = typer.Option(None, help="Seed for reproducible sampling."),
+) -> None:
+    """Print a continuation of the prompt sampled from a checkpoint (RNN mode, constant memory)."""
+    from data_prep.errors import DataPrepError
+    from data_prep.tokenizer import load_tokenizer
+
+    from rwkv5.errors import TokenizerError
+    from rwkv5.infer import generate as generate_ids
+    from rwkv5.infer import iter_file_ids, prefill
+
+    model = _load_for_inference(ckpt)
+    try:
+        tokenizer = load_tokenizer()
+        context = prefill(model, iter_file_ids(context_file, tokenizer)) if context_file else None
+        pending: list[int] = []
+        for token in generate_ids(model, tokenizer, prompt, max_tokens, temperature, top_p, seed, context):
+            pending.append(token)
+            text = tokenizer.decode(pending)
+            if not text.endswith("\ufffd"):  # otherwise wait: the next id may complete the character
+                typer.echo(text, nl=False)
+                pending = []
+        typer.echo(tokenizer.decode(pending) if pending else "")
+    except DataPrepError as exc:
+        raise TokenizerError(str(exc)) from None
+
+
+@app.command()
+@one_line_errors
+def export(
+    ckpt: str = typer.Option(..., help="Native checkpoint to export."),
+    fmt: str = typer.Option(..., "--format", help="rwkv-pth (a file for the rwkv package) or safetensors (a folder)."),
+    out: str = typer.Option(..., help="Output file (rwkv-pth) or folder (safetensors)."),
+    dtype: str = typer.Option("bf16", help="bf16, fp16 or fp32."),
+) -> None:
+    """Export a checkpoint for other tools: the `rwkv` package's .pth, or safetensors with config.json."""
+    from rwkv5.errors import ConfigError
+    from rwkv5.export import DTYPES, export_checkpoint
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"export.dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    path = export_checkpoint(ckpt, fmt, out, DTYPES[dtype])
+    typer.echo(f"{path}: exported {ckpt} as {fmt} ({dtype})")
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m rwkv5.cli`

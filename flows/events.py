@@ -1,0 +1,89 @@
+"""Training hooks that talk to Prefect: milestone events and the token-budget progress artifact.
+
+They run inside Ray workers (rank 0 only), so they need `PREFECT_API_URL` in the worker environment
+(`rwkv5.train.launch` forwards it); without it Prefect would send events to a throwaway server.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from rwkv5.train.callbacks import Callback, MilestoneInfo, StepInfo
+
+__all__ = ["MILESTONE_EVENT", "milestone_event_id", "run_resource_id", "PrefectMilestoneEvents",
+           "PrefectProgress"]
+
+logger = logging.getLogger(__name__)
+
+MILESTONE_EVENT = "rwkv5.pretrain.milestone"
+_NAMESPACE = uuid.UUID("5b0f2a7e-8d0e-4c47-9a55-7f3c1f0a5e52")
+
+
+def milestone_event_id(run_name: str, percent: int) -> uuid.UUID:
+    """The same id for the same milestone of the same run: the server drops a re-sent event."""
+    return uuid.uuid5(_NAMESPACE, f"{run_name}/{percent}")
+
+
+def run_resource_id(run_name: str) -> str:
+    return f"rwkv5.run.{run_name}"
+
+
+@dataclass
+class PrefectMilestoneEvents(Callback):
+    """Emits `rwkv5.pretrain.milestone` for each milestone; the milestone deployment's trigger picks it up.
+
+    Args:
+        run_name (str): the pretraining run.
+        checkpoint_uri_prefix (str): prepended to the milestone path to form the event's checkpoint URI
+            (e.g. "file://"; an object-store prefix on clusters).
+    """
+
+    run_name: str = ""
+    checkpoint_uri_prefix: str = "file://"
+
+    def on_milestone(self, info: MilestoneInfo) -> None:
+        if self.ctx.rank != 0:
+            return
+        from prefect.events import emit_event
+        from prefect.events.worker import EventsWorker
+
+        percent = round(100 * info.index * self.ctx.config.milestones.fraction)
+        emit_event(
+            event=MILESTONE_EVENT,
+            resource={"prefect.resource.id": run_resource_id(self.run_name), "prefect.resource.name": self.run_name},
+            payload={
+                "run": self.run_name,
+                "percent": percent,
+                "index": info.index,
+                "step": info.step,
+                "tokens_seen": info.tokens_seen,
+                "checkpoint_uri": f"{self.checkpoint_uri_prefix}{info.path}",
+            },
+            id=milestone_event_id(self.run_name, percent),
+        )
+        EventsWorker.drain_all(timeout=30)  # delivered before training goes on (or the process dies)
+        logger.info("emitted %s for %s at %d%%", MILESTONE_EVENT, self.run_name, percent)
+
+
+@dataclass
+class PrefectProgress(Callback):
+    """Updates the token-budget progress artifact in place (created by the flow, passed by id)."""
+
+    artifact_id: str = ""
+    every_steps: int = 10
+
+    def post_step(self, info: StepInfo, metrics: dict[str, float]) -> None:
+        if self.ctx.rank != 0 or not self.artifact_id:
+            return
+        total = self.ctx.config.total_steps
+        if info.step % self.every_steps and info.step < total:
+            return
+        from prefect.artifacts import update_progress_artifact
+
+        progress = min(100.0, 100.0 * info.tokens_seen / self.ctx.config.token_budget)
+        try:
+            update_progress_artifact(artifact_id=uuid.UUID(self.artifact_id), progress=progress)
+        except Exception as exc:  # the dashboard must never stop training
+            logger.warning("progress artifact update failed: %s", exc)

@@ -1,0 +1,288 @@
+"""The local stack behind `rwkv5 up|down|status`: Prefect server and worker, MLflow server, Ray head.
+
+Everything binds to 127.0.0.1 and keeps its state under one directory. `up` starts only what is not already
+answering, records a pid file for each process it started, and `down` stops exactly those (whole process
+groups, so children such as Ray's raylets go too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["StackConfig", "Service", "services", "up", "down", "status", "offline_env"]
+
+WORK_POOL = "local-process"
+
+
+def offline_env() -> dict[str, str]:
+    """Telemetry and update checks off: the machines this runs on may have no internet."""
+    return {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "DO_NOT_TRACK": "1",
+    }
+
+
+@dataclass
+class StackConfig:
+    """Where the local stack lives and listens.
+
+    Args:
+        state_dir (Path): all state: databases, artifacts, logs, pid files. Default: $RWKV5_HOME or ./.state.
+        prefect_port, mlflow_port, ray_port, ray_dashboard_port (int): ports on 127.0.0.1.
+    """
+
+    state_dir: Path = field(default_factory=lambda: Path(os.environ.get("RWKV5_HOME", ".state")).resolve())
+    host: str = "127.0.0.1"
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    ray_port: int = 6379
+    ray_dashboard_port: int = 8265
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}/api"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def ray_address(self) -> str:
+        return f"{self.host}:{self.ray_port}"
+
+    @property
+    def ray_dashboard_url(self) -> str:
+        return f"http://{self.host}:{self.ray_dashboard_port}"
+
+    def env(self) -> dict[str, str]:
+        """Variables every process of the pipeline needs to find the stack (Ray workers included)."""
+        return {
+            **offline_env(),
+            "PREFECT_HOME": str(self.state_dir / "prefect"),
+            "PREFECT_API_URL": self.prefect_api_url,
+            "MLFLOW_TRACKING_URI": self.mlflow_url,
+            "RAY_ADDRESS": self.ray_address,
+            "RWKV5_HOME": str(self.state_dir),
+        }
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    health_url: str | None
+    port: int
+    url: str
+
+
+def _bin(name: str) -> str:
+    """A console script of this interpreter's environment (works without activating a venv)."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def services(cfg: StackConfig) -> list[Service]:
+    """The stack's long-running processes, in start order."""
+    ml = cfg.state_dir / "mlflow"
+    return [
+        Service(
+            "prefect-server",
+            [_bin("prefect"), "server", "start", "--host", cfg.host, "--port", str(cfg.prefect_port)],
+            f"{cfg.prefect_api_url}/health",
+            cfg.prefect_port,
+            f"http://{cfg.host}:{cfg.prefect_port}",
+        ),
+        Service(
+            "mlflow-server",
+            [
+                _bin("mlflow"), "server", "--host", cfg.host, "--port", str(cfg.mlflow_port),
+                "--backend-store-uri", f"sqlite:///{ml / 'mlflow.db'}",
+                "--artifacts-destination", str(ml / "artifacts"),
+                "--workers", "1",
+            ],
+            f"{cfg.mlflow_url}/health",
+            cfg.mlflow_port,
+            cfg.mlflow_url,
+        ),
+        Service(
+            "ray-head",
+            [
+                _bin("ray"), "start", "--head", "--block", f"--node-ip-address={cfg.host}",
+                f"--port={cfg.ray_port}", "--include-dashboard=true", f"--dashboard-host={cfg.host}",
+                f"--dashboard-port={cfg.ray_dashboard_port}", f"--temp-dir={cfg.state_dir / 'ray'}",
+            ],
+            f"{cfg.ray_dashboard_url}/api/version",
+            cfg.ray_port,
+            cfg.ray_dashboard_url,
+        ),
+        Service(
+            "prefect-worker",
+            [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],
+            None,
+            0,
+            f"http://{cfg.host}:{cfg.prefect_port}/work-pools/work-pool/{WORK_POOL}",
+        ),
+    ]
+
+
+def _pid_file(cfg: StackConfig, name: str) -> Path:
+    return cfg.state_dir / "run" / f"{name}.pid"
+
+
+def _read_pid(cfg: StackConfig, name: str) -> int | None:
+    try:
+        pid = int(_pid_file(cfg, name).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    return pid
+
+
+def _healthy(url: str | None, timeout: float = 2.0) -> bool:
+    if url is None:
+        return False
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return 200 <= resp.status < 300
+    except OSError:
+        return False
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
+
+
+def _start(cfg: StackConfig, svc: Service, env: dict[str, str]) -> int:
+    logs = cfg.state_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    _pid_file(cfg, svc.name).parent.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{svc.name}.log", "ab") as log:
+        proc = subprocess.Popen(
+            svc.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, cwd=cfg.state_dir, start_new_session=True,  # own process group: `down` kills it whole
+        )
+    tmp = _pid_file(cfg, svc.name).with_suffix(".tmp")
+    tmp.write_text(str(proc.pid))
+    os.replace(tmp, _pid_file(cfg, svc.name))
+    return proc.pid
+
+
+def _wait_healthy(cfg: StackConfig, svc: Service, pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _healthy(svc.health_url):
+            return
+        if _read_pid(cfg, svc.name) is None:
+            raise RuntimeError(f"{svc.name} exited during start; see {cfg.state_dir / 'logs' / (svc.name + '.log')}")
+        time.sleep(0.5)
+    raise RuntimeError(f"{svc.name} not healthy after {timeout:.0f} s; see {cfg.state_dir / 'logs' / (svc.name + '.log')}")
+
+
+def _prefect(cfg: StackConfig, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([_bin("prefect"), *args], env=env, capture_output=True, text=True, cwd=os.getcwd())
+
+
+def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: float = 600.0) -> dict[str, str]:
+    """Start what is not running yet; returns {service: state} where state is 'started' or 'running'.
+
+    Args:
+        cfg (StackConfig, optional): where and on which ports. Default: StackConfig().
+        deploy (Path, optional): a prefect.yaml whose deployments are (re)applied once the server is up.
+        timeout (float): seconds to wait for each service to become healthy.
+    """
+    cfg = cfg or StackConfig()
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **cfg.env()}
+    result: dict[str, str] = {}
+    for svc in services(cfg):
+        if svc.name == "prefect-worker":
+            if _read_pid(cfg, svc.name) is not None:
+                result[svc.name] = "running"
+                continue
+            created = _prefect(cfg, env, "work-pool", "create", WORK_POOL, "--type", "process")
+            if created.returncode != 0 and "already exists" not in (created.stdout + created.stderr):
+                raise RuntimeError(f"could not create work pool {WORK_POOL}: {created.stderr.strip()}")
+            _start(cfg, svc, env)
+            result[svc.name] = "started"
+            continue
+        if _healthy(svc.health_url) or (svc.name == "ray-head" and _port_open(cfg.host, cfg.ray_port)):
+            result[svc.name] = "running"
+            continue
+        pid = _start(cfg, svc, env)
+        _wait_healthy(cfg, svc, pid, timeout)
+        result[svc.name] = "started"
+    if deploy is not None:
+        done = _prefect(cfg, env, "--no-prompt", "deploy", "--all", "--prefect-file", str(deploy))
+        if done.returncode != 0:
+            raise RuntimeError(f"prefect deploy failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    (cfg.state_dir / "stack.json").write_text(json.dumps(
+        {"prefect": cfg.prefect_api_url, "mlflow": cfg.mlflow_url, "ray": cfg.ray_address,
+         "ray_dashboard": cfg.ray_dashboard_url}, indent=2))
+    return result
+
+
+def down(cfg: StackConfig | None = None, timeout: float = 30.0) -> dict[str, str]:
+    """Stop the processes `up` started (by pid file), newest first; returns {service: state}."""
+    cfg = cfg or StackConfig()
+    result: dict[str, str] = {}
+    for svc in reversed(services(cfg)):
+        pid = _read_pid(cfg, svc.name)
+        if pid is None:
+            _pid_file(cfg, svc.name).unlink(missing_ok=True)
+            result[svc.name] = "not started by us"
+            continue
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.2)
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+        _pid_file(cfg, svc.name).unlink(missing_ok=True)
+        result[svc.name] = "stopped"
+    return result
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def status(cfg: StackConfig | None = None) -> list[dict[str, object]]:
+    """One row per service: pid (if we started it), whether it answers, and its URL."""
+    cfg = cfg or StackConfig()
+    rows = []
+    for svc in services(cfg):
+        pid = _read_pid(cfg, svc.name)
+        if svc.health_url is not None:
+            healthy = _healthy(svc.health_url)
+        else:
+            healthy = pid is not None
+        rows.append({"service": svc.name, "pid": pid, "healthy": healthy, "url": svc.url})
+    return rows
