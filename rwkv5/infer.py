@@ -13,7 +13,9 @@ plus the activations of one chunk.
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -21,19 +23,47 @@ import torch
 from rwkv5.errors import ConfigError
 from rwkv5.model import RWKV5, RWKVState
 
-__all__ = ["DEFAULT_CHUNK_LEN", "EOD_ID", "prefill", "step", "sample_logits", "generate"]
+__all__ = ["DEFAULT_CHUNK_LEN", "EOD_ID", "prefill", "step", "sample_logits", "generate", "iter_file_ids"]
 
 # Tokens per forward call while prefilling: long enough to use the chunked WKV well, short enough that the
 # activations of one call (chunk_len x vocab logits among them) stay small.
 DEFAULT_CHUNK_LEN = 256
 # End of document in the RWKV World vocabulary; also what a fresh document follows.
 EOD_ID = 0
+# Characters of a context file read and tokenized at a time by iter_file_ids.
+_FILE_BLOCK_CHARS = 1 << 16
 
 
 class _Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
+
+
+def iter_file_ids(
+    path: str | os.PathLike, tokenizer: _Tokenizer, block_chars: int = _FILE_BLOCK_CHARS
+) -> Iterator[int]:
+    """Token ids of a UTF-8 text file, read and tokenized a block at a time (memory independent of its size).
+
+    Blocks end after a line break where there is one, so that few tokens are cut in two; tokens that would
+    span a block boundary come out split, so the ids can differ slightly from encoding the whole text at
+    once. Bytes that are not UTF-8 are replaced.
+
+    Raises:
+        ConfigError: the file does not exist or is not a file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"generate.context_file: {path} is not a readable file")
+    carry = ""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        while block := f.read(block_chars):
+            text = carry + block
+            cut = text.rfind("\n") + 1 or len(text)
+            carry = text[cut:]
+            yield from tokenizer.encode(text[:cut])
+    if carry:
+        yield from tokenizer.encode(carry)
 
 
 def _device(model: RWKV5) -> torch.device:
