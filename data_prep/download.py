@@ -228,11 +228,12 @@ class _Run:
         self.dirty = False
         self.done = 0
 
-    def on_bytes(self, n: int) -> None:
+    def on_bytes(self, n: int, received: bool = True) -> None:
+        """Progress from a fetch (`n` < 0 when bytes are discarded). Stops the fetch once the run aborts."""
         if self.abort.is_set():
             raise _Aborted
         with self.lock:
-            if n > 0:
+            if received and n > 0:
                 self.summary.bytes_received += n
             self.bar.update(n)
 
@@ -269,7 +270,7 @@ class _Run:
         if dest.is_file() and dest.stat().st_size == file.size:
             sha256, problem, checked = self._verify(file, dest)
             if problem is None:
-                self.on_bytes(file.size)
+                self.on_bytes(file.size, received=False)
                 self.finish(file, "adopted", sha256, checked)
                 return
             logger.info("%s: local copy does not match the source (%s); fetching it again", file.path, problem)

@@ -171,10 +171,15 @@ def _check_relative(path: str, where: str) -> str:
     return path
 
 
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a `Retry-After` header (delta-seconds or HTTP date)."""
+def _retry_after(headers) -> float | None:
+    """Seconds the server asks us to wait: `Retry-After` (delta-seconds or HTTP date), else the reset time of
+    an exhausted `RateLimit` header (the Hub's `"resolvers";r=0;t=55`)."""
+    from huggingface_hub.utils import parse_ratelimit_headers
+
+    value = headers.get("Retry-After")
     if not value:
-        return None
+        limit = parse_ratelimit_headers(headers)
+        return float(limit.reset_in_seconds) if limit is not None and limit.remaining == 0 else None
     try:
         return max(0.0, float(value))
     except ValueError:
@@ -216,10 +221,6 @@ class HubSource:
     def __repr__(self) -> str:
         return f"HubSource({self.repo_id!r}, revision={self.revision!r}, endpoint={self.endpoint!r})"
 
-    @property
-    def token_sent(self) -> bool:
-        return bool(self._token)
-
     def describe(self) -> dict:
         return {"kind": "hub", "repo_id": self.repo_id, "repo_type": self.repo_type, "revision": self.revision,
                 "commit": self._commit, "endpoint": self.endpoint}
@@ -252,16 +253,18 @@ class HubSource:
             detail = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         message = f"{self._where()}: {what} failed: {detail}"
         if status in (408, 429) or (status or 0) >= 500 or isinstance(exc, httpx2.TransportError):
-            retry_after = _retry_after(response.headers.get("Retry-After")) if response is not None else None
+            retry_after = _retry_after(response.headers) if response is not None else None
             return FetchFailed(message, retryable=True, retry_after=retry_after)
         return SourceError(message)
 
     def resolve(self) -> str:
-        """Commit sha of `revision` (one request). Errors: `SourceError`."""
+        """Commit sha of `revision` (one request, then cached).
+
+        Raises `SourceError`, or `FetchFailed` when retrying may help (429, 5xx, network)."""
         if self._commit is None:
             try:
                 info = self._api.repo_info(self.repo_id, revision=self.revision, repo_type=self.repo_type)
-            except Exception as exc:  # HTTP and transport errors alike become one SourceError
+            except Exception as exc:  # every failure is classified: retryable or not, never a raw traceback
                 raise self._listing_error(exc, "resolving the revision") from None
             if not info.sha:
                 raise SourceError(f"{self._where()}: the Hub returned no commit sha for the revision")
@@ -270,16 +273,18 @@ class HubSource:
 
     def list(self, selection: Selection) -> list[RemoteFile]:
         """List the selection's folders recursively (1000 entries per request) and apply the selection."""
+        from huggingface_hub.hf_api import RepoFile
+
         commit = self.resolve()
         files: list[RemoteFile] = []
         for prefix in selection.prefixes():
             try:
                 entries = list(self._api.list_repo_tree(self.repo_id, prefix or None, recursive=True,
                                                         revision=commit, repo_type=self.repo_type))
-            except Exception as exc:  # HTTP and transport errors alike become one SourceError
+            except Exception as exc:  # every failure is classified: retryable or not, never a raw traceback
                 raise self._listing_error(exc, f"listing {prefix or '/'!r}") from None
             for entry in entries:
-                if not hasattr(entry, "blob_id"):
+                if not isinstance(entry, RepoFile):
                     continue  # a folder
                 path = _check_relative(entry.path, self._where())
                 sha256 = entry.lfs.sha256 if entry.lfs is not None else None
@@ -316,7 +321,7 @@ class HubSource:
                                           f"{file.path}; {sent}. Set HF_TOKEN to a token that can read this repo.")
                     retryable = status in (403, 408, 409, 425, 429) or status >= 500
                     raise FetchFailed(message, retryable=retryable,
-                                      retry_after=_retry_after(response.headers.get("Retry-After")))
+                                      retry_after=_retry_after(response.headers))
                 if offset and status == 200:
                     out.seek(start)
                     out.truncate()
@@ -380,8 +385,8 @@ class LocalSource:
                 raise SourceError(f"source {self.url}: no folder {prefix!r} (check the split/chunk selection)")
             for full, info in self._fs.find(base, detail=True, withdirs=False).items():
                 path = _check_relative(full[len(self._root):].lstrip("/"), f"source {self.url}")
-                if path == MANIFEST_NAME:
-                    continue
+                if path == MANIFEST_NAME or any(part.startswith(".") for part in path.split("/")):
+                    continue  # our own bookkeeping (manifest, `.incomplete/` partial files) is not data
                 known = checksums.get(path, {})
                 sha256 = known.get("sha256") if known.get("size") == info["size"] else None
                 files.append(RemoteFile(path, int(info["size"]), sha256))

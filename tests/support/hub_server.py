@@ -28,6 +28,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
@@ -160,7 +161,8 @@ class Fault:
     """A fault injected into matching requests, `times` times (None: every time).
 
     Args:
-        kind: `status` answers `status` (with `Retry-After: retry_after` if set) without running the handler;
+        kind: `status` answers `status` without running the handler, with `Retry-After: retry_after` and/or
+            the Hub's exhausted-quota header `RateLimit: "resolvers";r=0;t=ratelimit_reset` if set;
             `slow` sleeps `delay` seconds before answering; `stall` sends half the body, then sleeps `delay`
             seconds before the rest; `truncate` sends the full `Content-Length` but half the body, then closes
             the connection; `wrong_bytes` flips the last byte (same size, other sha256).
@@ -176,6 +178,7 @@ class Fault:
     times: int | None = 1
     status: int = 500
     retry_after: str | None = None
+    ratelimit_reset: int | None = None
     delay: float = 0.0
     hits: int = 0
 
@@ -196,6 +199,7 @@ class RequestRecord:
     authorized: bool = False
     range: str | None = None
     fault: str | None = None
+    at: float = field(default_factory=time.monotonic)
 
 
 def _git_blob_oid(data: bytes) -> str:
@@ -549,6 +553,9 @@ class _Handler(BaseHTTPRequestHandler):
             response = Response.error(fault.status, f"injected {fault.status}")
             if fault.retry_after is not None:
                 response.headers["Retry-After"] = fault.retry_after
+            if fault.ratelimit_reset is not None:
+                response.headers["RateLimit"] = f'"resolvers";r=0;t={fault.ratelimit_reset}'
+                response.headers["RateLimit-Policy"] = '"fixed window";"resolvers";q=3000;w=300'
             self._send(response, record)
             return
         if fault is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import httpx2
 import pytest
 from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
@@ -97,8 +98,6 @@ def test_hf_hub_download_with_token_range_and_retry(hub: HubStandIn, repo_dir: P
 
 
 def test_status_faults_and_retry_after(hub: HubStandIn, repo_dir: Path) -> None:
-    import httpx2
-
     hub.add_repo(REPO, repo_dir)
     hub.inject(Fault("status", status=429, retry_after="7", routes=("revision",), times=1))
     response = httpx2.get(f"{hub.url}/api/datasets/{REPO}")
