@@ -23,6 +23,16 @@ if [[ $what == tests || $what == all ]]; then
   cat "$OUT/errors.txt" 2>/dev/null
   echo "tests: $(( $(date +%s) - t0 )) s"
 fi
+if [[ $what == variants ]]; then
+  # Other chunk lengths: their tests first, then their times beside the defaults and fla.
+  RWKV5_WKV_CHUNK=32 RWKV5_WKV_BWD_CHUNK=64 RWKV5_ERROR_TABLE=$OUT/errors-32-64.txt timeout 200 \
+    python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -5 | tee "$OUT/tests-32-64.log"
+  echo "tests: $(( $(date +%s) - t0 )) s"
+  python3 bench/wkv_kernel.py --out "$OUT/wkv_kernel-variants.json" --shapes "$shapes" --no-torch \
+    --variants 32:32,64:64,32:64 2>&1 | tee "$OUT/bench-variants.log" | grep -v '^{'
+  python3 -c "import json,sys; [print({k: round(v, 3) for k, v in r.items() if 'ms' in k}) for r in json.load(open(sys.argv[1]))['rows']]" "$OUT/wkv_kernel-variants.json"
+  echo "variants: $(( $(date +%s) - t0 )) s"
+fi
 if [[ $what == bench || $what == all ]]; then
   python3 bench/wkv_kernel.py --out "$OUT/wkv_kernel-h200.json" --shapes "$shapes" 2>&1 | tee "$OUT/bench.log" | grep -v '^{'
   echo "bench: $(( $(date +%s) - t0 )) s"

@@ -66,7 +66,7 @@ def make(B, T, C, H, device="cuda"):
     return r, k, v, w, u, dy
 
 
-def bench_shape(shape, fla_fn, warmup, reps):
+def bench_shape(shape, fla_fn, warmup, reps, variants=(), with_torch=True):
     from kernels.wkv5.cuda import cuda_wkv5
 
     B, T, C, H = shape
@@ -86,6 +86,17 @@ def bench_shape(shape, fla_fn, warmup, reps):
 
     row["ours_fwd_ms"] = cuda_time(ours_fwd, warmup, reps)
     row["ours_fwd_bwd_ms"] = cuda_time(ours_fwd_bwd, warmup, reps)
+    for variant in variants:  # "fwd_chunk:bwd_chunk", timed through the same entry point
+        fwd_chunk, bwd_chunk = variant.split(":")
+        saved = {n: os.environ.get(n) for n in ("RWKV5_WKV_CHUNK", "RWKV5_WKV_BWD_CHUNK")}
+        os.environ.update(RWKV5_WKV_CHUNK=fwd_chunk, RWKV5_WKV_BWD_CHUNK=bwd_chunk)
+        row[f"ours_fwd_ms@{variant}"] = cuda_time(ours_fwd, warmup, reps)
+        row[f"ours_fwd_bwd_ms@{variant}"] = cuda_time(ours_fwd_bwd, warmup, reps)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
     if fla_fn is not None:
         w_log = (-torch.exp(w.detach())).expand(B, T, H, C // H).contiguous().requires_grad_()
@@ -106,7 +117,7 @@ def bench_shape(shape, fla_fn, warmup, reps):
             row["fla_error"] = repr(exc)[:300]
         del w_log, u_fla
 
-    if B * T <= 32768:
+    if with_torch and B * T <= 32768:
 
         def torch_fwd_bwd():
             y, _ = chunk_wkv5(r, k, v, w, u)
@@ -118,7 +129,7 @@ def bench_shape(shape, fla_fn, warmup, reps):
 
         row["torch_fwd_ms"] = cuda_time(torch_fwd, 1, 3)
         row["torch_fwd_bwd_ms"] = cuda_time(torch_fwd_bwd, 1, 3)
-    else:
+    elif with_torch:
         row["torch_skipped"] = "B*T > 32768: its Python loop over chunks takes seconds per call"
     return row
 
@@ -129,6 +140,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--shapes", default="all", help="'all' or indices into SHAPES, e.g. 0,2")
+    parser.add_argument("--variants", default="", help="extra chunk settings to time, e.g. 32:32,64:64")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch chunked path")
     args = parser.parse_args()
 
     try:
@@ -149,7 +162,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for shape in shapes:
-        row = bench_shape(shape, fla_fn, args.warmup, args.reps)
+        variants = [v for v in args.variants.split(",") if v]
+        row = bench_shape(shape, fla_fn, args.warmup, args.reps, variants, not args.no_torch)
         row["floor_fwd_ms"] = row["bytes_fwd"] / bw * 1e3
         row["floor_fwd_bwd_ms"] = row["bytes_fwd_bwd"] / bw * 1e3
         rows.append(row)
