@@ -114,6 +114,15 @@ def test_complete_build_is_left_alone_and_interrupted_one_is_finished(built, tmp
         p.name for p in out.rglob("*") if p.is_file()
     )
 
+    # A complete build that lost a file is built again, not reported complete.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    (damaged / "validation/chunk2/example_holdout_0.jsonl.zst").unlink()
+    assert not build_sample(damaged, SMALL).skipped
+    assert (damaged / "validation/chunk2/example_holdout_0.jsonl.zst").read_bytes() == (
+        out / "validation/chunk2/example_holdout_0.jsonl.zst"
+    ).read_bytes()
+
 
 def test_refuses_folders_it_did_not_write(tmp_path):
     foreign = tmp_path / "foreign"
