@@ -171,3 +171,43 @@ def test_interop_is_not_trivially_satisfied(interop):
         a = ours(torch.tensor([PROMPT]))[0, -1]
         b = ours(torch.tensor([PROMPT[::-1]]))[0, -1]
     assert rel_err(a, b) > 1e-2
+
+
+def run_cli(*args):
+    from typer.testing import CliRunner
+
+    from rwkv5.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_export_both_formats(small, tmp_path):
+    native = save_checkpoint(small, tmp_path / "native.safetensors")
+    result = run_cli("export", "--ckpt", native, "--format", "rwkv-pth", "--out", tmp_path / "m.pth", "--dtype", "fp32")
+    assert result.exit_code == 0, result.output
+    assert_same_weights(small.state_dict(), torch.load(tmp_path / "m.pth", weights_only=True))
+    result = run_cli("export", "--ckpt", native, "--format", "safetensors", "--out", tmp_path / "hf")
+    assert result.exit_code == 0, result.output
+    loaded = load_safetensors_export(tmp_path / "hf")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}  # the release default
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--format", "gguf"], "export.format"),
+        (["--format", "rwkv-pth", "--dtype", "int8"], "export.dtype"),
+    ],
+    ids=["format", "dtype"],
+)
+def test_cli_export_rejects_bad_options(small, tmp_path, args, message):
+    native = save_checkpoint(small, tmp_path / "native.safetensors")
+    result = run_cli("export", "--ckpt", native, "--out", tmp_path / "out", *args)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ") and message in result.stderr
+
+
+def test_cli_export_missing_checkpoint(tmp_path):
+    result = run_cli("export", "--ckpt", tmp_path / "nope.safetensors", "--format", "rwkv-pth", "--out", tmp_path / "o.pth")
+    assert result.exit_code == 1
+    assert "nope.safetensors: no such checkpoint file" in result.stderr

@@ -142,3 +142,84 @@ def test_generate_stops_at_end_of_document(model):
     tok = ByteTokenizer()
     assert list(generate(model, tok, "hi", 5, temperature=0)) == []
     assert list(generate(model, tok, "hi", 5, temperature=0, stop_at_eod=False)) == [EOD_ID] * 5
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    """`rwkv5 init --preset tiny`: a freshly initialised checkpoint, as a user would make one."""
+    from typer.testing import CliRunner
+
+    from rwkv5.cli import app
+
+    path = tmp_path_factory.mktemp("cli") / "tiny.safetensors"
+    result = CliRunner().invoke(app, ["init", "--preset", "tiny", "--out", str(path)])
+    assert result.exit_code == 0, result.output
+    assert str(path) in result.stdout
+    return path
+
+
+def run_cli(*args):
+    from typer.testing import CliRunner
+
+    from rwkv5.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_init_writes_a_loadable_tiny_checkpoint(tiny_ckpt):
+    from rwkv5.checkpoint import read_checkpoint
+    from rwkv5.config import model_preset
+
+    _, config, metadata = read_checkpoint(tiny_ckpt)
+    assert config == model_preset("tiny")
+    assert metadata["tokens_seen"] == 0
+
+
+def test_cli_generate_on_fresh_tiny_model(tiny_ckpt):
+    args = ["generate", "--ckpt", tiny_ckpt, "--prompt", "Hello", "--max-tokens", 6, "--seed", 1]
+    first, second = run_cli(*args), run_cli(*args)
+    assert first.exit_code == 0, first.output
+    assert first.stdout.strip() and first.stdout == second.stdout  # tokens came out, reproducibly
+
+
+def test_cli_generate_streams_a_context_file(tiny_ckpt, tmp_path):
+    context = tmp_path / "context.txt"
+    context.write_text("A line of context.\n" * 200 + "no newline at the end")
+    result = run_cli("generate", "--ckpt", tiny_ckpt, "--context-file", context, "--max-tokens", 3, "--seed", 0)
+    assert result.exit_code == 0, result.output
+
+
+def _garbage(path):
+    path.write_bytes(b"\x00" * 64)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [(lambda p: p, "no such checkpoint file"), (_garbage, "corrupt or truncated")],
+    ids=["missing", "corrupt"],
+)
+def test_cli_generate_fails_in_one_line_naming_the_file(tmp_path, make, message):
+    path = make(tmp_path / "model.safetensors")
+    result = run_cli("generate", "--ckpt", path, "--prompt", "x")
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0] and message in lines[0]
+
+
+def test_cli_generate_missing_context_file(tiny_ckpt, tmp_path):
+    result = run_cli("generate", "--ckpt", tiny_ckpt, "--context-file", tmp_path / "absent.txt")
+    assert result.exit_code == 1
+    assert "error: generate.context_file" in result.stderr and "absent.txt" in result.stderr
+
+
+def test_iter_file_ids_splits_after_line_breaks(tmp_path):
+    from rwkv5.infer import iter_file_ids
+
+    text = "first line\nsecond line is longer\n\nthird ünïcode line\nlast"
+    path = tmp_path / "t.txt"
+    path.write_text(text, encoding="utf-8")
+    tok = ByteTokenizer()
+    for block in (1, 7, 16, 1000):
+        assert list(iter_file_ids(path, tok, block_chars=block)) == tok.encode(text)
