@@ -1,0 +1,283 @@
+"""Typed run configuration and the named run presets.
+
+A run preset is a function returning a full `RunConfig` (torchtitan's `config_registry` habit): `tiny` is the
+CPU demo and test run, `7b` the reference run, and the model preset names `169m`, `430m`, `1b5`, `3b` give
+short benchmark runs of those models. Variants copy a base and edit it with `with_overrides`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from rwkv5.config import ModelConfig, model_preset
+from rwkv5.errors import ConfigError
+
+__all__ = [
+    "BatchConfig",
+    "OptimConfig",
+    "CheckpointConfig",
+    "StabilityConfig",
+    "MilestoneConfig",
+    "MetricsConfig",
+    "RunConfig",
+    "RUN_PRESETS",
+    "run_preset",
+    "with_overrides",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BatchConfig(_Section):
+    """How many tokens one optimizer step reads, independent of the number of workers."""
+
+    ctx_len: int = 128
+    """Tokens per training sequence (the loader yields ctx_len + 1 ids: inputs and shifted targets)."""
+    micro_batch: int = 2
+    """Sequences per worker per forward/backward."""
+    global_batch: int = 8
+    """Sequences per optimizer step over all workers. Gradient accumulation = global / (micro * workers),
+    so the global sample order and the step size stay the same when the worker count changes."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "BatchConfig":
+        for name in ("ctx_len", "micro_batch", "global_batch"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"batch.{name} must be > 0, got {getattr(self, name)}")
+        if self.global_batch % self.micro_batch:
+            raise ConfigError(
+                f"batch.global_batch ({self.global_batch}) must be a multiple of batch.micro_batch "
+                f"({self.micro_batch})"
+            )
+        return self
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro-steps per optimizer step on `world_size` workers; raises if the batch does not split evenly."""
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ConfigError(
+                f"batch.global_batch ({self.global_batch}) is not a multiple of batch.micro_batch "
+                f"({self.micro_batch}) x workers ({world_size})"
+            )
+        return self.global_batch // per_step
+
+
+class OptimConfig(_Section):
+    """AdamW and the learning-rate schedule (RWKV-LM's choices where it has them)."""
+
+    lr: float = 2e-4
+    """Peak learning rate, reached after the warm-up."""
+    final_lr: float = 2e-5
+    """Learning rate at the end of the token budget (cosine decay from `lr`)."""
+    warmup_steps: int = 10
+    """Linear warm-up from 0 over this many optimizer steps."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Applied to matrices only (linear and embedding weights); vectors and time_* parameters get none."""
+    time_decay_lr_scale: float = 2.0
+    """RWKV trains time_decay with a larger rate (RWKV-LM's lr_2x group)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; set explicitly because DeepSpeed 0.19 silently defaults to 1.0. 0 = off."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if self.lr <= 0 or self.final_lr < 0 or self.final_lr > self.lr:
+            raise ConfigError(f"optim.lr ({self.lr}) must be > 0 and optim.final_lr ({self.final_lr}) in [0, lr]")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        return self
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = 100
+    """Save a DeepSpeed checkpoint every this many optimizer steps (and always at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "CheckpointConfig":
+        if self.every_steps <= 0:
+            raise ConfigError(f"checkpoint.every_steps must be > 0, got {self.every_steps}")
+        if self.keep_last <= 0:
+            raise ConfigError(f"checkpoint.keep_last must be > 0, got {self.keep_last}")
+        return self
+
+
+class StabilityConfig(_Section):
+    spike_window: int = 50
+    """Steps of loss history behind the running mean and standard deviation."""
+    spike_sigma: float = 6.0
+    """A loss above mean + spike_sigma * std of the window is a spike."""
+    spike_min_history: int = 20
+    """No spike is called before this many finite losses are in the window."""
+    spike_action: Literal["log", "skip", "rollback"] = "log"
+    """log: count it; skip: do not apply the step; rollback: reload the last checkpoint and skip the data
+    read since then, up to and including the offending step."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "StabilityConfig":
+        if self.spike_window < 2 or self.spike_min_history < 2 or self.spike_min_history > self.spike_window:
+            raise ConfigError(
+                f"stability.spike_min_history ({self.spike_min_history}) must be in [2, stability.spike_window "
+                f"({self.spike_window})]"
+            )
+        if self.spike_sigma <= 0:
+            raise ConfigError(f"stability.spike_sigma must be > 0, got {self.spike_sigma}")
+        return self
+
+
+class MilestoneConfig(_Section):
+    fraction: float = 0.1
+    """A consolidated bf16 checkpoint is written each time this fraction of the token budget is passed."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "MilestoneConfig":
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"milestones.fraction must be in (0, 1], got {self.fraction}")
+        return self
+
+
+class MetricsConfig(_Section):
+    peak_flops: float = 989e12
+    """Peak dense bf16 FLOP/s of one device, the MFU denominator (H100/H200 SXM: 989e12)."""
+    log_every: int = 1
+    """Log metrics every this many optimizer steps."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow server; None = the MLFLOW_TRACKING_URI environment variable, and no MLflow if that is unset."""
+    mlflow_experiment: str = "rwkv5-pretrain"
+    system_metrics: bool = True
+    """Let MLflow sample CPU/GPU/memory of the rank-0 node alongside the training metrics."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "MetricsConfig":
+        if self.peak_flops <= 0 or self.log_every <= 0:
+            raise ConfigError("metrics.peak_flops and metrics.log_every must be > 0")
+        return self
+
+
+class RunConfig(_Section):
+    """Everything a pretraining run needs besides its name, data and storage (those come from the CLI)."""
+
+    preset: str
+    """Name of the run preset this config came from (recorded in MLflow)."""
+    model: ModelConfig
+    token_budget: int
+    """Tokens the schedule spans; the run ends when they have been read."""
+    seed: int = 0
+    """Seeds the model initialisation and the global sample order."""
+    batch: BatchConfig = BatchConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    stability: StabilityConfig = StabilityConfig()
+    milestones: MilestoneConfig = MilestoneConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    grad_checkpoint: bool = False
+    """Recompute each block in backward (needed for the 7B at ctx 4096)."""
+    stop_at_step: int | None = None
+    """Stop (with a checkpoint) after this many optimizer steps although the budget is not spent: benchmarks
+    and preemption tests. The schedule still spans the whole budget."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        if self.token_budget < self.tokens_per_step:
+            raise ConfigError(
+                f"token_budget ({self.token_budget}) is below one step ({self.tokens_per_step} tokens)"
+            )
+        if self.stop_at_step is not None and self.stop_at_step <= 0:
+            raise ConfigError(f"stop_at_step must be > 0, got {self.stop_at_step}")
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch.global_batch * self.batch.ctx_len
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps in the token budget (the last partial step is dropped)."""
+        return self.token_budget // self.tokens_per_step
+
+
+def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """A copy of `cfg` with dotted keys replaced (`{"optim.lr": 1e-3}`), validated like a fresh config."""
+    data = cfg.model_dump()
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config section {dotted!r}")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"unknown config field {dotted!r}")
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid override {overrides}: {exc}") from None
+
+
+def tiny() -> RunConfig:
+    """The CPU demo: the tiny model, short sequences and small micro-batches (the 65536-way head dominates)."""
+    return RunConfig(
+        preset="tiny",
+        model=model_preset("tiny"),
+        token_budget=8 * 128 * 200,
+        batch=BatchConfig(ctx_len=128, micro_batch=2, global_batch=8),
+        optim=OptimConfig(lr=1e-3, final_lr=1e-4, warmup_steps=10),
+        checkpoint=CheckpointConfig(every_steps=50, keep_last=2),
+        stability=StabilityConfig(spike_window=20, spike_min_history=10),
+        metrics=MetricsConfig(log_every=1),
+    )
+
+
+def reference_7b() -> RunConfig:
+    """The reference run: 7B, ctx 4096, ~4M tokens per step, 1.1T tokens (RWKV-5 World v2's scale)."""
+    return RunConfig(
+        preset="7b",
+        model=model_preset("7b"),
+        token_budget=1_100_000_000_000,
+        batch=BatchConfig(ctx_len=4096, micro_batch=8, global_batch=1024),
+        optim=OptimConfig(lr=2e-4, final_lr=1e-5, warmup_steps=10),
+        checkpoint=CheckpointConfig(every_steps=500, keep_last=3),
+        grad_checkpoint=True,
+    )
+
+
+def _benchmark(model_name: str, micro_batch: int, ctx_len: int = 4096) -> RunConfig:
+    """A short single-GPU run of a smaller model: the reference run's optimizer, 50 steps of budget."""
+    base = reference_7b()
+    batch = BatchConfig(ctx_len=ctx_len, micro_batch=micro_batch, global_batch=micro_batch)
+    return RunConfig(
+        preset=model_name,
+        model=model_preset(model_name),
+        token_budget=50 * batch.global_batch * ctx_len,
+        batch=batch,
+        optim=base.optim,
+        checkpoint=CheckpointConfig(every_steps=1000, keep_last=1),
+        grad_checkpoint=model_name in ("1b5", "3b"),
+    )
+
+
+RUN_PRESETS = {
+    "tiny": tiny,
+    "7b": reference_7b,
+    "169m": lambda: _benchmark("169m", micro_batch=16),
+    "430m": lambda: _benchmark("430m", micro_batch=16),
+    "1b5": lambda: _benchmark("1b5", micro_batch=8),
+    "3b": lambda: _benchmark("3b", micro_batch=8),
+}
+
+
+def run_preset(name: str) -> RunConfig:
+    """Build a run preset by name, with an error that lists the valid ones."""
+    try:
+        return RUN_PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown run preset {name!r}; choose one of {', '.join(RUN_PRESETS)}") from None

@@ -1,0 +1,52 @@
+"""Milestones: at every `milestones.fraction` of the token budget, a consolidated bf16 checkpoint at a stable path.
+
+The file is made from the DeepSpeed checkpoint saved at that step (`get_fp32_state_dict_from_zero_checkpoint`,
+then cast to bf16), written atomically to `<run>/milestones/m{index:03d}/model.safetensors`, and then the
+`on_milestone` hooks run. A `done.json` marker written after the hooks makes each milestone fire once, also
+when the process dies in between and the run restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from rwkv5.config import ModelConfig
+
+__all__ = ["crossed", "milestone_dir", "is_done", "mark_done", "write_consolidated"]
+
+
+def crossed(tokens_seen: int, token_budget: int, fraction: float) -> list[int]:
+    """1-based indices of the milestones passed at `tokens_seen` (milestone i at i * fraction * budget)."""
+    count = int(math.floor(1.0 / fraction + 1e-9))
+    return [i for i in range(1, count + 1) if tokens_seen >= round(i * fraction * token_budget)]
+
+
+def milestone_dir(run_dir: str | Path, index: int) -> Path:
+    return Path(run_dir) / "milestones" / f"m{index:03d}"
+
+
+def is_done(run_dir: str | Path, index: int) -> bool:
+    return (milestone_dir(run_dir, index) / "done.json").is_file()
+
+
+def mark_done(run_dir: str | Path, index: int, info: dict) -> None:
+    path = milestone_dir(run_dir, index) / "done.json"
+    tmp = path.with_name(f".done.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, path)
+
+
+def write_consolidated(ckpt_dir: str | Path, tag: str, out_dir: Path, model_cfg: ModelConfig, meta: dict) -> Path:
+    """Consolidate a ZeRO checkpoint to fp32, cast to bf16 and save it as a native checkpoint (rwkv5.checkpoint)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from rwkv5.checkpoint import save_state_dict
+
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    bf16 = {name: t.to(torch.bfloat16) for name, t in fp32.items()}
+    return save_state_dict(bf16, model_cfg, Path(out_dir) / "model.safetensors", meta)

@@ -1,0 +1,314 @@
+"""The per-worker training function: Ray Train's TorchTrainer runs `ray_train_fn` on every worker; `train`
+also runs without Ray (torchrun environment or a single process) with checkpoints in a local store.
+
+The loop only sequences the components: data slices (`data.py`), the schedule (`lr_schedule.py`), guards
+(`stability.py`), checkpoints (`checkpoint.py`), milestones (`milestones.py`) and side effects (`callbacks.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rwkv5.config import count_matmul_parameters
+from rwkv5.errors import CheckpointError
+from rwkv5.train import milestones
+from rwkv5.train.callbacks import (
+    Callback,
+    MilestoneInfo,
+    MLflowCallback,
+    SpeedCallback,
+    StepInfo,
+    TrainContext,
+)
+from rwkv5.train.checkpoint import TAG, LocalStore, RayStore, TrainerState, load_checkpoint, save_checkpoint
+from rwkv5.train.config import RunConfig
+from rwkv5.train.data import RankBatches
+from rwkv5.train.lr_schedule import apply_lr, lr_at
+from rwkv5.train.optim import build_optimizer, deepspeed_config, param_groups
+from rwkv5.train.stability import SpikeDetector, judge_step
+from rwkv5.train.surgery import plan_resume
+
+__all__ = ["TrainJob", "train", "ray_train_fn"]
+
+OFFLINE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+@dataclass
+class TrainJob:
+    """One pretraining run as the workers receive it (pickled into Ray's train_loop_config).
+
+    Args:
+        config (RunConfig): the run preset, possibly edited.
+        run_name (str): the resume key; checkpoints and milestones live under storage_path/run_name.
+        data_dir (str): dataset directory (manifest.json).
+        storage_path (str): root of all runs' checkpoints (a path every worker sees).
+        init_missing (bool): resume from a checkpoint lacking parameters by initialising them fresh.
+        callbacks (list[Callback]): extra hooks; MLflow and speed hooks are added from the config.
+    """
+
+    config: RunConfig
+    run_name: str
+    data_dir: str
+    storage_path: str
+    init_missing: bool = False
+    callbacks: list[Callback] = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage_path) / self.run_name
+
+
+def ray_train_fn(train_loop_config: dict) -> None:
+    """Entry point for `TorchTrainer(train_loop_per_worker=...)`: Ray has set up torch.distributed."""
+    job: TrainJob = train_loop_config["job"]
+    train(job, store=RayStore(job.run_dir, dist.get_rank() if dist.is_initialized() else 0))
+
+
+def _setup_distributed() -> tuple[torch.device, int, int]:
+    """Pick the device and make sure a process group exists (Ray made one; torchrun/one process: make it)."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        device = torch.device("cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    if device.type == "cpu":
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (minutes of C++ on a fresh machine);
+        # gloo does the job for CPU runs, so mark that op unavailable.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": "29512"}.items():
+            os.environ.setdefault(key, value)
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
+    else:
+        deepspeed.init_distributed(verbose=False)
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def _all_reduce(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _gather_ids(ids: torch.Tensor, world: int, device: torch.device) -> list[int]:
+    """All ranks' sample ids in rank order, which is global position order (ranks read contiguous slices)."""
+    local = ids.to(device)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).tolist()
+
+
+def train(job: TrainJob, store=None) -> TrainerState:
+    """Train until the token budget (or `stop_at_step`) is reached; returns the final trainer state.
+
+    Collective: every rank calls it. Resumes from the store's latest checkpoint when there is one.
+    """
+    cfg = job.config
+    device, rank, world = _setup_distributed()
+    store = store or LocalStore(job.run_dir, rank, cfg.checkpoint.keep_last)
+    import deepspeed
+
+    from data_prep.loader import PackedDataset
+    from rwkv5.model import RWKV5, lm_loss
+
+    torch.manual_seed(cfg.seed)  # identical fresh init on every rank
+    model = RWKV5(cfg.model, grad_checkpoint=cfg.grad_checkpoint)
+    plan = plan_resume(model, store.latest(), world, job.init_missing, rank, cfg.seed)
+    guard = build_optimizer(param_groups(model, cfg.optim), cfg.optim, device)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=guard, config=deepspeed_config(cfg, world, load_universal=plan.universal)
+    )
+    state = TrainerState(world_size=world)
+    if plan.load_dir is not None:
+        state = load_checkpoint(engine, plan.load_dir, strict=plan.strict)
+        state.world_size = world
+        plan.cleanup()
+
+    dataset = PackedDataset(job.data_dir, cfg.batch.ctx_len, seed=cfg.seed)
+    batches = RankBatches(dataset, cfg.batch, rank, world, device)
+    detector = SpikeDetector.from_config(cfg.stability)
+    detector.load_state_dict(state.spike)
+    callbacks = [SpeedCallback()]
+    if cfg.metrics.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        callbacks.append(MLflowCallback(cfg.metrics.mlflow_tracking_uri, cfg.metrics.mlflow_experiment,
+                                        cfg.metrics.system_metrics))
+    callbacks += job.callbacks
+    ctx = TrainContext(
+        run_name=job.run_name, rank=rank, world_size=world, device=device, config=cfg,
+        matmul_params=count_matmul_parameters(cfg.model), run_dir=job.run_dir,
+        resumed_from_step=state.step if plan.load_dir is not None else None,
+    )
+    for cb in callbacks:
+        cb.load_state_dict(state.callbacks.get(type(cb).__name__, {}))
+        cb.pre_train(ctx)
+
+    loop = _Loop(job, engine, guard, store, batches, detector, callbacks, state, device, rank, world, lm_loss)
+    try:
+        loop.run()
+    except BaseException as exc:
+        for cb in callbacks:
+            cb.on_error(exc)
+        raise
+    finally:
+        for cb in callbacks:
+            cb.close()
+    return loop.state
+
+
+class _Loop:
+    """The step loop's mutable state, split into small methods so `run` reads as the sequence of a step."""
+
+    def __init__(self, job, engine, guard, store, batches, detector, callbacks, state, device, rank, world,
+                 loss_fn):
+        self.job, self.cfg = job, job.config
+        self.engine, self.guard, self.store = engine, guard, store
+        self.batches, self.detector, self.callbacks = batches, detector, callbacks
+        self.state, self.device, self.rank, self.world = state, device, rank, world
+        self.loss_fn = loss_fn
+        self.want_ids = any(cb.wants_sample_ids for cb in callbacks)
+        self.accum = self.cfg.batch.grad_accum(world)
+        self.saved_step = state.step if state.step else None
+
+    def run(self) -> None:
+        cfg = self.cfg
+        end = cfg.total_steps if cfg.stop_at_step is None else min(cfg.total_steps, cfg.stop_at_step)
+        self._finish_pending_milestones()
+        while self.state.step < end:
+            info = self._train_step()
+            metrics = self._metrics(info)
+            for cb in self.callbacks:
+                cb.post_step(info, metrics)
+            if info.step % cfg.metrics.log_every == 0 or self.state.step >= end:
+                for cb in self.callbacks:
+                    cb.log_metrics(info.step, metrics)
+            if info.spike and cfg.stability.spike_action == "rollback":
+                self._rollback(info.step)
+                continue
+            due = [i for i in milestones.crossed(self.state.tokens_seen, cfg.token_budget, cfg.milestones.fraction)
+                   if i not in self.state.milestones_fired]
+            if due:
+                self.state.milestones_fired += due
+                self._save(metrics)
+                self._fire_milestones(due)
+            elif self.state.step % cfg.checkpoint.every_steps == 0:
+                self._save(metrics)
+        if self.saved_step != self.state.step:
+            self._save({"step": self.state.step})
+
+    def _train_step(self) -> StepInfo:
+        cfg, engine, state = self.cfg, self.engine, self.state
+        step = state.step
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.total_steps, cfg.optim)
+        apply_lr(self.guard, lr)
+        loss_sum, nonfinite, ids = 0.0, 0.0, []
+        for i, mb in enumerate(self.batches.micro_batches(step)):
+            logits = engine(mb.inputs)  # (B, T, V)
+            loss = self.loss_fn(logits, mb.targets)
+            value = float(loss.detach())
+            if value != value or abs(value) == float("inf"):
+                nonfinite += 1
+            else:
+                loss_sum += value
+            ids.append(mb.sample_ids)
+            engine.backward(loss)
+            if i == self.accum - 1:
+                total, bad = _all_reduce([loss_sum, nonfinite], self.device)
+                mean_loss = total / (self.accum * self.world) if bad == 0 else float("nan")
+                verdict = judge_step(mean_loss, bad > 0, self.detector, cfg.stability.spike_action)
+                self.guard.skip_next = not verdict.apply
+            engine.step()
+        self.guard.skip_next = False
+        applied = verdict.apply and not getattr(engine.optimizer, "overflow", False)
+        grad_norm = engine.get_global_grad_norm()
+        nonfinite_step = verdict.nonfinite or (verdict.apply and not applied)
+        state.step += 1
+        state.tokens_seen = state.step * cfg.tokens_per_step
+        state.applied += int(applied)
+        state.skipped_nonfinite += int(nonfinite_step)
+        state.skipped_spikes += int(verdict.spike and not verdict.apply)
+        sample_ids = _gather_ids(torch.cat(ids), self.world, self.device) if self.want_ids else None
+        return StepInfo(
+            step=step, loss=mean_loss, lr=lr,
+            grad_norm=None if grad_norm is None else float(grad_norm),
+            tokens_seen=state.tokens_seen, step_time_s=time.perf_counter() - t0,
+            data_wait_s=self.batches.take_wait(), applied=applied, nonfinite=nonfinite_step,
+            spike=verdict.spike, sample_ids=sample_ids,
+        )
+
+    def _metrics(self, info: StepInfo) -> dict[str, float]:
+        s = self.state
+        metrics = {
+            "loss": info.loss, "lr": info.lr, "tokens_seen": info.tokens_seen,
+            "skipped_nonfinite": s.skipped_nonfinite, "skipped_spikes": s.skipped_spikes,
+            "rollbacks": s.rollbacks,
+        }
+        if info.grad_norm is not None:
+            metrics["grad_norm"] = info.grad_norm
+        return metrics
+
+    def _save(self, metrics: dict) -> None:
+        self.state.spike = self.detector.state_dict()
+        self.state.callbacks = {type(cb).__name__: cb.state_dict() for cb in self.callbacks if cb.state_dict()}
+        finite = {k: float(v) for k, v in metrics.items() if v == v}
+        self.store.save(self.engine, self.state, finite | {"step": self.state.step})
+        self.saved_step = self.state.step
+        for cb in self.callbacks:
+            cb.post_checkpoint_saved(self.state.step)
+
+    def _rollback(self, bad_step: int) -> None:
+        """Reload the last checkpoint and continue after the offending step, skipping the data in between."""
+        latest = self.store.latest()
+        current = self.state
+        if latest is None:
+            return
+        restored = load_checkpoint(self.engine, latest)
+        restored.step = bad_step + 1
+        restored.tokens_seen = restored.step * self.cfg.tokens_per_step
+        restored.skipped_nonfinite = current.skipped_nonfinite
+        restored.skipped_spikes = current.skipped_spikes
+        restored.rollbacks = current.rollbacks + 1
+        restored.milestones_fired = sorted(set(current.milestones_fired) | set(restored.milestones_fired))
+        restored.world_size = self.world
+        self.state = restored
+
+    def _fire_milestones(self, indices: list[int]) -> None:
+        """Rank 0 consolidates the checkpoint just saved and runs the hooks; a marker makes each fire once."""
+        run_dir, ckpt = self.job.run_dir, self.store.latest()
+        for index in indices:
+            if self.rank == 0 and not milestones.is_done(run_dir, index):
+                self._write_milestone(index, ckpt)
+            dist.barrier()
+
+    def _write_milestone(self, index: int, ckpt: Path | None) -> None:
+        if ckpt is None:
+            raise CheckpointError(f"milestone {index}: no checkpoint to consolidate under {self.job.run_dir}")
+        meta = {"run_name": self.job.run_name, "milestone": index, "step": self.state.step,
+                "tokens_seen": self.state.tokens_seen}
+        path = milestones.write_consolidated(ckpt, TAG, milestones.milestone_dir(self.job.run_dir, index),
+                                             self.cfg.model, meta)
+        info = MilestoneInfo(index=index, step=self.state.step, tokens_seen=self.state.tokens_seen, path=path)
+        for cb in self.callbacks:
+            cb.on_milestone(info)
+        milestones.mark_done(self.job.run_dir, index, meta | {"path": str(path)})
+
+    def _finish_pending_milestones(self) -> None:
+        """After a restart: milestones recorded in the checkpoint whose hooks never completed fire now."""
+        pending = [i for i in self.state.milestones_fired if not milestones.is_done(self.job.run_dir, i)]
+        if pending:
+            self._fire_milestones(pending)
+
