@@ -327,7 +327,7 @@ class ShardWriter:
         arrays = []
         for source in sorted(self._pending):
             parts, counts = self._pending[source]
-            flat = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            flat = np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0])
             segments.append(Segment(source, sum(counts), int(flat.size)))
             arrays.append(flat)
         meta = {
@@ -342,7 +342,9 @@ class ShardWriter:
         schema = pa.schema([_SCHEMA_FIELD], metadata={_META_KEY: json.dumps(meta, sort_keys=True).encode()})
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             for flat in arrays:
-                writer.write_batch(pa.record_batch([pa.array(flat, type=pa.uint16())], schema=schema))
+                # from_buffers wraps the array without a copy (and without pa.array's lazy pandas import).
+                column = pa.Array.from_buffers(pa.uint16(), flat.size, [None, pa.py_buffer(flat)])
+                writer.write_batch(pa.record_batch([column], schema=schema))
         info = ShardInfo(rel, file_sha256(tmp), tmp.stat().st_size, tuple(segments), self.source_files)
         self._written.append((tmp, info))
         self._pending = {}
@@ -478,7 +480,9 @@ def open_shard(path: str | os.PathLike, expected_tokenizer: str | None = None) -
         column = reader.get_batch(i).column(0)
         if column.null_count:
             raise ShardError(f"{path}: record batch {i} has nulls")
-        arrays.append(column.to_numpy(zero_copy_only=True))  # (tokens,) view into the mmap
+        # (tokens,) read-only view into the mmap; frombuffer skips to_numpy's lazy pandas import.
+        data = column.buffers()[1]
+        arrays.append(np.frombuffer(data, dtype=np.uint16, count=len(column), offset=column.offset * 2))
     if len(arrays) != len(meta.get("segments", ())):
         raise ShardError(f"{path}: {len(arrays)} record batches but {len(meta.get('segments', ()))} in metadata")
     return OpenShard(path, meta, tuple(arrays))

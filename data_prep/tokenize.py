@@ -30,7 +30,7 @@ the summary lists it, and a re-run tries it again (e.g. after a re-download). Th
 
 from __future__ import annotations
 
-import array
+import itertools
 import json
 import multiprocessing
 import os
@@ -192,21 +192,46 @@ def _tokenizer(vocab_path: str | None, impl: str) -> WorldTokenizer:
     return _TOKENIZERS[key]
 
 
-class _SourceBuffer:
-    """Ids of consecutive documents of one source, as a growable uint16 buffer."""
+_EOD = (0,)
+# Ids wait as the tokenizer's Python lists until this many tokens, then become one uint16 array: a single
+# `np.fromiter` over many documents is the cheapest conversion, and this bounds the lists' memory (~10 MB).
+_CONVERT_TOKENS = 1 << 18
 
-    __slots__ = ("ids", "documents")
+
+class _SourceBuffer:
+    """Ids of the current shard's documents of one source, each followed by the end-of-document id."""
+
+    __slots__ = ("lists", "listed", "chunks", "documents")
 
     def __init__(self) -> None:
-        self.ids = array.array("H")
+        self.lists: list[list[int]] = []
+        self.listed = 0
+        self.chunks: list[np.ndarray] = []
         self.documents = 0
+
+    def add(self, ids: list[int]) -> None:
+        self.lists.append(ids)
+        self.listed += len(ids) + 1
+        self.documents += 1
+        if self.listed >= _CONVERT_TOKENS:
+            self._convert()
+
+    def _convert(self) -> None:
+        flat = itertools.chain.from_iterable(itertools.chain.from_iterable(zip(self.lists, itertools.repeat(_EOD))))
+        self.chunks.append(np.fromiter(flat, dtype=np.uint16, count=self.listed))
+        self.lists, self.listed = [], 0
+
+    def tokens(self) -> np.ndarray:
+        """`(tokens,)` uint16: every document added, in order."""
+        if self.lists:
+            self._convert()
+        return self.chunks[0] if len(self.chunks) == 1 else np.concatenate(self.chunks)
 
 
 def _cut_shard(buffers: dict[str, _SourceBuffer], writer: ShardWriter) -> None:
     # Sorted sources: the shard's batch order, and so its bytes, must not depend on which source came first.
     for source in sorted(buffers):
-        buf = buffers[source]
-        writer.add_many(np.frombuffer(buf.ids, dtype=np.uint16), buf.documents, source)
+        writer.add_many(buffers[source].tokens(), buffers[source].documents, source)
     writer.flush_shard()
     buffers.clear()
 
@@ -257,10 +282,7 @@ def tokenize_file(task: FileTask) -> FileResult:
                 buf = buffers.get(item.source)
                 if buf is None:
                     buf = buffers[item.source] = _SourceBuffer()
-                # array("H", list) converts in one C loop; extending by another array is a memcpy.
-                buf.ids.extend(array.array("H", ids))
-                buf.ids.append(0)
-                buf.documents += 1
+                buf.add(ids)
                 counts = result.by_source.setdefault(item.source, {"documents": 0, "tokens": 0})
                 counts["documents"] += 1
                 counts["tokens"] += len(ids) + 1
