@@ -4,7 +4,8 @@ Two implementations share one interface (`WorldTokenizer`) and one vocabulary fi
 
 - `impl="reference"`: pure Python, written here from the vocabulary file's definition. A byte trie finds the
   longest vocabulary entry (at most 128 bytes) at each position. Slow (0.65 MB/s per core measured here,
-  about 3x the `rwkv` package's pure-Python tokenizer), but obviously right: tests check the fast one against it.
+  about 3x the `rwkv` package's pure-Python tokenizer), but obviously right: tests check the fast one
+  against it.
 - `impl="fast"` (the default): the Rust package `pyrwkv-tokenizer` 0.9.1. Both maintained Rust packages,
   `pyrwkv-tokenizer` 0.9.1 and `rwkv-tokenizer` 0.5.2, give ids identical to the reference on our test text
   and run at the same speed, 38-39 MB/s per core (`bench/tokenizer.py`, `bench/results/tokenizer.json`). We use

@@ -139,7 +139,8 @@ def test_refuses_folders_it_did_not_write(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "field,value", [("megabytes", 0), ("train_chunks", 0), ("validation_files_per_chunk", 1.5), ("validation_every", 1)]
+    "field,value",
+    [("megabytes", 0), ("train_chunks", 0), ("validation_files_per_chunk", 1.5), ("validation_every", 1)],
 )
 def test_invalid_spec(field, value):
     with pytest.raises(SampleError, match=f"sample.{field}"):

@@ -70,7 +70,8 @@ def test_fast_matches_reference_on_random_text(reference, fast):
     entries = [t for t in read_vocab(DEFAULT_VOCAB_PATH).tokens[1:] if _is_utf8(t)]
     # Concatenated vocabulary entries put entry boundaries everywhere greedy matching could go wrong.
     glued = b"".join(rng.choice(entries) for _ in range(3000)).decode("utf-8")
-    planes = [(0x20, 0x7F), (0xA0, 0x2FFF), (0x3000, 0x9FFF), (0xAC00, 0xD7A3), (0xE000, 0xFFFD), (0x1F300, 0x1FAFF)]
+    planes = [(0x20, 0x7F), (0xA0, 0x2FFF), (0x3000, 0x9FFF), (0xAC00, 0xD7A3), (0xE000, 0xFFFD),
+              (0x1F300, 0x1FAFF)]
     scattered = "".join(chr(rng.randrange(*rng.choice(planes))) for _ in range(5000))
     for text in (glued, scattered):
         ids = reference.encode(text)
