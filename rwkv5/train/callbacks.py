@@ -3,7 +3,7 @@
 Every callback runs on every rank and guards rank 0 itself. Hooks, in the order the loop calls them:
 `pre_train` once, then per optimizer step `post_step` (may add entries to the metrics dict) and
 `log_metrics` (every `metrics.log_every` steps), `post_checkpoint_saved` after each checkpoint,
-`on_milestone` after a milestone file is written, `on_error` if training raises, and `close` on every exit.
+`on_milestone` after a milestone file is written, `post_rollback` after a spike rollback, `on_error` if training raises, and `close` on every exit.
 Callbacks are pickled into the Ray workers, so they hold configuration only until `pre_train`.
 """
 
@@ -45,6 +45,8 @@ class TrainContext:
     matmul_params: int
     run_dir: Path
     resumed_from_step: int | None = None
+    model: Any = None
+    """The module being trained (bf16 weights, full on every rank under ZeRO-2); read it, never modify it."""
 
 
 @dataclass
@@ -94,6 +96,9 @@ class Callback:
 
     def on_milestone(self, info: MilestoneInfo) -> None:
         pass
+
+    def post_rollback(self, bad_step: int, restored_step: int) -> None:
+        """The weights were reloaded from the checkpoint of `restored_step` after a spike at `bad_step`."""
 
     def on_error(self, exc: BaseException) -> None:
         pass

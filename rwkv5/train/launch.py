@@ -19,7 +19,8 @@ from rwkv5.train.worker import OFFLINE_ENV, TrainJob, ray_train_fn
 __all__ = ["launch", "check_resume", "ensure_ray"]
 
 # Variables the workers need from the driver's environment.
-_FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RWKV5_WKV_BACKEND", "HF_HUB_DISABLE_TELEMETRY")
+_FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "PREFECT_API_URL",
+                  "RWKV5_WKV_BACKEND", "HF_HUB_DISABLE_TELEMETRY")
 
 
 def check_resume(storage_path: str | Path, run_name: str, resume: bool) -> list[Path]:

@@ -150,7 +150,7 @@ def train(job: TrainJob, store=None) -> TrainerState:
     ctx = TrainContext(
         run_name=job.run_name, rank=rank, world_size=world, device=device, config=cfg,
         matmul_params=count_matmul_parameters(cfg.model), run_dir=job.run_dir,
-        resumed_from_step=state.step if plan.load_dir is not None else None,
+        resumed_from_step=state.step if plan.load_dir is not None else None, model=engine.module,
     )
     for cb in callbacks:
         cb.load_state_dict(state.callbacks.get(type(cb).__name__, {}))
@@ -277,6 +277,7 @@ class _Loop:
         if latest is None:
             return
         restored = load_checkpoint(self.engine, latest)
+        restored_step = restored.step
         restored.step = bad_step + 1
         restored.tokens_seen = restored.step * self.cfg.tokens_per_step
         restored.skipped_nonfinite = current.skipped_nonfinite
@@ -285,6 +286,8 @@ class _Loop:
         restored.milestones_fired = sorted(set(current.milestones_fired) | set(restored.milestones_fired))
         restored.world_size = self.world
         self.state = restored
+        for cb in self.callbacks:
+            cb.post_rollback(bad_step, restored_step)
 
     def _fire_milestones(self, indices: list[int]) -> None:
         """Rank 0 consolidates the checkpoint just saved and runs the hooks; a marker makes each fire once."""
