@@ -202,10 +202,13 @@ class HubSource:
         endpoint: Hub URL. Default: `HF_ENDPOINT` read now (not at import), else `https://huggingface.co`.
         token: access token. Default: `HF_TOKEN`, else the token saved by `hf auth login`. Never logged or
             written anywhere; the client sends it to the Hub only, not to the CDN it redirects to.
+        timeout: seconds for the revision request (the shared client has none, so an unreachable Hub would
+            hang). Default: 60.
     """
 
     def __init__(self, repo_id: str = DEFAULT_REPO_ID, revision: str = DEFAULT_REVISION, *,
-                 repo_type: str = "dataset", endpoint: str | None = None, token: str | None = None) -> None:
+                 repo_type: str = "dataset", endpoint: str | None = None, token: str | None = None,
+                 timeout: float = 60.0) -> None:
         from huggingface_hub import HfApi, get_token
 
         if repo_type not in ("dataset", "model"):
@@ -217,6 +220,7 @@ class HubSource:
         self._token = token if token is not None else get_token()
         self._api = HfApi(endpoint=self.endpoint, token=self._token or False)
         self._commit: str | None = None
+        self._timeout = timeout
 
     def __repr__(self) -> str:
         return f"HubSource({self.repo_id!r}, revision={self.revision!r}, endpoint={self.endpoint!r})"
@@ -263,7 +267,8 @@ class HubSource:
         Raises `SourceError`, or `FetchFailed` when retrying may help (429, 5xx, network)."""
         if self._commit is None:
             try:
-                info = self._api.repo_info(self.repo_id, revision=self.revision, repo_type=self.repo_type)
+                info = self._api.repo_info(self.repo_id, revision=self.revision, repo_type=self.repo_type,
+                                           timeout=self._timeout)
             except Exception as exc:  # every failure is classified: retryable or not, never a raw traceback
                 raise self._listing_error(exc, "resolving the revision") from None
             if not info.sha:

@@ -25,6 +25,8 @@ from data_prep.errors import DownloadError, SelectionError, SourceError
 from data_prep.source import MANIFEST_NAME, HubSource, LocalSource, RemoteFile, Selection, open_source
 from tests.support.hub_server import Fault, HubStandIn, hub, hub_server  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.slow  # real HTTP servers on 127.0.0.1
+
 REPO = "cerebras/SlimPajama-627B"
 # Millisecond backoff keeps fault tests fast; the read timeout stays well above a loaded CI machine's stalls.
 FAST = RetryPolicy(attempts=5, base_delay=0.01, max_delay=0.05, connect_timeout=5.0, read_timeout=2.0)

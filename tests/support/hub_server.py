@@ -338,7 +338,7 @@ class HubStandIn:
             )
 
     def downloads(self) -> list[str]:
-        """Repo paths whose bytes were served (status 200/206 GETs on `resolve` or `cdn`), in order."""
+        """Repo paths whose bytes were sent (200/206 GETs on `resolve` or `cdn`, faulted ones too), in order."""
         with self._lock:
             return [
                 r.path

@@ -16,6 +16,8 @@ from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
 
 from tests.support.hub_server import Fault, HubStandIn, hub, hub_server  # noqa: F401 (fixtures)
 
+pytestmark = pytest.mark.slow  # real HTTP servers on 127.0.0.1
+
 REPO = "org/tiny-slimpajama"
 
 
