@@ -19,7 +19,6 @@ from rwkv5.export import (
     to_format_names,
 )
 from rwkv5.infer import step
-from rwkv5.model import RWKV5
 
 SMALL = ModelConfig(n_layer=3, n_embd=64, head_size=16, vocab_size=100)
 
