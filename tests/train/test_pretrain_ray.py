@@ -7,6 +7,7 @@ One straight reference run per module; every other run is compared with its per-
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -100,7 +101,8 @@ def test_loss_falls_and_order_is_global(reference, token_data, cfg):
     ds = PackedDataset(token_data, cfg.batch.ctx_len, seed=cfg.seed)
     for step, row in reference.items():
         assert row["ids"] == [ds.sample_id(p) for p in global_positions(step, cfg.batch)]
-    assert reference[2 * N - 1]["loss"] < reference[0]["loss"] - 0.5
+    # Below the first step and below a uniform guess over the 512 ids (ln 512 = 6.24) within 6 steps.
+    assert reference[2 * N - 1]["loss"] < min(reference[0]["loss"] - 0.25, math.log(512) - 0.15)
 
 
 def test_exact_resume_mlflow_and_milestones(reference, mlflow_server, token_data, storage, cfg, monkeypatch):
