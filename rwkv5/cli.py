@@ -309,6 +309,50 @@ def train(
         raise ConfigError(f"train.launcher must be ray or local, got {launcher!r}")
 
 
+@app.command()
+@one_line_errors
+def demo(
+    state_dir: str = typer.Option(".state/demo", help="Where the sample, shards, checkpoints and export go."),
+    workers: int = typer.Option(2, help="Ray Train workers (CPU, gloo)."),
+    prompt: str = typer.Option("The", help="Prompt for the generation at the end."),
+) -> None:
+    """The embedded demo without servers: sample -> tokenize -> pretrain tiny (Ray + DeepSpeed) -> generate.
+
+    Re-running it skips the finished stages and resumes training by run name.
+    """
+    from pathlib import Path
+
+    from data_prep.sample import build_sample
+    from data_prep.tokenize import TokenizeConfig, tokenize
+    from data_prep.tokenizer import load_tokenizer
+    from rwkv5.checkpoint import load_checkpoint
+    from rwkv5.infer import generate as generate_ids
+    from rwkv5.train.checkpoint import list_checkpoints
+    from rwkv5.train.config import run_preset
+    from rwkv5.train.launch import launch
+
+    root = Path(state_dir).resolve()
+    typer.echo("1/4 building the SlimPajama-format sample")
+    build_sample(root / "raw")
+    typer.echo("2/4 tokenizing")
+    summary = tokenize(root / "raw", root / "tokens", TokenizeConfig(progress=False))
+    typer.echo(f"    {summary.tokens:,} tokens in {summary.shards} shards")
+    typer.echo(f"3/4 pretraining the tiny preset on {workers} Ray workers")
+    storage = root / "checkpoints"
+    resume = bool(list_checkpoints(storage / "demo"))
+    result = launch(run_preset("tiny"), "demo", root / "tokens" / "train", storage, workers=workers, resume=resume)
+    if result.error is not None:
+        raise Rwkv5Error(f"demo pretraining failed: {result.error}")
+    final = sorted((storage / "demo" / "milestones").glob("m*/model.safetensors"))[-1]
+    typer.echo(f"    final milestone checkpoint: {final}")
+    typer.echo("4/4 generating")
+    model, _ = load_checkpoint(final)
+    model = model.float()
+    tokenizer = load_tokenizer()
+    ids = list(generate_ids(model, tokenizer, prompt, max_new_tokens=40, temperature=1.0, top_p=0.7, seed=0))
+    typer.echo(prompt + tokenizer.decode(ids))
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m rwkv5.cli`
     app()
 

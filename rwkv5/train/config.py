@@ -238,11 +238,11 @@ def tiny() -> RunConfig:
 
 
 def reference_7b() -> RunConfig:
-    """The reference run: 7B, ctx 4096, ~4M tokens per step, 1.1T tokens (RWKV-5 World v2's scale)."""
+    """The reference run: 7B, ctx 4096, ~4M tokens per step, all 627B tokens of SlimPajama."""
     return RunConfig(
         preset="7b",
         model=model_preset("7b"),
-        token_budget=1_100_000_000_000,
+        token_budget=627_000_000_000,
         batch=BatchConfig(ctx_len=4096, micro_batch=8, global_batch=1024),
         optim=OptimConfig(lr=2e-4, final_lr=1e-5, warmup_steps=10),
         checkpoint=CheckpointConfig(every_steps=500, keep_last=3),

@@ -71,6 +71,7 @@ def test_nonfinite_step_is_skipped(monkeypatch, token_data, small_run, tmp_path)
     assert all(torch.isfinite(p).all() for p in snaps.after[4].values())
 
 
+@pytest.mark.train_e2e
 def test_spike_rollback_restores_checkpoint_and_skips_data(monkeypatch, token_data, small_run, tmp_path):
     cfg = small_run(9, **{"stability.spike_action": "rollback", "stability.spike_window": 4,
                           "stability.spike_min_history": 3, "stability.spike_sigma": 3.0,
@@ -91,6 +92,7 @@ def test_spike_rollback_restores_checkpoint_and_skips_data(monkeypatch, token_da
     assert _same(weights, snaps.after[3]) and not _same(weights, snaps.after[4])
 
 
+@pytest.mark.train_e2e
 def test_init_missing_surgery(monkeypatch, token_data, small_run, tmp_path):
     import rwkv5.model
 

@@ -19,7 +19,7 @@ from rwkv5.errors import ConfigError
 from rwkv5.train.callbacks import Callback, TraceCallback
 from rwkv5.train.config import with_overrides
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.train_e2e]
 
 N = 3  # steps per half
 
