@@ -114,7 +114,7 @@ def inject_fresh_params(universal_tag_dir: Path, fresh: dict[str, torch.Tensor])
             if file.name == "step.pt":
                 shutil.copy2(file, target / file.name)
                 continue
-            record = torch.load(file, map_location="cpu", weights_only=False)
+            record = torch.load(file, map_location="cpu", weights_only=True)
             fp32 = value.detach().to(torch.float32).clone()
             record["param"] = fp32 if file.name == "fp32.pt" else torch.zeros_like(fp32)
             torch.save(record, target / file.name)
