@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.wkv5.shapes import check_shapes
+
 __all__ = ["chunk_wkv5"]
 
 
@@ -34,13 +36,7 @@ def chunk_wkv5(
         y `[B, T, H, N]` in r's dtype and the final state `[B, H, N, N]` in float32 (float64 for float64
         inputs).
     """
-    B, T, H, N = r.shape
-    if k.shape != r.shape or v.shape != r.shape:
-        raise ValueError(f"r, k, v must share a shape [B, T, H, N]; got {tuple(r.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if w.shape != (H, N) or u.shape != (H, N):
-        raise ValueError(f"w and u must be [H, N] = [{H}, {N}]; got {tuple(w.shape)}, {tuple(u.shape)}")
-    if state is not None and state.shape != (B, H, N, N):
-        raise ValueError(f"state must be [B, H, N, N] = [{B}, {H}, {N}, {N}]; got {tuple(state.shape)}")
+    B, T, H, N = check_shapes(r, k, v, w, u, state)
     dt = torch.float64 if r.dtype == torch.float64 else torch.float32
     # (B, H, T, N): heads become batch dims for the products below.
     rr, kk, vv = (x.to(dt).transpose(1, 2) for x in (r, k, v))

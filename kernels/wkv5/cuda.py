@@ -11,6 +11,7 @@ import os
 import torch
 
 from kernels.build import load_wkv5
+from kernels.wkv5.shapes import check_shapes
 
 __all__ = ["cuda_wkv5", "default_chunk"]
 
@@ -100,13 +101,7 @@ def cuda_wkv5(
     Returns:
         y `[B, T, H, N]` in r's dtype and the final state `[B, H, N, N]` in float32.
     """
-    B, T, H, N = r.shape
-    if k.shape != r.shape or v.shape != r.shape:
-        raise ValueError(f"r, k, v must share a shape [B, T, H, N]; got {tuple(r.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if w.shape != (H, N) or u.shape != (H, N):
-        raise ValueError(f"w and u must be [H, N] = [{H}, {N}]; got {tuple(w.shape)}, {tuple(u.shape)}")
-    if state is not None and state.shape != (B, H, N, N):
-        raise ValueError(f"state must be [B, H, N, N] = [{B}, {H}, {N}, {N}]; got {tuple(state.shape)}")
+    B, T, H, N = check_shapes(r, k, v, w, u, state)
     if N not in (32, 64, 128):
         raise ValueError(f"the CUDA WKV5 kernel takes head size 32, 64 or 128; got {N}")
     if T < 1:
