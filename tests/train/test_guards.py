@@ -104,7 +104,8 @@ def test_init_missing_surgery(monkeypatch, token_data, small_run, tmp_path):
         gate = self.blocks[1].att.gate
         weight = gate.weight.detach().clone()
         del gate.weight
-        gate.register_buffer("weight", weight, persistent=False)  # the old model has no such parameter
+        # The old model has no such parameter. DeepSpeed casts parameters to bf16, not buffers: cast it here.
+        gate.register_buffer("weight", weight.to(torch.bfloat16), persistent=False)
 
     monkeypatch.setattr(rwkv5.model.RWKV5, "__init__", without_gate)
     train(TrainJob(cfg.model_copy(update={"stop_at_step": 2}), "surgery", str(token_data), str(tmp_path)))
