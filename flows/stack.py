@@ -31,6 +31,8 @@ def offline_env() -> dict[str, str]:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "DO_NOT_TRACK": "1",
+        # Ray's default of 30 s for a raylet to register is missed on a busy 2-core machine.
+        "RAY_raylet_start_wait_time_s": "300",
     }
 
 
