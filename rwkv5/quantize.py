@@ -3,7 +3,7 @@
 RNN-mode decoding reads every weight once per token, so its speed and the smallest GPU it fits on are set by
 the bytes of the weights: 7.5B parameters are 15 GB in bf16, 7.5 GB in 8-bit and ~4 GB in 4-bit. Activations
 and the state stay in bf16/fp32; each layer's weight is dequantized to the activation dtype just before its
-matmul, so only one layer's bf16 copy exists at a time.
+matmul, in pieces of at most 2^24 entries, so no full bf16 copy of a large matrix ever exists.
 
 Why our own few lines rather than bitsandbytes or torchao: both ship CUDA-specific builds tied to torch
 versions (the H200 image has torch 2.11, CI a CPU wheel of 2.13), while this needs only `torch` and runs,
@@ -29,6 +29,9 @@ __all__ = ["BITS", "QuantizedWeight", "QuantizedLinear", "QuantizedEmbedding", "
 
 BITS = (8, 4)
 DEFAULT_GROUP = 128
+# Largest dequantized piece of a weight (entries): 32 MiB in bf16, so the 7B head (65536 x 4096) never
+# exists as a whole in bf16 next to its 4-bit form.
+_DEQUANT_BLOCK = 1 << 24
 
 
 class QuantizedWeight(nn.Module):
@@ -63,16 +66,24 @@ class QuantizedWeight(nn.Module):
         self.register_buffer("scale", scale.to(torch.bfloat16).contiguous())
         del w
 
-    def dequantize(self, rows: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-        """The matrix (or `rows` of it, `[*rows.shape, in]`) in `dtype`."""
-        q = self.q if rows is None else self.q[rows]
-        scale = (self.scale if rows is None else self.scale[rows]).to(dtype)
+    def dequantize(self, rows: torch.Tensor | slice | None = None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """The matrix (or `rows` of it: an index tensor gives `[*rows.shape, in]`) in `dtype`."""
+        if rows is None:
+            rows = slice(None)
+        q, scale = self.q[rows], self.scale[rows].to(dtype)
         if self.bits == 8:
             return q.to(dtype) * scale
-        low, high = (q & 0xF).to(dtype), (q >> 4).to(dtype)
-        codes = torch.stack((low, high), dim=-1).flatten(-2) - 8  # (..., in)
-        grouped = codes.unflatten(-1, (self.shape[1] // self.group, self.group))
-        return (grouped * scale.unsqueeze(-1)).flatten(-2)
+        # Filled in place: one output-sized buffer, no stacked or grouped temporaries of the same size.
+        out = torch.empty((*q.shape[:-1], self.shape[1]), dtype=dtype, device=q.device)
+        out[..., 0::2] = q & 0xF
+        out[..., 1::2] = q >> 4
+        out.sub_(8).unflatten(-1, (self.shape[1] // self.group, self.group)).mul_(scale.unsqueeze(-1))
+        return out
+
+    def row_blocks(self, max_elements: int | None = None) -> list[slice]:
+        """Row ranges whose dequantized copies hold at most `max_elements` (default 2^24) entries each."""
+        rows = max(1, (max_elements or _DEQUANT_BLOCK) // self.shape[1])
+        return [slice(i, min(i + rows, self.shape[0])) for i in range(0, self.shape[0], rows)]
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, bits={self.bits}, group={self.group}"
@@ -89,7 +100,10 @@ class QuantizedLinear(nn.Module):
         self.weight = QuantizedWeight(linear.weight, bits, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.dequantize(dtype=x.dtype))
+        blocks = self.weight.row_blocks()
+        if len(blocks) == 1:
+            return F.linear(x, self.weight.dequantize(dtype=x.dtype))
+        return torch.cat([F.linear(x, self.weight.dequantize(b, x.dtype)) for b in blocks], dim=-1)
 
 
 class QuantizedEmbedding(nn.Module):

@@ -47,6 +47,19 @@ def test_embedding_lookup_dequantizes_only_its_rows():
     assert torch.equal(qe(idx), full[idx])
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_blockwise_dequantization_gives_the_same_product(monkeypatch, bits):
+    import rwkv5.quantize
+
+    torch.manual_seed(2)
+    layer = QuantizedLinear(nn.Linear(64, 100, bias=False), bits, group=32)
+    x = torch.randn(3, 5, 64)
+    whole = x @ layer.weight.dequantize(dtype=torch.float32).T
+    monkeypatch.setattr(rwkv5.quantize, "_DEQUANT_BLOCK", 64 * 30)  # blocks of 30 rows: 30, 30, 30, 10
+    assert [b.stop - b.start for b in layer.weight.row_blocks()] == [30, 30, 30, 10]
+    assert torch.allclose(layer(x), whole, atol=1e-5)
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ConfigError, match="bits"):
         QuantizedWeight(torch.randn(4, 8), 3)
