@@ -353,6 +353,47 @@ def demo(
     typer.echo(prompt + tokenizer.decode(ids))
 
 
+@app.command()
+@one_line_errors
+def release(
+    checkpoint: str = typer.Argument(..., help="The milestone's native checkpoint (the base model)."),
+    to: str = typer.Option(..., "--to", help="Local folder, fsspec URL (s3://...) or hf://org/name[@branch]."),
+    name: str = typer.Option("", help="Release name. Default: the checkpoint's folder name."),
+    finetune: str = typer.Option("", help="The fine-tuned checkpoint released alongside."),
+    evals: str = typer.Option("", help="JSON file: {metric: value} or {variant: {metric: value}}."),
+    loss_history: str = typer.Option("", help="JSON file: [[tokens_or_step, loss], ...] for the loss curve."),
+    public: bool = typer.Option(False, "--public", help="Create a public Hub repo (default: private)."),
+    register: str = typer.Option("", help="MLflow registered-model name (server from MLFLOW_TRACKING_URI)."),
+) -> None:
+    """Release a milestone (weights, card, manifest) to a folder, fsspec URL or the Hub. Idempotent.
+
+    The Hub token comes from HF_TOKEN; S3 credentials and endpoint from the usual AWS variables.
+    """
+    import json
+    from pathlib import Path
+
+    from rwkv5.release import release as do_release
+
+    def read_json(path: str):
+        try:
+            return json.loads(Path(path).read_text()) if path else None
+        except (OSError, ValueError) as exc:
+            raise Rwkv5Error(f"{path}: not a readable JSON file: {exc}") from None
+
+    history = read_json(loss_history)
+    report = do_release(
+        checkpoint, to, name=name or Path(checkpoint).resolve().parent.name, finetune=finetune or None,
+        evals=read_json(evals), loss_history=[tuple(x) for x in history] if history else None,
+        private=not public, register_as=register or None,
+    )
+    if report.uploaded:
+        typer.echo(f"{report.url}: uploaded {len(report.uploaded)} files")
+    else:
+        typer.echo(f"{report.url}: already complete, nothing uploaded")
+    if report.model_version is not None:
+        typer.echo(f"registered as {report.model_version.name} version {report.model_version.version}")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m rwkv5.cli`
     app()
 

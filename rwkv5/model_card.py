@@ -1,0 +1,114 @@
+"""The model card (README.md) of a release and its loss-curve figure.
+
+Both are pure functions of their inputs (no dates, no software versions in the PNG metadata), so rebuilding a
+release from the same checkpoints gives the same bytes, and a re-run finds nothing to upload.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from rwkv5.config import ModelConfig, count_parameters
+
+__all__ = ["model_card", "plot_loss_curve", "LOSS_CURVE"]
+
+LOSS_CURVE = "loss_curve.png"
+
+
+def plot_loss_curve(history: Sequence[tuple[float, float]], path: str | os.PathLike, title: str) -> Path:
+    """Draw loss against tokens (or steps) as a PNG; `history` is (x, loss) pairs in order."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; also keeps the output independent of the backend
+    import matplotlib.pyplot as plt
+
+    xs, ys = zip(*history)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(xs, ys, linewidth=1.2)
+    ax.set_xlabel("tokens seen" if max(xs) > 1e5 else "step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return Path(path)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "-" if value is None else str(value)
+
+
+def model_card(
+    name: str,
+    config: ModelConfig,
+    variants: Mapping[str, Mapping],
+    files: Sequence[str],
+    evals: Mapping[str, Mapping[str, float]],
+    loss_curve: str | None,
+) -> str:
+    """README.md text: architecture, parameter count, tokens seen, data, hyperparameters, evals, files.
+
+    Args:
+        name: release name (the title).
+        config: the model's shape (base and fine-tune share it).
+        variants: variant name ("base", "finetune") -> checkpoint metadata (tokens_seen, data, hyperparameters...).
+        files: release paths, listed in the card.
+        evals: variant -> metric -> value; one table column per variant.
+        loss_curve: path of the loss-curve PNG in the release, or None.
+    """
+    base = variants.get("base", {})
+    hyper = {k: v for meta in variants.values() for k, v in (meta.get("hyperparameters") or {}).items()}
+    facts = {k: v for k, v in base.items() if k not in ("hyperparameters", "data")}
+    ft = variants.get("finetune")
+    front = "---\nlicense: apache-2.0\nlibrary_name: rwkv\ntags:\n- rwkv\n- rwkv5\n- text-generation\n---\n\n"
+    parts = [
+        f"{front}# {name}\n",
+        "RWKV v5.2 (Eagle) language model with the output gate, trained by rwkv5-pipeline: a linear-attention RNN "
+        "with matrix-valued state per head, trainable in parallel and run as an RNN with constant memory.\n",
+        "## Architecture\n",
+        _table(["", ""], [
+            ("parameters", count_parameters(config)),
+            ("layers", config.n_layer),
+            ("width (n_embd)", config.n_embd),
+            ("heads x head size", f"{config.n_embd // config.head_size} x {config.head_size}"),
+            ("channel-mix width", config.ffn),
+            ("vocabulary", config.vocab_size),
+        ]),
+        "## Training\n",
+        f"- tokens seen: {_fmt(base.get('tokens_seen'))}\n",
+        f"- data: {base.get('data', 'SlimPajama (cerebras/SlimPajama-627B)')}\n",
+    ]
+    parts += [f"- {k}: {_fmt(v)}\n" for k, v in sorted(facts.items()) if k != "tokens_seen"]
+    if ft is not None:
+        parts.append(f"- fine-tune: {ft.get('finetuned_on', 'chat data')}, "
+                     f"{_fmt(ft.get('finetune_steps'))} steps, loss on assistant turns only\n")
+    if hyper:
+        parts += ["\n## Hyperparameters\n\n", _table(["name", "value"], sorted(hyper.items()))]
+    if evals:
+        cols = [v for v in variants if v in evals]
+        metrics = sorted({m for v in cols for m in evals[v]})
+        rows = [[m] + [evals[v].get(m) for v in cols] for m in metrics]
+        parts += ["\n## Evaluation\n\n", _table(["metric", *cols], rows)]
+    if loss_curve:
+        parts += ["\n## Loss curve\n\n", f"![training loss]({loss_curve})\n"]
+    parts += [
+        "\n## Files\n\n",
+        "".join(f"- `{f}`\n" for f in files),
+        "\n`*/model.pth` is a plain bf16 state dict that the `rwkv` package loads "
+        "(`RWKV(model='base/model', strategy='cpu fp32')`); `*/model.safetensors` with `*/config.json` uses the "
+        "Hugging Face RWKV5 names; `manifest.json`, written last, holds the size and sha256 of every file.\n",
+    ]
+    return "".join(parts)
