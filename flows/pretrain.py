@@ -16,6 +16,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from flows.events import PrefectMilestoneEvents, PrefectProgress
 from flows.paths import Layout, artifact_key
+from flows.plots import image_markdown, loss_curve_png, read_trace
 
 __all__ = ["pretrain", "SAMPLE_SOURCE", "HUB_SOURCE"]
 
@@ -60,6 +61,7 @@ def tokenize_stage(src_dir: str, out_dir: str, workers: int) -> dict:
 def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, workers: int, gpus_per_worker: int,
                    token_budget: int | None) -> dict:
     from rwkv5.train import run_preset, with_overrides
+    from rwkv5.train.callbacks import TraceCallback
     from rwkv5.train.checkpoint import list_checkpoints
     from rwkv5.train.launch import launch
 
@@ -76,12 +78,45 @@ def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, work
         create_link_artifact(key=artifact_key("ray", run_name), link=ray_dashboard, link_text="Ray dashboard")
     resume = bool(list_checkpoints(Path(storage) / run_name))  # a re-run of the same run continues it
     get_run_logger().info("pretrain %s (%s preset, %d steps), resume=%s", run_name, preset, config.total_steps, resume)
+    trace = Path(storage) / run_name / "trace.jsonl"
     result = launch(
         config, run_name, data_dir, storage, workers=workers, gpus_per_worker=gpus_per_worker, resume=resume,
-        callbacks=[PrefectMilestoneEvents(run_name=run_name), PrefectProgress(artifact_id=str(progress_id))],
+        callbacks=[PrefectMilestoneEvents(run_name=run_name), PrefectProgress(artifact_id=str(progress_id)),
+                   TraceCallback(trace)],
     )
+    if getattr(result, "error", None) is not None:
+        raise RuntimeError(f"pretraining {run_name} failed: {result.error}")
+    publish_loss_curve(run_name, trace)
     metrics = dict(getattr(result, "metrics", None) or {})
     return {"run_name": run_name, "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+
+
+def publish_loss_curve(run_name: str, trace: Path) -> None:
+    """The loss curve as an image artifact (and into the run's MLflow run when a server is configured)."""
+    rows = read_trace(trace)
+    if not rows:
+        return
+    png = loss_curve_png(rows, f"{run_name}: training loss")
+    last = rows[-1]
+    create_markdown_artifact(
+        key=artifact_key("loss-curve", run_name),
+        markdown=f"### {run_name}: training loss\n\n{image_markdown(png, 'training loss')}\n\n"
+                 f"{len(rows)} steps, last loss {last['loss']:.4f} at step {last['step']}.",
+        description="Training loss by optimizer step",
+    )
+    image = trace.with_name("loss_curve.png")
+    tmp = image.with_name(f".{image.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(png)
+    os.replace(tmp, image)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        import mlflow
+
+        from rwkv5.train.callbacks import MLflowCallback
+
+        found = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+                                   filter_string=f"tags.`{MLflowCallback.TAG}` = '{run_name}'")
+        if found:
+            mlflow.MlflowClient().log_artifact(found[0].info.run_id, str(image))
 
 
 @flow(name="pretrain", log_prints=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["StackConfig", "Service", "services", "up", "down", "status", "offline_env"]
+__all__ = ["StackConfig", "Service", "services", "up", "down", "status", "offline_env", "point_prefect_profile"]
 
 WORK_POOL = "local-process"
 
@@ -31,8 +32,6 @@ def offline_env() -> dict[str, str]:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "DO_NOT_TRACK": "1",
-        # Ray's default of 30 s for a raylet to register is missed on a busy 2-core machine.
-        "RAY_raylet_start_wait_time_s": "300",
     }
 
 
@@ -76,6 +75,7 @@ class StackConfig:
             "PREFECT_API_URL": self.prefect_api_url,
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "RAY_ADDRESS": self.ray_address,
+            "RWKV5_RAY_DASHBOARD": self.ray_dashboard_url,
             "RWKV5_HOME": str(self.state_dir),
         }
 
@@ -201,6 +201,15 @@ def _prefect(cfg: StackConfig, env: dict[str, str], *args: str) -> subprocess.Co
     return subprocess.run([_bin("prefect"), *args], env=env, capture_output=True, text=True, cwd=os.getcwd())
 
 
+def _reschedule_orphans(env: dict[str, str]) -> list[str]:
+    """No worker of ours is alive: runs it left Running are orphans (`flows.recovery`); schedule them again."""
+    done = subprocess.run([sys.executable, "-m", "flows.recovery", WORK_POOL], env=env, capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1])
+    if done.returncode != 0:
+        raise RuntimeError(f"could not reschedule orphaned flow runs: {done.stderr.strip()[-2000:]}")
+    return done.stdout.split()
+
+
 def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: float = 600.0) -> dict[str, str]:
     """Start what is not running yet; returns {service: state} where state is 'started' or 'running'.
 
@@ -221,8 +230,9 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
             created = _prefect(cfg, env, "work-pool", "create", WORK_POOL, "--type", "process")
             if created.returncode != 0 and "already exists" not in (created.stdout + created.stderr):
                 raise RuntimeError(f"could not create work pool {WORK_POOL}: {created.stderr.strip()}")
+            orphans = _reschedule_orphans(env)
             _start(cfg, svc, env)
-            result[svc.name] = "started"
+            result[svc.name] = "started" + (f" (rescheduled {', '.join(orphans)})" if orphans else "")
             continue
         if _healthy(svc.health_url) or (svc.name == "ray-head" and _port_open(cfg.host, cfg.ray_port)):
             result[svc.name] = "running"
@@ -238,6 +248,18 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
         {"prefect": cfg.prefect_api_url, "mlflow": cfg.mlflow_url, "ray": cfg.ray_address,
          "ray_dashboard": cfg.ray_dashboard_url}, indent=2))
     return result
+
+
+def point_prefect_profile(cfg: StackConfig) -> str:
+    """Set PREFECT_API_URL in the user's active Prefect profile (their PREFECT_HOME, not the stack's);
+    returns the profile's name. Without it the `prefect` CLI would talk to a throwaway ephemeral server."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    done = subprocess.run([_bin("prefect"), "config", "set", f"PREFECT_API_URL={cfg.prefect_api_url}"], env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"prefect config set failed: {done.stderr.strip()[-2000:]}")
+    found = re.search(r"[Uu]pdated profile '([^']+)'", done.stdout)
+    return found.group(1) if found else "active"
 
 
 def down(cfg: StackConfig | None = None, timeout: float = 30.0) -> dict[str, str]:

@@ -77,17 +77,21 @@ def data_download(
 def up(
     state_dir: str = typer.Option(None, help="State directory. Default: $RWKV5_HOME or ./.state."),
     deploy: bool = typer.Option(True, help="Apply prefect.yaml's deployments once the server is up."),
+    set_profile: bool = typer.Option(
+        True, help="Point the active Prefect profile at this server, so a plain `prefect deployment run` works."),
 ) -> None:
     """Start the local stack (Prefect server + worker, MLflow, Ray head) where not already running."""
     from pathlib import Path
 
-    from flows.stack import StackConfig, up as stack_up
+    from flows.stack import StackConfig, point_prefect_profile, up as stack_up
 
     cfg = StackConfig(state_dir=Path(state_dir).resolve()) if state_dir else StackConfig()
     prefect_yaml = Path("prefect.yaml")
     started = stack_up(cfg, deploy=prefect_yaml if deploy and prefect_yaml.exists() else None)
     for name, state in started.items():
         typer.echo(f"{name:16s} {state}")
+    if set_profile:
+        typer.echo(f"Prefect profile {point_prefect_profile(cfg)!r}: PREFECT_API_URL={cfg.prefect_api_url}")
     typer.echo(f"Prefect UI   http://{cfg.host}:{cfg.prefect_port}")
     typer.echo(f"MLflow       {cfg.mlflow_url}")
     typer.echo(f"Ray          {cfg.ray_dashboard_url}")

@@ -95,8 +95,6 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    # The raylet must register within this many seconds (default 30): a loaded 2-core box can take minutes.
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
     env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     for attempt in range(3):  # the raylet has a fixed 30 s to register; a loaded 2-core CI box can miss it
         try:

@@ -36,9 +36,7 @@ from rwkv5.train.surgery import plan_resume
 
 __all__ = ["TrainJob", "train", "ray_train_fn"]
 
-# Telemetry off; and a raylet gets minutes, not Ray's default 30 s, to register on a busy machine.
-OFFLINE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true",
-               "RAY_raylet_start_wait_time_s": "300"}
+OFFLINE_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 @dataclass

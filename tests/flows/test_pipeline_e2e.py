@@ -1,0 +1,190 @@
+"""The whole pipeline through real services: `rwkv5 up` (Prefect server and process worker, MLflow server, Ray
+head), `prefect deployment run pretrain/tiny`, ten milestone runs started by the milestone events, a re-run
+that skips finished work, a killed worker whose run is retried to completion, and the dashboard in Chromium.
+
+One stack and one finished run serve every test of the module (they run in file order). The token budget is
+cut to 40 steps (milestones every 4) so the module fits CI's 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("prefect")
+pytest.importorskip("ray")
+
+from flows.paths import Layout, artifact_key  # noqa: E402
+from flows.stack import StackConfig, down, up  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.pipeline_e2e]
+
+REPO = Path(__file__).resolve().parents[2]
+BUDGET = 8 * 128 * 40  # tokens: 40 optimizer steps of the tiny preset
+RUN = "e2e"
+PERCENTS = list(range(10, 101, 10))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    cfg = StackConfig(state_dir=tmp_path_factory.mktemp("stack"), prefect_port=_free_port(),
+                      mlflow_port=_free_port(), ray_port=_free_port(), ray_dashboard_port=_free_port())
+    try:
+        up(cfg, deploy=REPO / "prefect.yaml")
+        yield cfg
+    finally:
+        down(cfg)
+
+
+def _env(cfg: StackConfig) -> dict[str, str]:
+    return {**os.environ, **cfg.env()}
+
+
+def _run_deployment(cfg: StackConfig, name: str, params: dict, timeout: float) -> None:
+    """`prefect deployment run NAME --watch`, as a person would type it; fails the test if the run fails."""
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "deployment", "run", name, "--params", json.dumps(params),
+         "--watch", "--watch-timeout", str(int(timeout))],
+        env=_env(cfg), capture_output=True, text=True, cwd=REPO, timeout=timeout + 60,
+    )
+    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+def _client(cfg: StackConfig):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(cfg.prefect_api_url)
+
+
+def _flow_runs(cfg: StackConfig, flow_name: str) -> list:
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with _client(cfg) as client:
+        return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+                                     sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=200)
+
+
+def _milestone_runs(cfg: StackConfig, run: str) -> list:
+    return [r for r in _flow_runs(cfg, "milestone") if r.parameters.get("run") == run]
+
+
+def _wait_milestones(cfg: StackConfig, run: str, timeout: float) -> list:
+    """Milestone runs of `run` once ten are final (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = _milestone_runs(cfg, run)
+        final = [r for r in runs if r.state is not None and r.state.is_final()]
+        if (len(final) >= len(PERCENTS) and len(final) == len(runs)) or time.monotonic() > deadline:
+            return runs
+        time.sleep(5)
+
+
+def _assert_ten_milestones_once_in_order(runs: list) -> None:
+    states = [(r.parameters["percent"], r.state.type.value if r.state else None) for r in runs]
+    assert all(state == "COMPLETED" for _, state in states), states
+    assert [p for p, _ in states] == PERCENTS, states  # each once, in start order (ENQUEUE keeps the order)
+
+
+def _artifact(cfg: StackConfig, key: str):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with _client(cfg) as client:
+        found = client.read_latest_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return found[0] if found else None
+
+
+def _tree_mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(stack):
+    _run_deployment(stack, "pretrain/tiny", {"run_name": RUN, "token_budget": BUDGET}, timeout=1800)
+    return _wait_milestones(stack, RUN, timeout=1800)
+
+
+def test_pretrain_deployment_fires_ten_milestones_in_order(stack, finished_run):
+    _assert_ten_milestones_once_in_order(finished_run)
+    layout = Layout(stack.state_dir)
+    for percent in PERCENTS:
+        release = layout.releases(RUN) / f"m{percent:03d}"
+        assert (release / "base" / "manifest.json").is_file() and (release / "finetune" / "manifest.json").is_file()
+    for key in ("download-sample", "tokenize-sample", f"budget-{RUN}", f"mlflow-{RUN}", f"ray-{RUN}",
+                f"loss-curve-{RUN}", f"milestones-{RUN}"):
+        assert _artifact(stack, artifact_key(key)) is not None, key
+    budget = _artifact(stack, artifact_key("budget", RUN))
+    assert budget.type == "progress" and float(budget.data) == pytest.approx(100.0)
+    table = _artifact(stack, artifact_key("milestones", RUN))
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [row["percent"] for row in rows] == PERCENTS
+    assert "data:image/png;base64," in _artifact(stack, artifact_key("loss-curve", RUN)).data
+
+
+def test_rerun_skips_data_and_resumes_training(stack, finished_run):
+    layout = Layout(stack.state_dir)
+    data_before = _tree_mtimes(layout.root / "data")
+    trace = layout.checkpoints / RUN / "trace.jsonl"
+    steps_before = len(trace.read_text().splitlines())
+    _run_deployment(stack, "pretrain/tiny", {"run_name": RUN, "token_budget": BUDGET}, timeout=900)
+    assert _tree_mtimes(layout.root / "data") == data_before  # nothing downloaded or tokenized again
+    assert len(trace.read_text().splitlines()) == steps_before  # resumed at the end: no step trained again
+    time.sleep(10)
+    _assert_ten_milestones_once_in_order(_milestone_runs(stack, RUN))
+
+
+def test_dashboard_shows_stages_and_artifacts(stack, finished_run):
+    from tests.flows.browser import screenshot_flow_run
+
+    pretrain_run = next(r for r in _flow_runs(stack, "pretrain") if r.parameters.get("run_name") == RUN)
+    shot = REPO / "docs" / "dashboard.png"
+    texts = screenshot_flow_run(f"http://{stack.host}:{stack.prefect_port}", str(pretrain_run.id), shot)
+    for stage in ("download", "tokenize", "pretrain"):
+        assert any(stage in t for t in texts["graph"]), (stage, texts["graph"][:20])
+    assert any(artifact_key("loss-curve", RUN) in t for t in texts["artifacts"]), texts["artifacts"][:20]
+    assert shot.stat().st_size > 10_000
+
+
+def test_killed_worker_run_is_retried_without_lost_or_duplicated_milestones(stack, finished_run):
+    run = "e2e-kill"
+    trace = Layout(stack.state_dir).checkpoints / run / "trace.jsonl"
+    started = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "deployment", "run", "pretrain/tiny",
+         "--params", json.dumps({"run_name": run, "token_budget": BUDGET})],
+        env=_env(stack), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    assert started.wait(timeout=120) == 0
+    deadline = time.monotonic() + 1200
+    while not (trace.is_file() and len(trace.read_text().splitlines()) >= 14):  # past milestones 1..3
+        assert time.monotonic() < deadline, "pretraining never got going"
+        time.sleep(1)
+    worker_pid = int((stack.state_dir / "run" / "prefect-worker.pid").read_text())
+    os.killpg(worker_pid, signal.SIGKILL)  # the worker and the flow run it started, mid-pretraining
+    time.sleep(5)
+    result = up(stack)  # a new worker; the orphaned run is rescheduled and picked up again
+    assert "rescheduled" in result["prefect-worker"], result
+    deadline = time.monotonic() + 1800
+    while True:
+        runs = [r for r in _flow_runs(stack, "pretrain") if r.parameters.get("run_name") == run]
+        assert len(runs) == 1  # the same flow run retried, not a new one
+        if runs[0].state.is_final():
+            break
+        assert time.monotonic() < deadline, f"retried run not finished: {runs[0].state}"
+        time.sleep(5)
+    assert runs[0].state.is_completed(), runs[0].state
+    assert runs[0].run_count >= 2
+    _assert_ten_milestones_once_in_order(_wait_milestones(stack, run, timeout=1800))
