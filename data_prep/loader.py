@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 
 from data_prep.errors import ShardError, TokenizerMismatchError
+from data_prep.remote import RemoteDataset, is_remote
 from data_prep.shards import DatasetManifest, open_shard, read_manifest
 
 __all__ = ["FeistelPermutation", "PackedDataset", "rank_positions", "validation_dataset"]
@@ -118,7 +119,8 @@ class PackedDataset:
     """ctx_len + 1 token windows of a dataset, addressed by global position.
 
     Args:
-        data_dir: dataset directory with `manifest.json`.
+        data_dir: dataset directory with `manifest.json`, local or a URI (`s3://...`, any pyarrow/fsspec
+            filesystem: shards are then fetched into a bounded local cache, see `data_prep.remote`).
         ctx_len: training context; a window has ctx_len + 1 tokens.
         seed: order seed. Default: 0.
         expected_tokenizer: the run's tokenizer fingerprint; the manifest and every shard must match it.
@@ -127,6 +129,8 @@ class PackedDataset:
             window once per epoch).
         shuffle: False reads windows in stream order (validation). Default: True.
         max_open_shards: shards kept memory-mapped at once (each holds a file descriptor). Default: 64.
+        cache_dir, cache_bytes: the local shard cache of a remote `data_dir`. Default: $RWKV5_SHARD_CACHE
+            and $RWKV5_SHARD_CACHE_BYTES, else ~/.cache/rwkv5/shards and 64 GiB.
 
     Raises:
         TokenizerMismatchError: the manifest or a shard was written by another tokenizer.
@@ -142,10 +146,13 @@ class PackedDataset:
         mixture: Mapping[str, float] | None = None,
         shuffle: bool = True,
         max_open_shards: int = 64,
+        cache_dir: str | os.PathLike | None = None,
+        cache_bytes: int | None = None,
     ) -> None:
         if ctx_len < 1:
             raise ValueError(f"ctx_len must be >= 1, got {ctx_len}")
-        self.manifest: DatasetManifest = read_manifest(data_dir)
+        self._remote = RemoteDataset(str(data_dir), cache_dir, cache_bytes) if is_remote(data_dir) else None
+        self.manifest: DatasetManifest = read_manifest(self._remote.local_root if self._remote else data_dir)
         if expected_tokenizer is not None and self.manifest.tokenizer != expected_tokenizer:
             raise TokenizerMismatchError(
                 f"{self.manifest.path}: dataset tokenizer {self.manifest.tokenizer!r}, "
@@ -269,7 +276,10 @@ class PackedDataset:
         arrays = self._open.get(shard_idx)
         if arrays is None:
             info = self.manifest.shards[shard_idx]
-            shard = open_shard(self.manifest.root / info.path, self.manifest.tokenizer)
+            if self._remote is not None:
+                shard = self._remote.open_shard(info, self.manifest.tokenizer)
+            else:
+                shard = open_shard(self.manifest.root / info.path, self.manifest.tokenizer)
             sizes = tuple(int(a.size) for a in shard.arrays)
             if sizes != tuple(s.tokens for s in info.segments):
                 raise ShardError(f"{shard.path}: batch sizes {sizes} differ from the manifest's entry")

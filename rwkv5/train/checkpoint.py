@@ -167,14 +167,14 @@ class RayStore:
     def latest(self) -> Path | None:
         import ray.train
 
-        if self._last is not None:
+        if self._last is not None and self._last.is_dir():
             return self._last
-        ckpt = ray.train.get_checkpoint()
+        ckpt = ray.train.get_checkpoint()  # Train V2: the latest persisted one, also after our own reports
         if ckpt is None:
             return None
-        if not os.path.isdir(ckpt.path):
-            raise CheckpointError(f"{ckpt.path}: only checkpoints on a shared local or NFS path can be resumed")
-        return Path(ckpt.path)
+        if os.path.isdir(ckpt.path):
+            return Path(ckpt.path)
+        return _download(ckpt)
 
     def save(self, engine, state: TrainerState, metrics: dict) -> None:
         import ray.train
@@ -219,6 +219,38 @@ class LocalStore:
             for old in done[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         _barrier()
+
+
+def _download(ckpt) -> Path:
+    """A local copy of a checkpoint on object storage, shared by the ranks of a node (atomic rename).
+
+    Every rank needs the whole folder only for universal resume and milestones, but DeepSpeed's loader
+    expects one directory, so each node keeps one copy of the latest checkpoint and drops older ones.
+    """
+    import hashlib
+
+    cache = Path(tempfile.gettempdir()) / "rwkv5-checkpoints"
+    key = hashlib.sha256(f"{ckpt.filesystem.type_name}:{ckpt.path}".encode()).hexdigest()[:16]
+    final = cache / f"{Path(ckpt.path).name}-{key}"
+    if (final / STATE_FILE).is_file():
+        return final
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=cache))
+    try:
+        ckpt.to_directory(str(partial))
+        if not (partial / STATE_FILE).is_file():
+            raise CheckpointError(f"{ckpt.path}: downloaded checkpoint has no {STATE_FILE}")
+        try:
+            os.replace(partial, final)
+        except OSError:  # another rank of this node renamed its copy first
+            if not (final / STATE_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    for old in cache.glob("step_*"):
+        if old != final and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def _barrier() -> None:

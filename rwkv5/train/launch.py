@@ -3,6 +3,11 @@
 Ray 2.60 is Train V2: a run resumes when a new TorchTrainer gets the same `RunConfig(name, storage_path)`
 (`restore()` raises), so the run name is the resume key. Because that resume would otherwise be silent,
 `launch` refuses a name that already has checkpoints unless `resume=True`.
+
+`storage_path` and `data_dir` may be URIs (`s3://bucket/runs`, any pyarrow/fsspec filesystem): Ray Train
+uploads checkpoints there and workers download the one they resume from; shards stream through a node-local
+cache (`data_prep.remote`). Milestone files and markers, which the milestone flow reads as files, then go
+under `local_dir` (a shared path on a cluster).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from data_prep.remote import filesystem, is_remote
 from rwkv5.errors import ConfigError
 from rwkv5.train.callbacks import Callback
 from rwkv5.train.checkpoint import list_checkpoints
@@ -19,17 +25,37 @@ from rwkv5.train.worker import OFFLINE_ENV, TrainJob, ray_train_fn
 __all__ = ["launch", "check_resume", "ensure_ray"]
 
 # Variables the workers need from the driver's environment.
+# Object-store settings are forwarded, credentials are not: clusters use instance roles or their own env.
 _FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "PREFECT_API_URL",
-                  "RWKV5_WKV_BACKEND", "HF_HUB_DISABLE_TELEMETRY")
+                  "RWKV5_WKV_BACKEND", "HF_HUB_DISABLE_TELEMETRY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+                  "AWS_REGION", "RWKV5_SHARD_CACHE", "RWKV5_SHARD_CACHE_BYTES")
 
 
-def check_resume(storage_path: str | Path, run_name: str, resume: bool) -> list[Path]:
+def _remote_checkpoints(run_uri: str) -> list[str]:
+    """`step_*` folders under a run URI that hold a trainer state (Ray writes it last), oldest first."""
+    import pyarrow.fs as pafs
+
+    from rwkv5.train.checkpoint import STATE_FILE
+
+    fs, base = filesystem(run_uri)
+    entries = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    steps = sorted(e.base_name for e in entries if e.base_name.startswith("step_"))
+    return [f"{run_uri}/{name}" for name in steps
+            if fs.get_file_info(f"{base}/{name}/{STATE_FILE}").type == pafs.FileType.File]
+
+
+def check_resume(storage_path: str | Path, run_name: str, resume: bool) -> list[Path] | list[str]:
     """The run's complete checkpoints; raises if there are some and `resume` is off (no silent resume)."""
-    found = list_checkpoints(Path(storage_path) / run_name)
+    if is_remote(storage_path):
+        run_dir = f"{str(storage_path).rstrip('/')}/{run_name}"
+        found = _remote_checkpoints(run_dir)
+    else:
+        run_dir = Path(storage_path) / run_name
+        found = list_checkpoints(run_dir)
     if found and not resume:
         raise ConfigError(
-            f"run {run_name!r} already has {len(found)} checkpoint(s) under {Path(storage_path) / run_name} "
-            f"(latest {found[-1].name}): pass --resume to continue it, or pick another --run-name"
+            f"run {run_name!r} already has {len(found)} checkpoint(s) under {run_dir} "
+            f"(latest {str(found[-1]).rsplit('/', 1)[-1]}): pass --resume to continue it, or pick another --run-name"
         )
     return found
 
@@ -61,14 +87,15 @@ def launch(
     callbacks: list[Callback] | None = None,
     max_failures: int = 3,
     ray_address: str | None = None,
+    local_dir: str | Path | None = None,
 ):
     """Run (or resume) pretraining run `run_name` on `workers` Ray workers; returns Ray's `Result`.
 
     Args:
         config (RunConfig): the run preset.
         run_name (str): the resume key; checkpoints go to storage_path/run_name.
-        data_dir: dataset directory every worker can read.
-        storage_path: checkpoint root every worker can write (local disk or NFS).
+        data_dir: dataset directory every worker can read (shared path or URI such as s3://bucket/tokens).
+        storage_path: checkpoint root every worker can write (shared path, or a URI such as s3://bucket/runs).
         workers (int): data-parallel workers. Default: 1.
         gpus_per_worker (int): 0 runs on CPU with gloo; 1 gives each worker a GPU and NCCL. Default: 0.
         resume (bool): continue a run that has checkpoints. Default: False.
@@ -76,6 +103,8 @@ def launch(
         callbacks (list[Callback]): extra hooks run on every worker. Default: none.
         max_failures (int): worker-group restarts from the last checkpoint before giving up. Default: 3.
         ray_address (str, optional): a cluster to join. Default: this process's Ray, RAY_ADDRESS, or a new one.
+        local_dir (path, optional): with a URI storage_path, where milestone files go. Default:
+            $RWKV5_HOME/runs (./.state/runs).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -83,11 +112,15 @@ def launch(
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
     config.batch.grad_accum(workers)
-    storage_path = Path(storage_path).resolve()
-    check_resume(storage_path, run_name, resume)
+    storage = _location(storage_path)
+    check_resume(storage, run_name, resume)
     ensure_ray(ray_address)
-    job = TrainJob(config=config, run_name=run_name, data_dir=str(Path(data_dir).resolve()),
-                   storage_path=str(storage_path), init_missing=init_missing, callbacks=list(callbacks or []))
+    if is_remote(storage):
+        files_root = Path(local_dir or Path(os.environ.get("RWKV5_HOME", ".state")) / "runs").resolve()
+    else:
+        files_root = Path(storage)
+    job = TrainJob(config=config, run_name=run_name, data_dir=_location(data_dir), storage_path=str(files_root),
+                   init_missing=init_missing, callbacks=list(callbacks or []))
     env = dict(OFFLINE_ENV) | {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": 1} | ({"GPU": gpus_per_worker} if use_gpu else {})
@@ -99,10 +132,15 @@ def launch(
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=run_name,
-            storage_path=str(storage_path),
+            storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.keep_last),
             worker_runtime_env={"env_vars": env},
         ),
     )
     return trainer.fit()
+
+
+def _location(path: str | Path) -> str:
+    """An absolute local path, or a URI as given (minus a trailing slash)."""
+    return str(path).rstrip("/") if is_remote(path) else str(Path(path).resolve())
