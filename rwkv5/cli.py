@@ -398,6 +398,42 @@ def release(
         typer.echo(f"registered as {report.model_version.name} version {report.model_version.version}")
 
 
+@app.command("eval")
+@one_line_errors
+def eval_(
+    checkpoint: str = typer.Argument(..., help="Native checkpoint, or an RWKV-LM / rwkv-package .pth."),
+    lambada: str = typer.Option(None, help="LAMBADA (OpenAI) JSONL file: last-word accuracy and perplexity."),
+    validation: str = typer.Option(None, help="Tokenized validation split: loss and perplexity per source."),
+    limit: int = typer.Option(None, help="Only the first N LAMBADA passages / validation windows."),
+    out: str = typer.Option(None, help="JSON report path. Default: CHECKPOINT's name + .eval.json."),
+    mlflow_run_id: str = typer.Option(None, help="Log into this MLflow run (e.g. the milestone's)."),
+    tracking_uri: str = typer.Option(None, help="MLflow server. Default: MLFLOW_TRACKING_URI if set."),
+) -> None:
+    """Evaluate a checkpoint: print a table, write a JSON report, and log to MLflow when one is given."""
+    import os
+
+    from rwkv5.errors import ConfigError
+    from rwkv5.evaluate import evaluate_checkpoint, format_table, log_to_mlflow, write_report
+
+    if not lambada and not validation:
+        raise ConfigError("eval: give --lambada FILE and/or --validation SHARDS")
+    model = _load_for_inference(checkpoint)
+    encode = None
+    if lambada:
+        from data_prep.tokenizer import load_tokenizer
+
+        encode = load_tokenizer().encode
+    report = evaluate_checkpoint(model, encode, lambada=lambada, validation=validation, limit=limit)
+    report["checkpoint"] = checkpoint
+    typer.echo(format_table(report))
+    path = write_report(report, out or f"{checkpoint}.eval.json")
+    typer.echo(f"report: {path}")
+    tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if mlflow_run_id or tracking_uri:
+        run_id = log_to_mlflow(report, run_id=mlflow_run_id, tracking_uri=tracking_uri)
+        typer.echo(f"mlflow run: {run_id}")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m rwkv5.cli`
     app()
 

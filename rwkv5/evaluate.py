@@ -1,14 +1,19 @@
-"""Evaluation: validation loss and perplexity per SlimPajama source.
+"""Evaluation: validation loss and perplexity per SlimPajama source, LAMBADA, and the report around them.
 
 Windows come from the validation split in stream order (each exactly once), so the numbers are a pure
-function of the checkpoint and the dataset.
+function of the checkpoint and the dataset. `evaluate_checkpoint` runs what is asked for (`rwkv5 eval`),
+`format_table` prints it, `write_report` stores it as JSON and `log_to_mlflow` adds it to an MLflow run
+(the milestone's run when its id is given).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +21,15 @@ import torch.nn.functional as F
 from data_prep.loader import validation_dataset
 from rwkv5.model import RWKV5
 
-__all__ = ["ValidationResult", "validation_loss"]
+__all__ = [
+    "ValidationResult",
+    "validation_loss",
+    "evaluate_checkpoint",
+    "flat_metrics",
+    "format_table",
+    "write_report",
+    "log_to_mlflow",
+]
 
 
 @dataclass
@@ -79,3 +92,116 @@ def validation_loss(
         for s in sorted(sums)
     }
     return ValidationResult(loss=sum(sums.values()) / max(tokens, 1), tokens=tokens, by_source=by_source)
+
+
+def evaluate_checkpoint(
+    model: RWKV5,
+    encode=None,
+    lambada: str | None = None,
+    validation: str | None = None,
+    limit: int | None = None,
+    ctx_len: int = 128,
+    batch_size: int = 4,
+) -> dict:
+    """The evaluations asked for, as one JSON-ready report.
+
+    Args:
+        model (RWKV5): the model, in eval mode on its device.
+        encode: text -> token ids; needed for LAMBADA.
+        lambada (str, optional): LAMBADA JSONL file.
+        validation (str, optional): tokenized validation split (manifest.json).
+        limit (int, optional): first LAMBADA passages / validation windows only (smoke runs). Default: all.
+        ctx_len (int), batch_size (int): validation windows. Defaults: 128, 4.
+
+    Returns:
+        `{"lambada": {"accuracy", "ppl", "samples"}, "validation": {"loss", "ppl", "tokens", "by_source"}}`,
+        with only the parts asked for.
+    """
+    from rwkv5.lambada import lambada_eval
+
+    report: dict = {}
+    if lambada:
+        report["lambada"] = lambada_eval(model, encode, lambada, limit=limit).to_dict()
+    if validation:
+        report["validation"] = validation_loss(model, validation, ctx_len, batch_size, max_windows=limit).to_dict()
+    return report
+
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    """MLflow metric names for a report: `lambada_accuracy`, `val_loss`, `val_loss.<source>`, ..."""
+    metrics: dict[str, float] = {}
+    if "lambada" in report:
+        metrics["lambada_accuracy"] = report["lambada"]["accuracy"]
+        metrics["lambada_ppl"] = report["lambada"]["ppl"]
+    if "validation" in report:
+        val = report["validation"]
+        metrics["val_loss"], metrics["val_ppl"] = val["loss"], val["ppl"]
+        for source, row in val["by_source"].items():
+            metrics[f"val_loss.{source}"], metrics[f"val_ppl.{source}"] = row["loss"], row["ppl"]
+    return metrics
+
+
+def format_table(report: dict) -> str:
+    """A plain-text table: one row per metric (and per validation source)."""
+    rows = [("metric", "value")]
+    if "lambada" in report:
+        lam = report["lambada"]
+        rows += [(f"lambada accuracy (n={lam['samples']})", f"{lam['accuracy']:.4f}"),
+                 ("lambada ppl", f"{lam['ppl']:.3f}")]
+    if "validation" in report:
+        val = report["validation"]
+        rows += [(f"validation loss (tokens={val['tokens']})", f"{val['loss']:.4f}"),
+                 ("validation ppl", f"{val['ppl']:.3f}")]
+        for source, row in val["by_source"].items():
+            rows.append((f"  {source} loss / ppl", f"{row['loss']:.4f} / {row['ppl']:.3f}"))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def write_report(report: dict, path: str | os.PathLike) -> Path:
+    """Write the report as JSON atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=1, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def log_to_mlflow(
+    report: dict,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str = "rwkv5-eval",
+    prefix: str = "eval.",
+    artifact_file: str = "eval/report.json",
+) -> str:
+    """Log the report's metrics (and the report as an artifact) to MLflow; returns the run id.
+
+    Args:
+        report (dict): from `evaluate_checkpoint`.
+        run_id (str, optional): an existing run (the milestone's); otherwise a new run in `experiment`.
+        tracking_uri (str, optional): MLflow server. Default: MLFLOW_TRACKING_URI.
+        experiment (str): experiment of a new run. Default: "rwkv5-eval".
+        prefix (str): put before every metric name (keeps them apart from training metrics). Default: "eval.".
+        artifact_file (str): where the JSON goes in the run's artifacts. Default: "eval/report.json".
+    """
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    if run_id is None:
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+        run_id = client.create_run(exp_id).info.run_id
+        finish = True
+    else:
+        finish = False
+    for name, value in flat_metrics(report).items():
+        client.log_metric(run_id, prefix + name, float(value))
+    client.log_dict(run_id, report, artifact_file)
+    if finish:
+        client.set_terminated(run_id)
+    return run_id
