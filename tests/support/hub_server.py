@@ -87,22 +87,36 @@ class HubFile:
 
 @dataclass
 class HubRepo:
-    """A repo at one commit, with branch names pointing at it."""
+    """A repo: its latest commit (`commit`, `files`), branch and tag names, and every earlier commit's files.
+
+    Repos served from a folder (`add_repo`) have one commit; the upload routes (`tests.support.hub_upload`) add
+    commits, branches and tags.
+    """
 
     repo_type: str
     repo_id: str
     commit: str
     files: dict[str, HubFile]
     branches: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    history: dict[str, dict[str, HubFile]] = field(default_factory=dict)
+    private: bool = False
+
+    def __post_init__(self) -> None:
+        self.history.setdefault(self.commit, self.files)
 
     def resolve(self, revision: str) -> str | None:
-        """Commit sha for a branch name or the commit itself; None when unknown."""
-        if revision == self.commit:
-            return self.commit
-        return self.branches.get(revision)
+        """Commit sha for a branch or tag name or a known commit; None when unknown."""
+        if revision in self.history:
+            return revision
+        return self.branches.get(revision) or self.tags.get(revision)
 
-    def directories(self) -> set[str]:
-        return {p.rsplit("/", i)[0] for p in self.files for i in range(1, p.count("/") + 1)}
+    def files_at(self, commit: str) -> dict[str, HubFile]:
+        return self.history[commit]
+
+    def directories(self, commit: str | None = None) -> set[str]:
+        files = self.files if commit is None else self.history[commit]
+        return {p.rsplit("/", i)[0] for p in files for i in range(1, p.count("/") + 1)}
 
 
 @dataclass
@@ -390,7 +404,7 @@ class HubStandIn:
             return error
         blobs = request.query.get("blobs", ["false"])[0].lower() in ("1", "true")
         siblings = []
-        for f in repo.files.values():
+        for f in repo.files_at(commit).values():
             sibling: dict = {"rfilename": f.path}
             if blobs:
                 sibling.update(size=f.size, blobId=f.git_oid)
@@ -398,16 +412,17 @@ class HubStandIn:
                     sibling["lfs"] = {"sha256": f.sha256, "size": f.size, "pointerSize": _LFS_POINTER_SIZE}
             siblings.append(sibling)
         return Response.json({"_id": commit[:24], "id": repo.repo_id, "author": repo.repo_id.split("/")[0],
-                              "sha": commit, "private": self.token is not None, "gated": False, "disabled": False,
+                              "sha": commit, "private": repo.private or self.token is not None, "gated": False, "disabled": False,
                               "lastModified": "2023-06-01T00:00:00.000Z", "tags": [], "siblings": siblings})
 
     def _tree(self, request: Request, groups: dict[str, str]) -> Response:
-        repo, _, error = self._find(groups)
+        repo, commit, error = self._find(groups)
         if error:
             return error
+        files = repo.files_at(commit)
         base = (groups.get("path") or "").strip("/")
         recursive = request.query.get("recursive", ["false"])[0].lower() in ("1", "true")
-        dirs = repo.directories()
+        dirs = repo.directories(commit)
         if base and base not in dirs:
             return Response.error(404, f"Entry not found: {base}", "EntryNotFound")
         prefix = f"{base}/" if base else ""
@@ -417,7 +432,7 @@ class HubStandIn:
 
         entries = [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
                    for d in sorted(dirs) if wanted(d)]
-        entries += [f.tree_entry() for p, f in sorted(repo.files.items()) if wanted(p)]
+        entries += [f.tree_entry() for p, f in sorted(files.items()) if wanted(p)]
         start = int(request.query.get("cursor", ["0"])[0])
         page = entries[start:start + self.page_size]
         headers = {}
@@ -427,16 +442,17 @@ class HubStandIn:
         return Response.json(page, headers=headers)
 
     def _paths_info(self, request: Request, groups: dict[str, str]) -> Response:
-        repo, _, error = self._find(groups)
+        repo, commit, error = self._find(groups)
         if error:
             return error
+        files = repo.files_at(commit)
         form = parse_qs(request.body.decode())
-        dirs = repo.directories()
+        dirs = repo.directories(commit)
         out = []
         for path in form.get("paths", []):
             path = path.strip("/")
-            if path in repo.files:
-                out.append(repo.files[path].tree_entry())
+            if path in files:
+                out.append(files[path].tree_entry())
             elif path in dirs:
                 out.append({"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "path": path})
         return Response.json(out)
@@ -445,7 +461,7 @@ class HubStandIn:
         repo, commit, error = self._find(groups)
         if error:
             return error
-        f = repo.files.get(groups["path"])
+        f = repo.files_at(commit).get(groups["path"])
         if f is None:
             return Response.error(404, f"Entry not found: {groups['path']}", "EntryNotFound")
         headers = {"X-Repo-Commit": commit, "Accept-Ranges": "bytes"}
