@@ -105,14 +105,12 @@ def test_loss_falls_and_order_is_global(reference, token_data, cfg):
     assert reference[2 * N - 1]["loss"] < min(reference[0]["loss"] - 0.25, math.log(512) - 0.15)
 
 
-def test_exact_resume_mlflow_and_milestones(reference, mlflow_server, token_data, storage, cfg, monkeypatch):
-    import mlflow
+def test_exact_resume_and_milestones(reference, token_data, storage, cfg):
     from safetensors import safe_open
 
+    from rwkv5.checkpoint import FORMAT
     from rwkv5.train.launch import launch
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     path = storage / "split.jsonl"
     first = launch(cfg.model_copy(update={"stop_at_step": N}), "split", token_data, storage, workers=2,
                    callbacks=[TraceCallback(path)])
@@ -131,13 +129,28 @@ def test_exact_resume_mlflow_and_milestones(reference, mlflow_server, token_data
         done = json.loads((storage / "split" / "milestones" / f"m{index:03d}" / "done.json").read_text())
         assert done["step"] == step
         with safe_open(done["path"], "pt") as f:
-            assert json.loads(f.metadata()["config"])["vocab_size"] == 512
+            assert f.metadata()["format"] == FORMAT  # our native checkpoint, readable by `rwkv5 generate`
+            assert json.loads(f.metadata()["model_config"])["vocab_size"] == 512
             assert f.get_tensor("head.weight").dtype.is_floating_point
             assert str(f.get_tensor("emb.weight").dtype) == "torch.bfloat16"
 
+
+def test_mlflow_run_is_reused_on_resume_and_has_all_metrics(reference, mlflow_server, token_data, storage, cfg,
+                                                            monkeypatch):
+    import mlflow
+
+    from rwkv5.train.launch import launch
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    first = launch(cfg.model_copy(update={"stop_at_step": N}), "tracked", token_data, storage, workers=2)
+    assert first.error is None
+    second = launch(cfg, "tracked", token_data, storage, workers=2, resume=True)
+    assert second.error is None
+
     client = mlflow.MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name(cfg.metrics.mlflow_experiment)
-    runs = client.search_runs([exp.experiment_id], "tags.`rwkv5.run_name` = 'split'")
+    runs = client.search_runs([exp.experiment_id], "tags.`rwkv5.run_name` = 'tracked'")
     assert len(runs) == 1
     metrics = set(runs[0].data.metrics)
     assert {"loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "tokens_per_s_per_device", "mfu",
