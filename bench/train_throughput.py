@@ -1,0 +1,169 @@
+"""Pretraining throughput of the real training function: tokens/s per GPU, MFU, peak memory, step breakdown.
+
+    python3 bench/train_throughput.py --preset 1b5 --steps 30                      # one GPU
+    torchrun --nproc-per-node 2 bench/train_throughput.py --preset 7b --steps 20   # ZeRO-2 across GPUs
+
+Runs `rwkv5.train.worker.train` (the function Ray Train runs for `pretrain/7b`: the same model, CUDA WKV kernel,
+DeepSpeed ZeRO-2 bf16 config with FusedAdam, and packed loader) on synthetic shards, launched by torchrun
+instead of Ray. Steps after `--warmup` are measured. A step is split into phases by timing the engine's
+forward (with the loss), backward (which includes ZeRO-2's overlapped gradient reduce-scatter) and step
+(optimizer, then the parameter all-gather), each ended by a CUDA synchronize on timed steps only; data wait
+comes from the loader. Writes `bench/results/train-<preset>-<gpus>gpu.json` (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rwkv5.train.callbacks import Callback  # noqa: E402
+from rwkv5.train.config import run_preset, with_overrides  # noqa: E402
+from rwkv5.train.worker import TrainJob, train  # noqa: E402
+
+PHASES = ("forward", "backward", "step")
+
+
+class PhaseTimer(Callback):
+    """Wraps the engine's forward/backward/step with synchronized timers and collects per-step rows."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self._phase = {p: 0.0 for p in PHASES}
+
+    def pre_train(self, ctx):
+        super().pre_train(ctx)
+        engine = ctx.engine
+        for name in PHASES:
+            method = getattr(engine, "forward" if name == "forward" else name)
+            setattr(engine, "forward" if name == "forward" else name, self._timed(name, method))
+
+    def _timed(self, phase: str, method):
+        @functools.wraps(method)
+        def run(*args, **kwargs):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = method(*args, **kwargs)
+            torch.cuda.synchronize()
+            self._phase[phase] += time.perf_counter() - t0
+            return out
+
+        return run
+
+    def post_step(self, info, metrics):
+        row = {"step": info.step, "loss": info.loss, "step_time_s": info.step_time_s,
+               "data_wait_s": info.data_wait_s, **{f"{p}_s": v for p, v in self._phase.items()}}
+        self.rows.append(row)
+        self._phase = {p: 0.0 for p in PHASES}
+
+    def log_metrics(self, step, metrics):
+        if self.rows and self.rows[-1]["step"] == step:
+            self.rows[-1].update({k: float(v) for k, v in metrics.items() if k in ("tokens_per_s", "mfu",
+                                                                                   "gpu_mem_gb")})
+
+
+def _documents(tokens: int, seed: int = 0):
+    """Arithmetic sequences of ids (the loss falls visibly, so a broken run shows)."""
+    rng = np.random.default_rng(seed)
+    written = 0
+    while written < tokens:
+        start, step, length = rng.integers(1, 60000), rng.integers(1, 7), rng.integers(500, 8000)
+        written += length + 1
+        yield np.append((start + step * np.arange(length)) % 65000 + 1, 0).astype(np.uint16)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="1b5")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5, help="steps left out of the summary")
+    ap.add_argument("--micro-batch", type=int, default=None, help="override the preset's micro-batch")
+    ap.add_argument("--global-batch", type=int, default=None, help="override (default: micro x GPUs)")
+    ap.add_argument("--grad-checkpoint", choices=("on", "off"), default=None)
+    ap.add_argument("--workdir", default=None, help="shared folder for data and checkpoints (multi-GPU)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cfg = run_preset(args.preset)
+    micro = args.micro_batch or cfg.batch.micro_batch
+    overrides = {"batch.micro_batch": micro, "batch.global_batch": args.global_batch or micro * world,
+                 "checkpoint.every_steps": 10**6, "milestones.fraction": 1.0, "metrics.system_metrics": False}
+    if args.grad_checkpoint:
+        overrides["grad_checkpoint"] = args.grad_checkpoint == "on"
+    cfg = with_overrides(cfg, overrides)
+    cfg = with_overrides(cfg, {"token_budget": (args.steps + 1) * cfg.tokens_per_step,
+                               "stop_at_step": args.steps})
+    work = Path(args.workdir or tempfile.gettempdir()) / f"rwkv5-throughput-{args.preset}-{world}"
+    data = work / "data"
+    if rank == 0 and not (data / "manifest.json").exists():
+        from data_prep.shards import write_token_dataset
+
+        write_token_dataset(data, _documents(cfg.tokens_per_step * (args.steps + 2)), "synthetic-bench",
+                            shard_tokens=100_000_000)
+    while not (data / "manifest.json").exists():
+        time.sleep(1)
+    timer = PhaseTimer()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    train(TrainJob(cfg, f"bench-{time.time_ns()}" if world == 1 else "bench", str(data), str(work / "runs"),
+                   callbacks=[timer], use_gpu=True))
+    wall = time.time() - t0
+    if rank != 0:
+        return
+    steady = timer.rows[args.warmup:]
+
+    def med(key):
+        return statistics.median(r[key] for r in steady if key in r)
+
+    import deepspeed
+
+    from rwkv5.wkv import default_backend
+
+    step_s = med("step_time_s")
+    phases = {p: med(f"{p}_s") for p in PHASES} | {"data_wait": med("data_wait_s")}
+    phases["other"] = max(0.0, step_s - sum(phases.values()))
+    tokens_gpu = cfg.tokens_per_step / step_s / world
+    result = {
+        "command": " ".join(["python3", *sys.argv]) if world == 1 else
+        f"torchrun --nproc-per-node {world} " + " ".join(sys.argv),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "preset": args.preset, "gpus": world, "gpu": torch.cuda.get_device_name(0),
+        "model": cfg.model.model_dump(), "batch": cfg.batch.model_dump(), "grad_checkpoint": cfg.grad_checkpoint,
+        "wkv_backend": default_backend("cuda"), "zero_stage": 2, "dtype": "bf16",
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
+                     "python": platform.python_version()},
+        "steps_measured": len(steady), "step_time_s": step_s, "tokens_per_s_per_gpu": tokens_gpu,
+        "mfu": med("mfu") if any("mfu" in r for r in steady) else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "phases_s": phases, "phase_fraction": {k: v / step_s for k, v in phases.items()},
+        "loss_first": timer.rows[0]["loss"], "loss_last": timer.rows[-1]["loss"], "wall_s": wall,
+        "per_step": timer.rows,
+    }
+    print(f"\n{args.preset} on {world} GPU(s): {tokens_gpu:,.0f} tokens/s/GPU, MFU {result['mfu']}, step "
+          f"{step_s:.3f} s, peak {result['peak_memory_gb']:.1f} GB")
+    print(f"{'phase':<10} {'s':>8} {'share':>7}")
+    for name, seconds in phases.items():
+        print(f"{name:<10} {seconds:>8.4f} {seconds / step_s:>7.1%}")
+    out = Path(args.out or f"bench/results/train-{args.preset}-{world}gpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
