@@ -47,6 +47,8 @@ class TrainContext:
     resumed_from_step: int | None = None
     model: Any = None
     """The module being trained (bf16 weights, full on every rank under ZeRO-2); read it, never modify it."""
+    engine: Any = None
+    """The DeepSpeed engine; benchmarks wrap its forward/backward/step to time the phases of a step."""
 
 
 @dataclass
