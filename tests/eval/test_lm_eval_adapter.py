@@ -1,0 +1,149 @@
+"""lm-eval adapter: requests answered in RNN mode equal one parallel pass; the CLI wrapper runs local tasks."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from rwkv5.config import ModelConfig  # noqa: E402
+from rwkv5.lm_eval_adapter import RWKV5LM  # noqa: E402
+from tests.support.byte_tokenizer import ByteTokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+LAMBADA = ROOT.parent / "shared" / "data" / "lambada_test.jsonl"
+CFG = ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=260)
+
+
+def _req(kind: str, *args) -> Instance:
+    return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+
+def _logprobs(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]))[0].double(), dim=-1)  # (T, V)
+
+
+@pytest.fixture
+def lm(random_model):
+    return RWKV5LM(model=random_model(CFG), tokenizer=ByteTokenizer(), chunk_len=8)
+
+
+def test_loglikelihood_equals_parallel_pass(lm):
+    tok = ByteTokenizer()
+    pairs = [("The quick brown", " fox jumps over"), ("The quick brown", " cat"), ("", "hello")]
+    got = lm.loglikelihood([_req("loglikelihood", *p) for p in pairs], disable_tqdm=True)
+    for (context, continuation), (ll, greedy) in zip(pairs, got):
+        ctx = tok.encode(context) if context else [0]
+        cont = tok.encode(continuation)
+        logp = _logprobs(lm.model, ctx + cont[:-1])[len(ctx) - 1 :]
+        assert ll == pytest.approx(sum(float(logp[i, t]) for i, t in enumerate(cont)), rel=1e-5)
+        assert greedy == all(int(logp[i].argmax()) == t for i, t in enumerate(cont))
+
+
+def test_loglikelihood_rolling_scores_every_token_once(lm):
+    text = "A document longer than one chunk of eight tokens."
+    (ll,) = lm.loglikelihood_rolling([_req("loglikelihood_rolling", text)], disable_tqdm=True)
+    ids = ByteTokenizer().encode(text)
+    logp = _logprobs(lm.model, [0] + ids[:-1])
+    assert ll == pytest.approx(sum(float(logp[i, t]) for i, t in enumerate(ids)), rel=1e-5)
+
+
+def test_generate_until_is_greedy_and_stops(lm):
+    tok = ByteTokenizer()
+    context = "Once upon a time"
+    ids = [0] + tok.encode(context)
+    expected = []
+    for _ in range(6):
+        nxt = int(_logprobs(lm.model, ids + expected)[-1].argmax())
+        expected.append(nxt)
+    (free,) = lm.generate_until([_req("generate_until", context, {"until": [], "max_gen_toks": 6})],
+                                disable_tqdm=True)
+    assert free == tok.decode(expected)
+    stop = free[2:4] if len(free) >= 4 else free[-1:]
+    (cut,) = lm.generate_until([_req("generate_until", context, {"until": [stop], "max_gen_toks": 6})],
+                               disable_tqdm=True)
+    assert cut == free.split(stop, 1)[0]
+
+
+TASKS = """\
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LAMBADA.is_file(), reason=f"{LAMBADA} absent (project reference data)")
+def test_cli_wrapper_runs_local_tasks_on_a_tiny_checkpoint(tmp_path):
+    """`python -m rwkv5.lm_eval_adapter --model rwkv5 ...` (= `rwkv5-lm-eval`) on three local task files."""
+    from rwkv5.checkpoint import save_checkpoint
+    from rwkv5.config import model_preset
+    from rwkv5.model import RWKV5
+
+    data = tmp_path / "lambada_slice.jsonl"
+    with open(LAMBADA, encoding="utf-8") as f:
+        data.write_text("".join(next(f) for _ in range(3)), encoding="utf-8")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "ll.yaml").write_text(TASKS.format(name="rwkv5_lambada_local", data=data) + """\
+output_type: loglikelihood
+doc_to_text: "{{text.split(' ')[:-1]|join(' ')}}"
+doc_to_target: "{{' ' + text.split(' ')[-1]}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    (tasks / "rolling.yaml").write_text(TASKS.format(name="rwkv5_rolling_local", data=data) + """\
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+""")
+    (tasks / "gen.yaml").write_text(TASKS.format(name="rwkv5_gen_local", data=data) + """\
+output_type: generate_until
+doc_to_text: "{{text.split(' ')[:-1]|join(' ')}}"
+doc_to_target: "{{' ' + text.split(' ')[-1]}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 4
+metric_list:
+  - metric: exact_match
+""")
+    ckpt = tmp_path / "tiny.safetensors"
+    env = os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                        "HF_HOME": str(tmp_path / "hf")}
+    save_checkpoint(RWKV5(model_preset("tiny")), ckpt)  # what `rwkv5 init --preset tiny` writes
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "rwkv5.lm_eval_adapter", "--model", "rwkv5", "--model_args", f"checkpoint={ckpt}",
+         "--tasks", "rwkv5_lambada_local,rwkv5_rolling_local,rwkv5_gen_local", "--include_path", str(tasks),
+         "--device", "cpu", "--output_path", str(out)],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (results_file,) = out.rglob("results_*.json")
+    results = json.loads(results_file.read_text())["results"]
+    lam = results["rwkv5_lambada_local"]
+    assert 0 <= lam["acc,none"] <= 1 and math.isfinite(lam["perplexity,none"]) and lam["perplexity,none"] > 1
+    assert math.isfinite(results["rwkv5_rolling_local"]["word_perplexity,none"])
+    assert results["rwkv5_rolling_local"]["bits_per_byte,none"] > 0
+    assert results["rwkv5_gen_local"]["exact_match,none"] in (0.0, 1 / 3, 2 / 3, 1.0)
