@@ -32,6 +32,8 @@ def offline_env() -> dict[str, str]:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "DO_NOT_TRACK": "1",
+        # `ray start --head` gives its dashboard 60 s to come up by default; a busy 2-core box needs more.
+        "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600",
     }
 
 
