@@ -134,9 +134,15 @@ def build_release(
     Returns:
         The folder.
     """
-    out = Path(out_dir)
     checkpoints, vocab = _sources(checkpoint, finetune, vocab_path)
     evals = _nested_evals(evals)
+    inputs = _inputs(checkpoints, name, evals, loss_history, extra_meta or {}, vocab)
+    return _build(Path(out_dir), checkpoints, vocab, name, evals, loss_history, extra_meta or {}, inputs)
+
+
+def _build(out: Path, checkpoints: Mapping[str, Path], vocab: Path, name: str, evals: dict,
+           loss_history: Sequence | None, extra_meta: Mapping, inputs: dict) -> Path:
+    """`build_release` once its inputs are checked and fingerprinted (hashing a 7B checkpoint takes a while)."""
     stage = out.with_name(f".{out.name}.staging-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
@@ -147,7 +153,7 @@ def build_release(
             if config is not None and cfg != config:
                 raise CheckpointError(f"{path}: the fine-tune's config differs from the base's ({cfg} vs {config})")
             config = cfg
-            variants[variant] = {**meta, **(extra_meta or {})}
+            variants[variant] = {**meta, **extra_meta}
             export_rwkv_pth(state_dict, stage / variant / "model.pth", torch.bfloat16)
             export_safetensors(state_dict, cfg, stage / variant, torch.bfloat16)
             del state_dict
@@ -162,7 +168,7 @@ def build_release(
         manifest = {
             "format": FORMAT,
             "name": name,
-            "inputs": _inputs(checkpoints, name, evals, loss_history, extra_meta or {}, vocab),
+            "inputs": inputs,
             "model_config": config.model_dump(),
             "parameters": count_parameters(config),
             "variants": {v: {"metadata": m, "evals": evals.get(v, {})} for v, m in variants.items()},
@@ -335,8 +341,8 @@ def release(
     uploaded: list[str] = []
     if remote is None or remote.get("inputs") != inputs or _check_files(target, remote["files"], listing, False):
         with tempfile.TemporaryDirectory(prefix="rwkv5-release-", dir=work_dir) as tmp:
-            folder = build_release(Path(tmp) / "release", checkpoint, name=name, finetune=finetune, evals=evals,
-                                   loss_history=loss_history, extra_meta=extra_meta, vocab_path=vocab)
+            folder = _build(Path(tmp) / "release", checkpoints, vocab, name, evals, loss_history,
+                            extra_meta or {}, inputs)
             uploaded = publish_release(folder, target, replace=replace)
     report = PublishReport(target.url, uploaded)
     if register_as:

@@ -44,7 +44,8 @@ def do_release(checkpoints, to, **kw):
 
 @pytest.fixture
 def hub(hub_uploads: HubUploads, tmp_path, monkeypatch):
-    """The stand-in, emptied, requiring a Hub token; hf_xet's caches in this test's folder."""
+    """The stand-in, emptied, requiring the Hub token that HF_TOKEN holds; hf_xet's caches in this test's folder."""
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.setenv("HF_XET_CACHE", str(tmp_path / "xet-cache"))
     hub_uploads.hub.reset()
@@ -56,7 +57,7 @@ def hub(hub_uploads: HubUploads, tmp_path, monkeypatch):
 
 
 def hub_target(hub: HubUploads, revision: str = "m010") -> HubTarget:
-    return HubTarget(f"hf://org/tiny@{revision}", endpoint=hub.hub.url, token=HUB_TOKEN)
+    return HubTarget(f"hf://org/tiny@{revision}", endpoint=hub.hub.url)  # token: from HF_TOKEN
 
 
 @pytest.fixture
@@ -124,7 +125,7 @@ def test_release_pth_loads_in_rwkv_package(checkpoints, rwkv_package, tmp_path):
     assert rel_err(other, expected) > 1e-1
 
 
-def test_three_targets_same_manifest_rerun_uploads_nothing(checkpoints, tmp_path, s3, hub, mlflow_server):
+def test_three_targets_same_manifest_rerun_uploads_nothing(checkpoints, tmp_path, s3, hub):
     targets = {kind: make_target(kind, tmp_path, s3, hub) for kind in ("local", "s3", "hub")}
     manifests = {}
     for kind, target in targets.items():
@@ -151,12 +152,22 @@ def test_three_targets_same_manifest_rerun_uploads_nothing(checkpoints, tmp_path
     writes = [r.route for r in hub.hub.requests[before:] if r.method == "POST" and r.route != "paths_info"]
     assert writes == []
 
-    first = do_release(checkpoints, targets["hub"], register_as="tiny-base", tracking_uri=mlflow_server)
-    second = do_release(checkpoints, targets["s3"], register_as="tiny-base", tracking_uri=mlflow_server)
-    again = do_release(checkpoints, targets["hub"], register_as="tiny-base", tracking_uri=mlflow_server)
-    assert first.model_version.source == "hf://org/tiny@m010"
-    assert second.model_version.source == targets["s3"].url
+
+def test_registered_in_mlflow_by_uri(checkpoints, s3, s3_server, mlflow_server):
+    from mlflow import MlflowClient
+
+    base, _ = checkpoints
+    first = release(base, s3(), name="tiny-m010", register_as="tiny-base", tracking_uri=mlflow_server)
+    bucket = first.url.split("/")[2]
+    other = FsspecTarget(f"s3://{bucket}/releases/tiny-m020", storage_options=s3_server)
+    second = release(base, other, name="tiny-m020", register_as="tiny-base", tracking_uri=mlflow_server)
+    again = release(base, s3(), name="tiny-m010", register_as="tiny-base", tracking_uri=mlflow_server)
+    assert again.uploaded == []
+    assert first.model_version.source == first.url and second.model_version.source == other.url
     assert again.model_version.version == first.model_version.version != second.model_version.version
+    versions = MlflowClient(tracking_uri=mlflow_server).search_model_versions("name='tiny-base'")
+    assert sorted(v.source for v in versions) == sorted([first.url, other.url])  # a re-run adds no version
+    assert {v.tags["release_name"] for v in versions} == {"tiny-m010", "tiny-m020"}
 
 
 @pytest.mark.parametrize("kind", ["local", "s3", "hub"])
