@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# First start of the postgres container: one role and one database each for Prefect and MLflow.
+set -euo pipefail
+psql -v ON_ERROR_STOP=1 --username postgres <<SQL
+CREATE ROLE prefect LOGIN PASSWORD '${PREFECT_DB_PASSWORD}';
+CREATE DATABASE prefect OWNER prefect;
+CREATE ROLE mlflow LOGIN PASSWORD '${MLFLOW_DB_PASSWORD}';
+CREATE DATABASE mlflow OWNER mlflow;
+SQL

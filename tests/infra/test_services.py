@@ -1,0 +1,250 @@
+"""infra/services: the production settings of docker-compose.yml, run for real without Docker: a PostgreSQL
+from Debian's packages, the compose file's database init script, Prefect's migration and server, and MLflow
+with its backend on PostgreSQL and artifacts on S3 (moto). A flow run logs an MLflow run through both.
+
+Redis is not available here, so the Prefect server runs as one process with in-memory messaging: the
+compose file's Redis settings and `--workers 4 --no-services` are the only parts not exercised.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+SERVICES = Path(__file__).resolve().parents[2] / "infra" / "services"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))[-1:]
+    return found[0] if isinstance(found, list) and found else (found or None)
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} substitution."""
+
+    def sub(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3) or ""
+        value = env.get(name, "")
+        if op == ":?" and not value:
+            raise KeyError(f"{name} must be set: {arg}")
+        return value if value or op != ":-" else arg
+
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", sub, text)
+
+
+def _compose(env: dict[str, str]) -> dict:
+    return yaml.safe_load(interpolate((SERVICES / "docker-compose.yml").read_text(), env))
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=3)
+            return
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                _stop(proc)
+                raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+
+
+def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """Own process group, so `_stop` also ends the server's workers."""
+    with open(log, "w") as out:
+        return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL cluster on 127.0.0.1 (password auth over TCP), run as the `postgres` user when we are root."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries not installed (.ci/run installs Debian's postgresql)")
+    import tempfile
+
+    # Not under pytest's tmp folder: that is private to root, and the server may run as `postgres`.
+    root = Path(tempfile.mkdtemp(prefix="rwkv5-pg-"))
+    data, port = root / "data", _free_port()
+    superpw = secrets.token_hex(8)
+    (root / "pw").write_text(superpw)
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        as_user = ["runuser", "-u", "postgres", "--"]
+        for path in (root, root / "pw"):
+            shutil.chown(path, "postgres")
+    subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth-local=trust",
+                    "--auth-host=scram-sha-256", f"--pwfile={root / 'pw'}", "-E", "UTF8", "--no-sync"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(root / "pg.log"), "-w", "-t", "120", "-o",
+                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True)
+    try:
+        yield {"host": "127.0.0.1", "port": port, "socket_dir": str(root), "password": superpw}
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def stack(postgres, s3_bucket, s3_server, tmp_path_factory):
+    """The compose file's databases, Prefect server and MLflow server, with test values for its variables."""
+    root = tmp_path_factory.mktemp("services")
+    env = {
+        "POSTGRES_HOST": postgres["host"], "POSTGRES_PORT": str(postgres["port"]),
+        "POSTGRES_PASSWORD": postgres["password"], "PREFECT_DB_PASSWORD": secrets.token_hex(8),
+        "MLFLOW_DB_PASSWORD": secrets.token_hex(8), "RWKV5_IMAGE": "unused-here",
+        "MLFLOW_ARTIFACTS": f"s3://{s3_bucket}/mlflow", "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_S3_ENDPOINT_URL": s3_server["client_kwargs"]["endpoint_url"], "REDIS_HOST": "unused-here",
+    }
+    compose = _compose(env)["services"]
+    # The postgres image runs init-databases.sh once over its local socket; so do we.
+    subprocess.run(["bash", str(SERVICES / "init-databases.sh")], check=True, capture_output=True,
+                   env=os.environ | env | {"PGHOST": postgres["socket_dir"], "PGPORT": str(postgres["port"])})
+
+    base = os.environ | {"PREFECT_HOME": str(root / "prefect-home"), "DO_NOT_TRACK": "1"}
+    prefect_env = {k: str(v) for k, v in compose["prefect-api"]["environment"].items()}
+    assert prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://prefect:")
+    local_prefect = {k: v for k, v in prefect_env.items() if "redis" not in v}  # no Redis here (module doc)
+    migrate = shlex.split(compose["prefect-migrate"]["command"])
+    subprocess.run(migrate, check=True, capture_output=True, env=base | local_prefect, timeout=600)
+
+    procs = []
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    api = shlex.split(compose["prefect-api"]["command"])
+    assert api[:3] == ["prefect", "server", "start"] and "--workers" in api
+    api = api[:3] + ["--host", "127.0.0.1", "--port", str(prefect_port)]
+    log = root / "prefect.log"
+    procs.append(_start(api, base | local_prefect, log))
+    prefect_url = f"http://127.0.0.1:{prefect_port}/api"
+
+    ml = compose["mlflow"]
+    cmd = shlex.split(ml["command"])
+    for flag, value in (("--host", "127.0.0.1"), ("--port", str(mlflow_port)), ("--workers", "1")):
+        cmd[cmd.index(flag) + 1] = value
+    assert cmd[cmd.index("--backend-store-uri") + 1].startswith("postgresql+psycopg2://mlflow:")
+    mlog = root / "mlflow.log"
+    # Job execution spawns a dozen consumer processes this test does not need on a 2-core CI box.
+    ml_env = base | {k: str(v) for k, v in ml["environment"].items()} | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    procs.append(_start(cmd, ml_env, mlog))
+    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+    try:
+        _wait_http(f"{prefect_url}/health", procs[0], log)
+        _wait_http(f"{mlflow_url}/health", procs[1], mlog)
+        yield {"prefect": prefect_url, "mlflow": mlflow_url, "env": env, "root": root}
+    finally:
+        for proc in procs:
+            _stop(proc)
+
+
+FLOW = '''
+import os, sys
+import mlflow
+from prefect import flow, task
+
+@task
+def log_run(value: float) -> str:
+    mlflow.set_experiment("services-smoke")
+    with mlflow.start_run(run_name="smoke") as run:
+        mlflow.log_param("source", "prefect")
+        mlflow.log_metric("loss", value, step=1)
+        mlflow.log_text("hello from the flow", "notes/hello.txt")
+    return run.info.run_id
+
+@flow(name="services-smoke")
+def smoke(value: float) -> str:
+    return log_run(value)
+
+print("RUN_ID", smoke(1.25))
+'''
+
+
+def test_flow_and_mlflow_run_land_in_postgres_and_s3(stack, postgres, s3_bucket, s3_server):
+    import boto3
+    import psycopg2
+
+    script = stack["root"] / "smoke.py"
+    script.write_text(FLOW)
+    env = os.environ | {"PREFECT_API_URL": stack["prefect"], "MLFLOW_TRACKING_URI": stack["mlflow"],
+                        "PREFECT_HOME": str(stack["root"] / "client-home"), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = re.search(r"RUN_ID (\w+)", done.stdout).group(1)
+
+    def query(db: str, password: str, sql: str, *args):
+        with psycopg2.connect(host="127.0.0.1", port=postgres["port"], dbname=db, user=db,
+                              password=password) as conn, conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall()
+
+    # The flow run and its task run are rows of Prefect's PostgreSQL database, in a final Completed state.
+    rows = query("prefect", stack["env"]["PREFECT_DB_PASSWORD"],
+                 "SELECT fr.state_type, fr.id FROM flow_run fr JOIN flow f ON f.id = fr.flow_id WHERE f.name = %s",
+                 "services-smoke")
+    assert [r[0] for r in rows] == ["COMPLETED"]
+    tasks = query("prefect", stack["env"]["PREFECT_DB_PASSWORD"],
+                  "SELECT state_type FROM task_run WHERE flow_run_id = %s", rows[0][1])
+    assert [t[0] for t in tasks] == ["COMPLETED"]
+
+    # The MLflow run and its metric are in MLflow's PostgreSQL database; the artifact went to S3 via the server.
+    ml = query("mlflow", stack["env"]["MLFLOW_DB_PASSWORD"],
+               "SELECT r.status, m.value FROM runs r JOIN metrics m ON m.run_uuid = r.run_uuid "
+               "WHERE r.run_uuid = %s AND m.key = 'loss'", run_id)
+    assert ml == [("FINISHED", 1.25)]
+    s3 = boto3.client("s3", endpoint_url=s3_server["client_kwargs"]["endpoint_url"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="mlflow/").get("Contents", [])]
+    hello = [k for k in keys if k.endswith(f"{run_id}/artifacts/notes/hello.txt")]
+    assert hello, keys
+    assert s3.get_object(Bucket=s3_bucket, Key=hello[0])["Body"].read() == b"hello from the flow"
+
+
+def test_compose_requires_its_secrets_and_wires_redis_for_several_workers():
+    with pytest.raises(KeyError, match="PREFECT_DB_PASSWORD"):
+        _compose({"POSTGRES_PASSWORD": "x", "MLFLOW_DB_PASSWORD": "y", "RWKV5_IMAGE": "i", "MLFLOW_ARTIFACTS": "s3://b"})
+    env = {k: "v" for k in ("POSTGRES_PASSWORD", "PREFECT_DB_PASSWORD", "MLFLOW_DB_PASSWORD", "RWKV5_IMAGE",
+                             "MLFLOW_ARTIFACTS")}
+    services = _compose(env)["services"]
+    api = services["prefect-api"]
+    workers = int(shlex.split(api["command"])[shlex.split(api["command"]).index("--workers") + 1])
+    assert workers > 1 and "--no-services" in api["command"] and "prefect-services" in services
+    for key, module in (("PREFECT_MESSAGING_BROKER", "prefect_redis.messaging"),
+                        ("PREFECT_SERVER_EVENTS_CAUSAL_ORDERING", "prefect_redis.ordering"),
+                        ("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect_redis.lease_storage")):
+        assert api["environment"][key] == module
+        __import__(module)  # the [services] extra installs prefect-redis
+    assert api["environment"]["PREFECT_SERVER_DOCKET_URL"] == "redis://redis:6379/1"
