@@ -68,7 +68,7 @@ def mlflow_server(tmp_path_factory):
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
+    deadline = time.time() + 600  # minutes on a loaded 2-core machine (imports alone)
     while True:
         try:
             urllib.request.urlopen(f"{uri}/health", timeout=2)
