@@ -88,6 +88,7 @@ def launch(
     max_failures: int = 3,
     ray_address: str | None = None,
     local_dir: str | Path | None = None,
+    task=None,
 ):
     """Run (or resume) pretraining run `run_name` on `workers` Ray workers; returns Ray's `Result`.
 
@@ -105,6 +106,7 @@ def launch(
         ray_address (str, optional): a cluster to join. Default: this process's Ray, RAY_ADDRESS, or a new one.
         local_dir (path, optional): with a URI storage_path, where milestone files go. Default:
             $RWKV5_HOME/runs (./.state/runs).
+        task (optional): train on this instead of token shards (`TrainJob.task`; fine-tuning). Default: None.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -120,7 +122,8 @@ def launch(
     else:
         files_root = Path(storage)
     job = TrainJob(config=config, run_name=run_name, data_dir=_location(data_dir), storage_path=str(files_root),
-                   init_missing=init_missing, callbacks=list(callbacks or []))
+                   init_missing=init_missing, callbacks=list(callbacks or []), task=task,
+                   use_gpu=gpus_per_worker > 0)
     env = dict(OFFLINE_ENV) | {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": 1} | ({"GPU": gpus_per_worker} if use_gpu else {})

@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,6 +51,10 @@ class TrainJob:
         storage_path (str): root of all runs' checkpoints (a path every worker sees).
         init_missing (bool): resume from a checkpoint lacking parameters by initialising them fresh.
         callbacks (list[Callback]): extra hooks; MLflow and speed hooks are added from the config.
+        task (optional): what to train on instead of pretraining on `data_dir`'s token shards: an object
+            with `init_model(model)` (before DeepSpeed; a resume checkpoint still wins),
+            `batches(config, rank, world_size, device)` (an object like `RankBatches`) and
+            `loss(engine, micro_batch) -> Tensor`. `rwkv5.finetune_train.FinetuneTask` is the chat SFT one.
     """
 
     config: RunConfig
@@ -58,6 +63,10 @@ class TrainJob:
     storage_path: str
     init_missing: bool = False
     callbacks: list[Callback] = field(default_factory=list)
+    task: Any = None
+    use_gpu: bool | None = None
+    """Train on CUDA: None = when a GPU is visible (one-process runs); launch sets it from gpus_per_worker,
+    so a CPU run stays on CPU (gloo) on a machine that has GPUs."""
 
     @property
     def run_dir(self) -> Path:
@@ -70,11 +79,11 @@ def ray_train_fn(train_loop_config: dict) -> None:
     train(job, store=RayStore(job.run_dir, dist.get_rank() if dist.is_initialized() else 0))
 
 
-def _setup_distributed() -> tuple[torch.device, int, int]:
+def _setup_distributed(use_gpu: bool | None = None) -> tuple[torch.device, int, int]:
     """Pick the device and make sure a process group exists (Ray made one; torchrun/one process: make it)."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() if use_gpu is None else use_gpu:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -112,21 +121,29 @@ def _gather_ids(ids: torch.Tensor, world: int, device: torch.device) -> list[int
     return torch.cat(parts).tolist()
 
 
+def _pretrain_loss(engine, mb) -> torch.Tensor:
+    from rwkv5.model import lm_loss
+
+    return lm_loss(engine(mb.inputs), mb.targets)  # logits (B, T, V)
+
+
 def train(job: TrainJob, store=None) -> TrainerState:
     """Train until the token budget (or `stop_at_step`) is reached; returns the final trainer state.
 
     Collective: every rank calls it. Resumes from the store's latest checkpoint when there is one.
     """
     cfg = job.config
-    device, rank, world = _setup_distributed()
+    device, rank, world = _setup_distributed(job.use_gpu)
     store = store or LocalStore(job.run_dir, rank, cfg.checkpoint.keep_last)
     import deepspeed
 
     from data_prep.loader import PackedDataset
-    from rwkv5.model import RWKV5, lm_loss
+    from rwkv5.model import RWKV5
 
     torch.manual_seed(cfg.seed)  # identical fresh init on every rank
     model = RWKV5(cfg.model, grad_checkpoint=cfg.grad_checkpoint)
+    if job.task is not None:
+        job.task.init_model(model)
     plan = plan_resume(model, store.latest(), world, job.init_missing, rank, cfg.seed)
     guard = build_optimizer(param_groups(model, cfg.optim), cfg.optim, device)
     engine, _, _, _ = deepspeed.initialize(
@@ -138,8 +155,11 @@ def train(job: TrainJob, store=None) -> TrainerState:
         state.world_size = world
         plan.cleanup()
 
-    dataset = PackedDataset(job.data_dir, cfg.batch.ctx_len, seed=cfg.seed)
-    batches = RankBatches(dataset, cfg.batch, rank, world, device)
+    if job.task is None:
+        dataset = PackedDataset(job.data_dir, cfg.batch.ctx_len, seed=cfg.seed)
+        batches = RankBatches(dataset, cfg.batch, rank, world, device)
+    else:
+        batches = job.task.batches(cfg, rank, world, device)
     detector = SpikeDetector.from_config(cfg.stability)
     detector.load_state_dict(state.spike)
     callbacks = [SpeedCallback()]
@@ -151,12 +171,14 @@ def train(job: TrainJob, store=None) -> TrainerState:
         run_name=job.run_name, rank=rank, world_size=world, device=device, config=cfg,
         matmul_params=count_matmul_parameters(cfg.model), run_dir=job.run_dir,
         resumed_from_step=state.step if plan.load_dir is not None else None, model=engine.module,
+        engine=engine,
     )
     for cb in callbacks:
         cb.load_state_dict(state.callbacks.get(type(cb).__name__, {}))
         cb.pre_train(ctx)
 
-    loop = _Loop(job, engine, guard, store, batches, detector, callbacks, state, device, rank, world, lm_loss)
+    loss_fn = _pretrain_loss if job.task is None else job.task.loss
+    loop = _Loop(job, engine, guard, store, batches, detector, callbacks, state, device, rank, world, loss_fn)
     try:
         loop.run()
     except BaseException as exc:
@@ -217,8 +239,7 @@ class _Loop:
         apply_lr(self.guard, lr)
         loss_sum, nonfinite, ids = 0.0, 0.0, []
         for i, mb in enumerate(self.batches.micro_batches(step)):
-            logits = engine(mb.inputs)  # (B, T, V)
-            loss = self.loss_fn(logits, mb.targets)
+            loss = self.loss_fn(engine, mb)
             value = float(loss.detach())
             if value != value or abs(value) == float("inf"):
                 nonfinite += 1

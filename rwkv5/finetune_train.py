@@ -1,0 +1,197 @@
+"""Chat fine-tuning under DeepSpeed ZeRO-2 bf16 through the pretraining path (Ray Train or one process).
+
+The pretraining worker loop (`rwkv5.train.worker.train`) runs it unchanged: engine setup, optimizer guard,
+checkpoints and resume by run name, stability guards, MLflow and speed callbacks, and milestones (one at the
+end, `milestones.fraction = 1.0`, is the consolidated fine-tuned model). Only three things differ, and
+`FinetuneTask` supplies them through `TrainJob.task`:
+
+- the initial weights come from a base checkpoint (a resumed run still loads its own checkpoint),
+- the data are chat samples (JSONL) with an assistant mask, one sample per micro-batch by default so that a
+  128k-token sample is never padded,
+- the loss is `rwkv5.finetune.segmented_loss`: state passing over segments with full BPTT and one segment
+  recomputed at a time, so memory follows `segment_len`, not the sample length.
+
+    cfg = finetune_run_config(model_preset("169m"), steps=100, samples_per_step=8)
+    task = FinetuneTask(chat_data="chat.jsonl", init_checkpoint="m3/model.safetensors")
+    launch_finetune(cfg, task, "ft-m3", storage="runs", workers=8, gpus_per_worker=1)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rwkv5.config import ModelConfig
+from rwkv5.errors import CheckpointError, ConfigError
+from rwkv5.finetune import DEFAULT_SEGMENT_LEN, encode_chat_samples, read_chat_jsonl, segmented_loss
+from rwkv5.train.config import (
+    BatchConfig,
+    CheckpointConfig,
+    MetricsConfig,
+    MilestoneConfig,
+    OptimConfig,
+    RunConfig,
+)
+from rwkv5.train.data import rank_positions
+
+__all__ = ["FinetuneTask", "ChatMicroBatch", "ChatBatches", "finetune_run_config", "finetune_here", "launch_finetune"]
+
+
+def finetune_run_config(
+    model: ModelConfig,
+    steps: int,
+    samples_per_step: int = 8,
+    max_len: int = 131072,
+    lr: float = 1e-5,
+    final_lr: float = 1e-6,
+    warmup_steps: int = 10,
+    checkpoint_every: int = 100,
+    grad_checkpoint: bool = False,
+    seed: int = 0,
+) -> RunConfig:
+    """A `RunConfig` for fine-tuning: `steps` optimizer steps of `samples_per_step` samples (one per micro-batch).
+
+    `batch.ctx_len` holds `max_len` (the longest sample kept); the token budget is steps x samples x max_len,
+    so the schedule spans exactly `steps` steps. MLflow goes to the experiment "rwkv5-finetune".
+    """
+    if steps < 1 or samples_per_step < 1:
+        raise ConfigError(f"finetune.steps ({steps}) and finetune.samples_per_step ({samples_per_step}) must be >= 1")
+    batch = BatchConfig(ctx_len=max_len, micro_batch=1, global_batch=samples_per_step)
+    return RunConfig(
+        preset="finetune",
+        model=model,
+        token_budget=steps * samples_per_step * max_len,
+        seed=seed,
+        batch=batch,
+        optim=OptimConfig(lr=lr, final_lr=final_lr, warmup_steps=warmup_steps, weight_decay=0.0),
+        checkpoint=CheckpointConfig(every_steps=checkpoint_every, keep_last=2),
+        milestones=MilestoneConfig(fraction=1.0),
+        metrics=MetricsConfig(mlflow_experiment="rwkv5-finetune"),
+        grad_checkpoint=grad_checkpoint,
+    )
+
+
+class ChatMicroBatch:
+    """Inputs, targets and the assistant mask `[B, T]` on the device, and the sample ids `[B]`."""
+
+    __slots__ = ("inputs", "targets", "mask", "sample_ids")
+
+    def __init__(self, inputs, targets, mask, sample_ids):
+        self.inputs, self.targets, self.mask, self.sample_ids = inputs, targets, mask, sample_ids
+
+
+class ChatBatches:
+    """This rank's micro-batches of chat samples, in a seeded order that depends only on the step.
+
+    Position p of the global order is sample `perm_e[p % n]` with `perm_e` a seeded permutation per epoch
+    `e = p // n`; ranks take their slice of each global batch as in pretraining (`rank_positions`), so a
+    resume on another number of workers reads the same samples. Samples of one micro-batch are right-padded
+    with masked positions.
+
+    Args:
+        encoded (list): `(ids, mask)` pairs from `encode_chat_samples`.
+        cfg (BatchConfig): batch shape. rank, world_size (int): this worker's place.
+        device (torch.device): where the tensors go. seed (int): the order.
+    """
+
+    def __init__(self, encoded, cfg: BatchConfig, rank: int, world_size: int, device, seed: int = 0):
+        self.encoded, self.cfg, self.rank, self.world_size = encoded, cfg, rank, world_size
+        self.device, self.seed = device, seed
+        self.wait_s = 0.0
+
+    def sample_index(self, position: int) -> int:
+        n = len(self.encoded)
+        epoch, offset = divmod(position, n)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+        return int(perm[offset])
+
+    def micro_batches(self, batch_index: int):
+        for positions in rank_positions(batch_index, self.cfg, self.rank, self.world_size):
+            t0 = time.perf_counter()
+            ids = [self.sample_index(p) for p in positions]
+            length = max(len(self.encoded[i][0]) for i in ids)
+            tokens = torch.zeros(len(ids), length, dtype=torch.long)  # (B, T+1), padding masked out below
+            mask = torch.zeros(len(ids), length, dtype=torch.long)
+            for row, i in enumerate(ids):
+                sample, sample_mask = self.encoded[i]
+                tokens[row, : len(sample)] = torch.tensor(sample)
+                mask[row, : len(sample)] = torch.tensor(sample_mask)
+            tokens, mask = tokens.to(self.device), mask.to(self.device)
+            self.wait_s += time.perf_counter() - t0
+            yield ChatMicroBatch(tokens[:, :-1], tokens[:, 1:], mask[:, 1:], torch.tensor(ids, dtype=torch.long))
+
+    def take_wait(self) -> float:
+        waited, self.wait_s = self.wait_s, 0.0
+        return waited
+
+
+@dataclass
+class FinetuneTask:
+    """The fine-tune's `TrainJob.task`: base weights, chat data and the segmented loss (pickled to workers).
+
+    Args:
+        chat_data (str): chat JSONL (`text` in User:/Assistant: form, or `messages`) every worker can read.
+        init_checkpoint (str, optional): base model, a native checkpoint (a milestone's model.safetensors)
+            or an RWKV-LM `.pth`; None keeps the fresh initialisation (tests). Default: None.
+        segment_len (int): tokens per state-passing segment. Default: DEFAULT_SEGMENT_LEN.
+        vocab_path (str, optional): tokenizer vocabulary. Default: the RWKV World vocabulary.
+    """
+
+    chat_data: str
+    init_checkpoint: str | None = None
+    segment_len: int = DEFAULT_SEGMENT_LEN
+    vocab_path: str | None = None
+
+    def init_model(self, model) -> None:
+        """Copy the base checkpoint's weights into `model`; its config must be the run's model config."""
+        if self.init_checkpoint is None:
+            return
+        from rwkv5.checkpoint import load_rwkv_pth, read_checkpoint
+
+        if str(self.init_checkpoint).endswith(".pth"):
+            base = load_rwkv_pth(self.init_checkpoint, "cpu", torch.float32)
+            state_dict, config = base.state_dict(), base.cfg
+        else:
+            state_dict, config, _ = read_checkpoint(self.init_checkpoint)
+        if config != model.cfg:
+            raise CheckpointError(
+                f"{self.init_checkpoint}: base model config {config.model_dump()} differs from the fine-tune "
+                f"run's model config {model.cfg.model_dump()}"
+            )
+        with torch.no_grad():
+            model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+
+    def batches(self, cfg: RunConfig, rank: int, world_size: int, device) -> ChatBatches:
+        from data_prep.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(self.vocab_path)
+        encoded = encode_chat_samples(read_chat_jsonl(self.chat_data), tokenizer.encode, cfg.batch.ctx_len)
+        return ChatBatches(encoded, cfg.batch, rank, world_size, device, cfg.seed)
+
+    def loss(self, engine, mb: ChatMicroBatch) -> torch.Tensor:
+        # The DeepSpeed engine's module: ZeRO-2 hooks gradients, not the forward, so calling the module
+        # segment by segment (and again in recomputation) is what engine(...) would do.
+        module = getattr(engine, "module", engine)
+        return segmented_loss(module, mb.inputs, mb.targets, mb.mask, self.segment_len)
+
+
+def finetune_here(config: RunConfig, task: FinetuneTask, run_name: str, storage: str | Path, callbacks=()):
+    """Fine-tune in this process (or each torchrun process), checkpoints in storage/run_name."""
+    from rwkv5.train.worker import TrainJob, train
+
+    return train(TrainJob(config, run_name, str(task.chat_data), str(storage), callbacks=list(callbacks),
+                          task=task))
+
+
+def launch_finetune(config: RunConfig, task: FinetuneTask, run_name: str, storage: str | Path, **launch_kwargs):
+    """Fine-tune on Ray Train workers: `rwkv5.train.launch.launch` with the task (same resume rules)."""
+    from rwkv5.train.launch import launch
+
+    # Workers may start in another directory: give them absolute paths.
+    task = replace(task, chat_data=str(Path(task.chat_data).resolve()),
+                   init_checkpoint=None if task.init_checkpoint is None else str(Path(task.init_checkpoint).resolve()))
+    return launch(config, run_name, task.chat_data, storage, task=task, **launch_kwargs)
