@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from flows.paths import Layout, artifact_key
+from flows.plots import read_trace
 
 __all__ = ["milestone"]
 
@@ -58,10 +59,15 @@ def evaluate_stage(checkpoint: str, validation_dir: str, ctx_len: int, max_windo
 
 
 @task(name="release", retries=2, retry_delay_seconds=10)
-def release_stage(checkpoint: str, out_dir: str, name: str, evals: dict, meta: dict) -> str:
-    from rwkv5.release import release_local
+def release_stage(base: str, finetune: str, to: str, name: str, evals: dict, meta: dict,
+                  loss_history: list[tuple[float, float]], register_as: str | None) -> dict:
+    """Base and fine-tune in one release (idempotent: a complete release is verified, not uploaded again)."""
+    from rwkv5.release import release
 
-    return str(release_local(checkpoint, out_dir, name, evals=evals, extra_meta=meta))
+    report = release(base, to, name=name, finetune=finetune, evals=evals, loss_history=loss_history,
+                     extra_meta=meta, register_as=register_as)
+    get_run_logger().info("release %s: %d files uploaded", report.url, len(report.uploaded))
+    return {"url": report.url, "uploaded": len(report.uploaded)}
 
 
 def _milestone_table(results_dir: Path) -> list[dict]:
@@ -83,6 +89,7 @@ def milestone(
     finetune_steps: int = 10,
     eval_ctx_len: int = 128,
     eval_max_windows: int = 64,
+    release_to: str | None = None,
     state_dir: str | None = None,
 ) -> dict:
     """Fine-tune, evaluate and release the milestone at `percent` of run `run`'s token budget.
@@ -96,6 +103,8 @@ def milestone(
         chat_data: chat JSONL for the fine-tune. Default: a small set built from local docstrings.
         finetune_steps: optimizer steps of the fine-tune.
         eval_ctx_len, eval_max_windows: validation window length and count.
+        release_to: where releases go: a folder or fsspec URL (one sub-folder per milestone) or a Hub repo
+            `hf://org/name` (one branch per milestone). Default: the state directory's releases/<run>/.
         state_dir: the state directory. Default: $RWKV5_HOME or ./.state.
     """
     layout = Layout.default(state_dir)
@@ -109,13 +118,24 @@ def milestone(
     evals_base = evaluate_stage(base, val, eval_ctx_len, eval_max_windows)
     evals_ft = evaluate_stage(ft["checkpoint"], val, eval_ctx_len, eval_max_windows)
     meta = {"run": run, "percent": percent, "step": step, "tokens_seen": tokens_seen}
-    base_release = release_stage(base, str(release_root / "base"), f"{run}-{tag}-base",
-                                 {"val_loss": evals_base["loss"], "val_ppl": evals_base["ppl"]}, meta)
-    ft_release = release_stage(ft["checkpoint"], str(release_root / "finetune"), f"{run}-{tag}-finetune",
-                               {"val_loss": evals_ft["loss"], "sft_loss_last": ft["last_loss"]}, meta)
+    trace = read_trace(layout.checkpoints / run / "trace.jsonl")
+    if not release_to:
+        target = str(release_root)
+    elif release_to.startswith("hf://"):
+        target = f"{release_to}@{tag}"  # one branch per milestone of one Hub repo
+    else:
+        target = f"{release_to.rstrip('/')}/{tag}"
+    released = release_stage(
+        base, ft["checkpoint"], target, f"{run}-{tag}",
+        {"base": {"val_loss": evals_base["loss"], "val_ppl": evals_base["ppl"]},
+         "finetune": {"val_loss": evals_ft["loss"], "val_ppl": evals_ft["ppl"], "sft_loss_last": ft["last_loss"]}},
+        # The curve up to this milestone only: the release's inputs must not change while training goes on.
+        meta, [(row["step"], row["loss"]) for row in trace if row["step"] < step],
+        f"rwkv5-{run}" if os.environ.get("MLFLOW_TRACKING_URI") else None,
+    )
     row = {"percent": percent, "step": step, "tokens_seen": tokens_seen,
            "val_loss_base": round(evals_base["loss"], 4), "val_loss_finetune": round(evals_ft["loss"], 4),
-           "sft_loss": round(ft["last_loss"], 4), "release": str(release_root)}
+           "sft_loss": round(ft["last_loss"], 4), "release": released["url"]}
     results = layout.milestone_results(run)
     results.mkdir(parents=True, exist_ok=True)
     tmp = results / f".{tag}.json.tmp-{os.getpid()}"
@@ -123,5 +143,5 @@ def milestone(
     os.replace(tmp, results / f"{tag}.json")
     create_table_artifact(key=artifact_key("milestones", run), table=_milestone_table(results),
                           description=f"{run}: milestones, losses and releases")
-    logger.info("milestone %s %d%%: released %s and %s", run, percent, base_release, ft_release)
+    logger.info("milestone %s %d%%: released %s", run, percent, released["url"])
     return row

@@ -123,7 +123,8 @@ def test_pretrain_deployment_fires_ten_milestones_in_order(stack, finished_run):
     layout = Layout(stack.state_dir)
     for percent in PERCENTS:
         release = layout.releases(RUN) / f"m{percent:03d}"
-        assert (release / "base" / "manifest.json").is_file() and (release / "finetune" / "manifest.json").is_file()
+        manifest = json.loads((release / "manifest.json").read_text())
+        assert {"base/model.pth", "finetune/model.pth"} <= {f["path"] for f in manifest["files"]}
     for key in ("download-sample", "tokenize-sample", f"budget-{RUN}", f"mlflow-{RUN}", f"ray-{RUN}",
                 f"loss-curve-{RUN}", f"milestones-{RUN}"):
         assert _artifact(stack, artifact_key(key)) is not None, key
