@@ -20,7 +20,7 @@ from ray import cloudpickle  # noqa: E402
 
 from rwkv5.train.callbacks import Callback, TraceCallback  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.train_e2e]
+pytestmark = [pytest.mark.slow, pytest.mark.train_e2e, pytest.mark.multinode]
 
 STEPS = 6
 
