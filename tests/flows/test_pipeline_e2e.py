@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ pytest.importorskip("ray")
 
 from flows.paths import Layout, artifact_key  # noqa: E402
 from flows.stack import StackConfig, down, up  # noqa: E402
+from tests.conftest import _free_port  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.pipeline_e2e]
 
@@ -31,12 +31,6 @@ REPO = Path(__file__).resolve().parents[2]
 BUDGET = 8 * 128 * 40  # tokens: 40 optimizer steps of the tiny preset
 RUN = "e2e"
 PERCENTS = list(range(10, 101, 10))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
