@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-import random
+import os
 
-import numpy as np
-import pytest
-import torch
+# One intra-op thread per process. The suite's tensors are tiny, and on a 2-core CI box shared with servers and
+# Ray workers, two OpenMP threads per process spend far more time waiting on each other than computing (a
+# 2-layer model's training step: 1-3 s with two threads, under 10 ms with one). Child processes inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)  # in case torch was imported before this file (by a plugin)
 
 
 @pytest.fixture(autouse=True)
