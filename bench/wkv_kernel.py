@@ -159,39 +159,6 @@ def bench_shape(shape, fla_fn, warmup, reps, variants=(), with_torch=True):
     return row
 
 
-def kernel_times(shape, splits: str, reps: int = 5) -> dict[str, float]:
-    """Mean device milliseconds per forward+backward of each CUDA kernel ours launches (torch.profiler).
-
-    Splits the measured time between pass 1, the scans and pass 2 of each sweep, which the end-to-end
-    timings cannot.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    from kernels.wkv5.cuda import cuda_wkv5
-
-    r, k, v, w, u, dy = make(*shape)
-
-    def step():
-        y, _ = cuda_wkv5(r, k, v, w, u)
-        torch.autograd.grad(y, (r, k, v, w, u), dy)
-
-    def profiled():
-        step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(reps):
-                step()
-            torch.cuda.synchronize()
-        return prof
-
-    prof = with_env({"RWKV5_WKV_SPLITS": splits}, profiled)
-    totals: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.device_time_total > 0:
-            totals[event.key[:90]] = event.device_time_total / reps / 1e3
-    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/wkv_kernel-h200.json")
@@ -201,24 +168,14 @@ def main() -> None:
     parser.add_argument("--variants", default="",
                         help="extra settings to time as fwd_chunk:bwd_chunk[:splits], e.g. 32:32,64:32:4")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch chunked path")
-    parser.add_argument("--kernels", default="",
-                        help="instead of timing, list each kernel's time per fwd+bwd under these RWKV5_WKV_SPLITS "
-                             "settings, e.g. 1,auto")
     args = parser.parse_args()
-    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
-    if args.kernels:
-        for shape in shapes:
-            for splits in args.kernels.split(","):
-                print(f"{shape} RWKV5_WKV_SPLITS={splits}: ms per fwd+bwd by kernel")
-                for name, ms in kernel_times(shape, splits).items():
-                    print(f"  {ms:8.3f}  {name}")
-        return
 
     try:
         from fla.ops.rwkv6 import chunk_rwkv6 as fla_fn
     except ImportError as exc:
         print(f"fla not importable ({exc}); timing ours and the PyTorch path only")
         fla_fn = None
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     bw = copy_bandwidth()
     result = {
         "device": torch.cuda.get_device_name(),
