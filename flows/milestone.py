@@ -25,37 +25,83 @@ def _local_path(uri: str) -> Path:
 
 
 @task(name="fine-tune", retries=1)
-def finetune_stage(checkpoint: str, out_path: str, chat_data: str | None, steps: int) -> dict:
+def finetune_stage(base: str, storage: str, run_name: str, chat_data: str | None, steps: int, lr: float,
+                   max_len: int, workers: int, gpus_per_worker: int) -> dict:
+    """Chat SFT of the milestone through the pretraining loop (DeepSpeed ZeRO-2, bf16, segmented state-passing
+    loss): on the pipeline's Ray cluster when RAY_ADDRESS is set, else in this process. A finished fine-tune is
+    reused and an interrupted one resumes from its checkpoint, so a retried flow run trains no step twice."""
     from data_prep.chat_sample import build_chat_sample
-    from data_prep.tokenizer import load_tokenizer
-    from rwkv5.checkpoint import load_checkpoint, save_checkpoint
-    from rwkv5.finetune import finetune, read_chat_jsonl
+    from rwkv5.checkpoint import read_checkpoint_config
+    from rwkv5.finetune_train import FinetuneTask, finetune_here, finetune_run_config, launch_finetune
+    from rwkv5.train.callbacks import TraceCallback
+    from rwkv5.train.checkpoint import list_checkpoints
 
-    out = Path(out_path)
-    done = out.with_suffix(".json")
-    if out.is_file() and done.is_file():
-        return json.loads(done.read_text())
-    import torch
-
-    model, meta = load_checkpoint(checkpoint, dtype=torch.float32)
-    chat = chat_data or str(build_chat_sample(out.parent / "chat-sample.jsonl"))
-    result = finetune(model, read_chat_jsonl(chat), load_tokenizer().encode, steps=steps)
-    save_checkpoint(model, out, {**meta, "finetuned_on": chat, "finetune_steps": steps})
-    summary = {"checkpoint": str(out), "first_loss": result.first_loss, "last_loss": result.last_loss,
-               "assistant_tokens": result.assistant_tokens}
-    done.write_text(json.dumps(summary))
-    return summary
+    run_dir = Path(storage) / run_name
+    done = run_dir / "milestones" / "m001" / "done.json"  # the fine-tune's one milestone is its last step
+    trace = run_dir / "trace.jsonl"
+    if not done.is_file():
+        model_cfg, _ = read_checkpoint_config(base)
+        chat = chat_data or str(build_chat_sample(Path(storage) / "chat-sample.jsonl"))
+        cfg = finetune_run_config(model_cfg, steps=steps, samples_per_step=max(2, workers), max_len=max_len, lr=lr,
+                                  final_lr=lr / 10, warmup_steps=0)
+        task = FinetuneTask(chat_data=chat, init_checkpoint=base)
+        if os.environ.get("RAY_ADDRESS"):
+            result = launch_finetune(cfg, task, run_name, storage, workers=workers, gpus_per_worker=gpus_per_worker,
+                                     resume=bool(list_checkpoints(run_dir)), callbacks=[TraceCallback(trace)])
+            if getattr(result, "error", None) is not None:
+                raise RuntimeError(f"fine-tune {run_name} failed: {result.error}")
+        else:
+            finetune_here(cfg, task, run_name, storage, callbacks=[TraceCallback(trace)])
+    rows = read_trace(trace)
+    return {"checkpoint": json.loads(done.read_text())["path"], "first_loss": rows[0]["loss"],
+            "last_loss": rows[-1]["loss"], "steps": len(rows)}
 
 
 @task(name="evaluate", retries=1)
-def evaluate_stage(checkpoint: str, validation_dir: str, ctx_len: int, max_windows: int) -> dict:
+def evaluate_stage(checkpoint: str, validation_dir: str, lambada: str | None, ctx_len: int, limit: int) -> dict:
+    """Validation loss per source and, given a LAMBADA file, LAMBADA accuracy and perplexity (RNN mode)."""
     import torch
 
+    from data_prep.tokenizer import load_tokenizer
     from rwkv5.checkpoint import load_checkpoint
-    from rwkv5.evaluate import validation_loss
+    from rwkv5.evaluate import evaluate_checkpoint
 
     model, _ = load_checkpoint(checkpoint, dtype=torch.float32)
-    return validation_loss(model, validation_dir, ctx_len=ctx_len, max_windows=max_windows).to_dict()
+    return evaluate_checkpoint(model.eval(), load_tokenizer().encode, lambada=lambada, validation=validation_dir,
+                               limit=limit, ctx_len=ctx_len)
+
+
+def _local_copy(uri: str, cache_dir: Path) -> str:
+    """A local path for `uri` (fsspec URLs such as hf://datasets/... are fetched once into `cache_dir`)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return str(_local_path(uri))
+    import fsspec
+
+    dest = cache_dir / Path(uri.split("://", 1)[1]).name
+    if not dest.is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        with fsspec.open(uri, "rb") as src, open(tmp, "wb") as out:
+            out.write(src.read())
+        os.replace(tmp, dest)
+    return str(dest)
+
+
+def _log_evals(run: str, tag: str, evals: dict) -> None:
+    """Eval metrics into the milestone's MLflow run (experiment rwkv5-milestones, one run per milestone)."""
+    from rwkv5.evaluate import log_to_mlflow
+
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("rwkv5-milestones")
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment("rwkv5-milestones")
+    found = client.search_runs([exp_id], f"tags.`rwkv5.milestone` = '{run}-{tag}'", max_results=1)
+    run_id = found[0].info.run_id if found else client.create_run(
+        exp_id, run_name=f"{run}-{tag}", tags={"rwkv5.milestone": f"{run}-{tag}", "rwkv5.run_name": run}).info.run_id
+    for variant, report in evals.items():
+        log_to_mlflow(report, run_id=run_id, prefix=f"eval.{variant}.", artifact_file=f"eval/{variant}.json")
+    client.set_terminated(run_id)
 
 
 @task(name="release", retries=2, retry_delay_seconds=10)
@@ -87,8 +133,13 @@ def milestone(
     data_source: str = "sample",
     chat_data: str | None = None,
     finetune_steps: int = 10,
+    finetune_lr: float = 1e-4,
+    finetune_max_len: int = 1024,
+    finetune_workers: int = 1,
+    gpus_per_worker: int = 0,
+    lambada: str | None = None,
     eval_ctx_len: int = 128,
-    eval_max_windows: int = 64,
+    eval_limit: int = 64,
     release_to: str | None = None,
     state_dir: str | None = None,
 ) -> dict:
@@ -101,8 +152,13 @@ def milestone(
         checkpoint_uri: the consolidated bf16 milestone checkpoint.
         data_source: source name whose tokenized validation split is evaluated.
         chat_data: chat JSONL for the fine-tune. Default: a small set built from local docstrings.
-        finetune_steps: optimizer steps of the fine-tune.
-        eval_ctx_len, eval_max_windows: validation window length and count.
+        finetune_steps, finetune_lr: optimizer steps and peak learning rate of the fine-tune.
+        finetune_max_len: longest chat sample kept, in tokens (longer ones are processed in segments).
+        finetune_workers, gpus_per_worker: Ray Train workers of the fine-tune (when RAY_ADDRESS is set).
+        lambada: LAMBADA JSONL (a path or fsspec URL, e.g.
+            hf://datasets/EleutherAI/lambada_openai/lambada_test_en.jsonl). Default: no LAMBADA score.
+        eval_ctx_len: validation window length.
+        eval_limit: validation windows and LAMBADA passages scored (the first ones).
         release_to: where releases go: a folder or fsspec URL (one sub-folder per milestone) or a Hub repo
             `hf://org/name` (one branch per milestone). Default: the state directory's releases/<run>/.
         state_dir: the state directory. Default: $RWKV5_HOME or ./.state.
@@ -112,11 +168,14 @@ def milestone(
     base = str(_local_path(checkpoint_uri))
     tag = f"m{percent:03d}"
     release_root = layout.releases(run) / tag
-    ft = finetune_stage(base, str(release_root.parent / ".work" / f"{tag}-finetune.safetensors"), chat_data,
-                        finetune_steps)
+    ft = finetune_stage(base, str(layout.finetunes), f"{run}-{tag}", chat_data, finetune_steps, finetune_lr,
+                        finetune_max_len, finetune_workers, gpus_per_worker)
     val = str(layout.tokens_dir(data_source) / "validation")
-    evals_base = evaluate_stage(base, val, eval_ctx_len, eval_max_windows)
-    evals_ft = evaluate_stage(ft["checkpoint"], val, eval_ctx_len, eval_max_windows)
+    lambada_file = _local_copy(lambada, layout.root / "eval-data") if lambada else None
+    evals = {"base": evaluate_stage(base, val, lambada_file, eval_ctx_len, eval_limit),
+             "finetune": evaluate_stage(ft["checkpoint"], val, lambada_file, eval_ctx_len, eval_limit)}
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        _log_evals(run, tag, evals)
     meta = {"run": run, "percent": percent, "step": step, "tokens_seen": tokens_seen}
     trace = read_trace(layout.checkpoints / run / "trace.jsonl")
     if not release_to:
@@ -125,23 +184,31 @@ def milestone(
         target = f"{release_to}@{tag}"  # one branch per milestone of one Hub repo
     else:
         target = f"{release_to.rstrip('/')}/{tag}"
+    from rwkv5.evaluate import flat_metrics
+
+    card_evals = {variant: flat_metrics(report) for variant, report in evals.items()}
+    card_evals["finetune"]["sft_loss_last"] = ft["last_loss"]
     released = release_stage(
-        base, ft["checkpoint"], target, f"{run}-{tag}",
-        {"base": {"val_loss": evals_base["loss"], "val_ppl": evals_base["ppl"]},
-         "finetune": {"val_loss": evals_ft["loss"], "val_ppl": evals_ft["ppl"], "sft_loss_last": ft["last_loss"]}},
+        base, ft["checkpoint"], target, f"{run}-{tag}", card_evals,
         # The curve up to this milestone only: the release's inputs must not change while training goes on.
         meta, [(row["step"], row["loss"]) for row in trace if row["step"] < step],
         f"rwkv5-{run}" if os.environ.get("MLFLOW_TRACKING_URI") else None,
     )
     row = {"percent": percent, "step": step, "tokens_seen": tokens_seen,
-           "val_loss_base": round(evals_base["loss"], 4), "val_loss_finetune": round(evals_ft["loss"], 4),
-           "sft_loss": round(ft["last_loss"], 4), "release": released["url"]}
+           "val_loss_base": round(evals["base"]["validation"]["loss"], 4),
+           "val_loss_finetune": round(evals["finetune"]["validation"]["loss"], 4),
+           "sft_loss_first": round(ft["first_loss"], 4), "sft_loss_last": round(ft["last_loss"], 4)}
+    if lambada_file:
+        for variant in ("base", "finetune"):
+            row[f"lambada_acc_{variant}"] = round(evals[variant]["lambada"]["accuracy"], 4)
+            row[f"lambada_ppl_{variant}"] = round(evals[variant]["lambada"]["ppl"], 2)
+    row["release"] = released["url"]
     results = layout.milestone_results(run)
     results.mkdir(parents=True, exist_ok=True)
     tmp = results / f".{tag}.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(row))
     os.replace(tmp, results / f"{tag}.json")
     create_table_artifact(key=artifact_key("milestones", run), table=_milestone_table(results),
-                          description=f"{run}: milestones, losses and releases")
+                          description=f"{run}: milestones, losses, eval scores and releases")
     logger.info("milestone %s %d%%: released %s", run, percent, released["url"])
     return row

@@ -42,6 +42,11 @@ class Layout:
         """Ray Train storage_path: one folder per run name."""
         return self.root / "checkpoints"
 
+    @property
+    def finetunes(self) -> Path:
+        """Fine-tune runs' storage (one folder per milestone: checkpoints, trace, the tuned model)."""
+        return self.root / "finetunes"
+
     def releases(self, run_name: str) -> Path:
         return self.root / "releases" / run_name
 

@@ -31,6 +31,7 @@ __all__ = [
     "save_checkpoint",
     "save_state_dict",
     "read_checkpoint",
+    "read_checkpoint_config",
     "load_checkpoint",
     "load_rwkv_pth",
     "config_from_state_dict",
@@ -102,7 +103,18 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
         CheckpointError: the file is missing, is not a safetensors file, is truncated or corrupt, or lacks
             our metadata.
     """
-    path = Path(path)
+    header, state_dict = _open_native(Path(path), with_tensors=True)
+    return state_dict, *_config_and_metadata(Path(path), header)
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model config and metadata of a native checkpoint from its header: no tensor is read (a 7B's
+    config without 15 GB of reads). Raises CheckpointError as `read_checkpoint` does."""
+    header, _ = _open_native(Path(path), with_tensors=False)
+    return _config_and_metadata(Path(path), header)
+
+
+def _open_native(path: Path, with_tensors: bool) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     _check_is_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -113,17 +125,19 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
                     f"{path}: not an rwkv5 checkpoint (safetensors metadata format={found!r}, "
                     f"expected {FORMAT!r}); for an exported model use the loader of its format"
                 )
-            state_dict = {key: f.get_tensor(key) for key in f.keys()}
+            state_dict = {key: f.get_tensor(key) for key in f.keys()} if with_tensors else {}
     except CheckpointError:
         raise
     except Exception as exc:  # safetensors raises its own error types, OSError or ValueError by version
         raise CheckpointError(f"{path}: not a readable safetensors checkpoint (corrupt or truncated?): {exc}") from None
+    return header, state_dict
+
+
+def _config_and_metadata(path: Path, header: dict[str, str]) -> tuple[ModelConfig, dict[str, Any]]:
     try:
-        config = ModelConfig.model_validate_json(header["model_config"])
-        metadata = json.loads(header.get("metadata") or "{}")
+        return ModelConfig.model_validate_json(header["model_config"]), json.loads(header.get("metadata") or "{}")
     except (KeyError, ValueError, ValidationError, ConfigError) as exc:
         raise CheckpointError(f"{path}: checkpoint metadata holds no valid model config: {exc}") from None
-    return state_dict, config, metadata
 
 
 def load_checkpoint(

@@ -98,13 +98,24 @@ def _setup_distributed(use_gpu: bool | None = None) -> tuple[torch.device, int, 
         # gloo does the job for CPU runs, so mark that op unavailable.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": "29512"}.items():
+        alone = "WORLD_SIZE" not in os.environ  # one process, not started by torchrun
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
             os.environ.setdefault(key, value)
+        if alone and "MASTER_PORT" not in os.environ:
+            # A fixed port collides with any other one-process run on the machine (tests, milestone fine-tunes).
+            os.environ["MASTER_PORT"] = str(_free_port())
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", verbose=False)
     else:
         deepspeed.init_distributed(verbose=False)
     return device, dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:

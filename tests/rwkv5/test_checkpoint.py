@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 import rwkv5.checkpoint as ckpt
-from rwkv5.checkpoint import load_checkpoint, load_rwkv_pth, read_checkpoint, save_checkpoint, save_state_dict
+from rwkv5.checkpoint import (load_checkpoint, load_rwkv_pth, read_checkpoint, read_checkpoint_config, save_checkpoint,
+                              save_state_dict)
 from rwkv5.config import ModelConfig
 from rwkv5.errors import CheckpointError
 from rwkv5.model import RWKV5
@@ -103,9 +104,15 @@ def _bad_config(path):
 )
 def test_unreadable_files_raise_checkpoint_error_naming_the_file(saved, damage, message):
     damage(saved)
-    with pytest.raises(CheckpointError, match=message) as info:
-        load_checkpoint(saved)
-    assert str(saved) in str(info.value)
+    for reader in (load_checkpoint, read_checkpoint_config):
+        with pytest.raises(CheckpointError, match=message) as info:
+            reader(saved)
+        assert str(saved) in str(info.value)
+
+
+def test_config_is_read_from_the_header_alone(saved):
+    _, want_config, want_meta = read_checkpoint(saved)
+    assert read_checkpoint_config(saved) == (want_config, want_meta)
 
 
 def test_directory_is_not_a_checkpoint(tmp_path):

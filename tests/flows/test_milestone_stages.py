@@ -1,0 +1,63 @@
+"""The milestone flow's stage bodies, called directly (no Prefect server): the fine-tune goes through the
+pretraining loop (DeepSpeed ZeRO-2 bf16, one gloo rank here) and is reused once done; evaluation reports
+validation loss per source and LAMBADA. The flow around them runs in tests/flows/test_pipeline_e2e.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("prefect")
+pytest.importorskip("deepspeed")
+
+from flows.milestone import evaluate_stage, finetune_stage  # noqa: E402
+from rwkv5.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
+from rwkv5.config import model_preset  # noqa: E402
+
+LAMBADA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lambada_test.jsonl"
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, random_model):
+    return save_checkpoint(random_model(model_preset("tiny"), seed=3),
+                           tmp_path_factory.mktemp("base") / "model.safetensors", {"step": 4})
+
+
+def test_finetune_stage_trains_under_deepspeed_and_is_reused(tmp_path, base, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # in this process rather than on a Ray cluster
+    args = (str(base), str(tmp_path), "demo-m010", None, 2, 1e-3, 96, 1, 0)
+    first = finetune_stage.fn(*args)
+
+    assert first["steps"] == 2 and first["first_loss"] > 0
+    tuned, config, meta = read_checkpoint(first["checkpoint"])
+    base_sd, base_config, _ = read_checkpoint(base)
+    assert config == base_config and meta["step"] == 2
+    assert not torch.equal(tuned["head.weight"].float(), base_sd["head.weight"].float())
+    assert (tmp_path / "chat-sample.jsonl").is_file()  # the default chat data, built from local docstrings
+
+    trace = tmp_path / "demo-m010" / "trace.jsonl"
+    seen = trace.stat().st_mtime_ns
+    assert finetune_stage.fn(*args) == first  # a retried flow run trains nothing again
+    assert trace.stat().st_mtime_ns == seen
+
+
+@pytest.mark.skipif(not LAMBADA.is_file(), reason=f"{LAMBADA} absent (project reference data)")
+def test_evaluate_stage_reports_validation_per_source_and_lambada(tmp_path, base):
+    from data_prep.shards import write_token_dataset
+
+    rng = np.random.default_rng(0)
+    docs = (np.append(rng.integers(1, 65535, 200), 0).astype(np.uint16) for _ in range(12))
+    write_token_dataset(tmp_path / "validation", docs, "test-ids", source="RedPajamaWikipedia", shard_tokens=1000)
+
+    report = evaluate_stage.fn(str(base), str(tmp_path / "validation"), str(LAMBADA), 32, 4)
+
+    assert report["lambada"]["samples"] == 4 and 0.0 <= report["lambada"]["accuracy"] <= 1.0
+    assert report["lambada"]["ppl"] > 1.0
+    val = report["validation"]
+    assert set(val["by_source"]) == {"RedPajamaWikipedia"} and val["tokens"] > 0
+    assert val["loss"] == pytest.approx(val["by_source"]["RedPajamaWikipedia"]["loss"])
+    json.dumps(report)  # goes into MLflow and the milestone table as JSON
