@@ -2,6 +2,8 @@
 resume (N+N steps == 2N straight, also on another worker count), a killed worker, MLflow and milestones.
 
 One straight reference run per module; every other run is compared with its per-step sample ids and losses.
+Five launches in all: each starts fresh worker processes (torch, DeepSpeed and Ray imports), the cost that
+dominates on a 2-core CI box, so runs are shared between tests where the checks do not interfere.
 """
 
 from __future__ import annotations
@@ -105,26 +107,46 @@ def test_loss_falls_and_order_is_global(reference, token_data, cfg):
     assert reference[2 * N - 1]["loss"] < min(reference[0]["loss"] - 0.25, math.log(512) - 0.15)
 
 
-def test_exact_resume_and_milestones(reference, token_data, storage, cfg):
+@pytest.fixture(scope="module")
+def first_half(ray_cluster, mlflow_server, token_data, storage, cfg):
+    """Steps 0..N-1 of run "split" on 2 workers, tracked in MLflow; the run folder is then also copied to
+    "shrink", so two resume tests share one launch (each launch costs minutes of worker start-up on CI)."""
+    import shutil
+
+    from rwkv5.train.launch import launch
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+        first = launch(cfg.model_copy(update={"stop_at_step": N}), "split", token_data, storage, workers=2,
+                       callbacks=[TraceCallback(storage / "split.jsonl")])
+    assert first.error is None
+    shutil.copytree(storage / "split", storage / "shrink")
+    shutil.copy(storage / "split.jsonl", storage / "shrink.jsonl")
+    return {"milestone_1_mtime": (storage / "split" / "milestones" / "m001" / "done.json").stat().st_mtime_ns}
+
+
+def test_exact_resume_milestones_and_one_mlflow_run(reference, first_half, mlflow_server, token_data, storage, cfg,
+                                                    monkeypatch):
+    """N steps, stop, resume for N more == 2N straight; milestones fire once; MLflow keeps one run."""
+    import mlflow
     from safetensors import safe_open
 
     from rwkv5.checkpoint import FORMAT
     from rwkv5.train.launch import launch
 
     path = storage / "split.jsonl"
-    first = launch(cfg.model_copy(update={"stop_at_step": N}), "split", token_data, storage, workers=2,
-                   callbacks=[TraceCallback(path)])
-    assert first.error is None
-    marker = storage / "split" / "milestones" / "m001" / "done.json"
-    fired_at = marker.stat().st_mtime_ns
     with pytest.raises(ConfigError, match="--resume"):
         launch(cfg, "split", token_data, storage, workers=2)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     second = launch(cfg, "split", token_data, storage, workers=2, resume=True, callbacks=[TraceCallback(path)])
     assert second.error is None
     _same_run(_trace(path), reference, loss_tol=1e-6)
 
     # Milestones at 50% and 100%: each fired once (the first survives the restart untouched).
-    assert marker.stat().st_mtime_ns == fired_at
+    marker = storage / "split" / "milestones" / "m001" / "done.json"
+    assert marker.stat().st_mtime_ns == first_half["milestone_1_mtime"]
     for index, step in ((1, N), (2, 2 * N)):
         done = json.loads((storage / "split" / "milestones" / f"m{index:03d}" / "done.json").read_text())
         assert done["step"] == step
@@ -134,23 +156,10 @@ def test_exact_resume_and_milestones(reference, token_data, storage, cfg):
             assert f.get_tensor("head.weight").dtype.is_floating_point
             assert str(f.get_tensor("emb.weight").dtype) == "torch.bfloat16"
 
-
-def test_mlflow_run_is_reused_on_resume_and_has_all_metrics(reference, mlflow_server, token_data, storage, cfg,
-                                                            monkeypatch):
-    import mlflow
-
-    from rwkv5.train.launch import launch
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
-    first = launch(cfg.model_copy(update={"stop_at_step": N}), "tracked", token_data, storage, workers=2)
-    assert first.error is None
-    second = launch(cfg, "tracked", token_data, storage, workers=2, resume=True)
-    assert second.error is None
-
+    # One MLflow run across the restart, with every metric and one loss point per step.
     client = mlflow.MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name(cfg.metrics.mlflow_experiment)
-    runs = client.search_runs([exp.experiment_id], "tags.`rwkv5.run_name` = 'tracked'")
+    runs = client.search_runs([exp.experiment_id], "tags.`rwkv5.run_name` = 'split'")
     assert len(runs) == 1
     metrics = set(runs[0].data.metrics)
     assert {"loss", "lr", "grad_norm", "tokens_seen", "tokens_per_s", "tokens_per_s_per_device", "mfu",
@@ -160,13 +169,10 @@ def test_mlflow_run_is_reused_on_resume_and_has_all_metrics(reference, mlflow_se
     assert sorted({m.step for m in history}) == list(range(2 * N))
 
 
-def test_resume_on_one_worker_through_universal_checkpoint(reference, token_data, storage, cfg):
+def test_resume_on_one_worker_through_universal_checkpoint(reference, first_half, token_data, storage, cfg):
     from rwkv5.train.launch import launch
 
     path = storage / "shrink.jsonl"
-    first = launch(cfg.model_copy(update={"stop_at_step": N}), "shrink", token_data, storage, workers=2,
-                   callbacks=[TraceCallback(path)])
-    assert first.error is None
     second = launch(cfg, "shrink", token_data, storage, workers=1, resume=True, callbacks=[TraceCallback(path)])
     assert second.error is None
     # Same samples; losses differ only by the reduction order of 1 vs 2 ranks.
