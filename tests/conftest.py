@@ -114,7 +114,9 @@ def ray_cluster():
     for attempt in range(3):  # the raylet has a fixed 30 s to register; a loaded 2-core CI box can miss it
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         try:
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+            # "local": always a new cluster of our own, never one a `ray start` on this machine left running.
+            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": env})
             break
         except Exception:
             ray.shutdown()
