@@ -75,6 +75,8 @@ def _local_copy(uri: str, cache_dir: Path) -> str:
     """A local path for `uri` (fsspec URLs such as hf://datasets/... are fetched once into `cache_dir`)."""
     if "://" not in uri or uri.startswith("file://"):
         return str(_local_path(uri))
+    import shutil
+
     import fsspec
 
     dest = cache_dir / Path(uri.split("://", 1)[1]).name
@@ -82,7 +84,7 @@ def _local_copy(uri: str, cache_dir: Path) -> str:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
         with fsspec.open(uri, "rb") as src, open(tmp, "wb") as out:
-            out.write(src.read())
+            shutil.copyfileobj(src, out)  # streamed: an eval set may not fit in memory
         os.replace(tmp, dest)
     return str(dest)
 
@@ -163,6 +165,8 @@ def milestone(
             `hf://org/name` (one branch per milestone). Default: the state directory's releases/<run>/.
         state_dir: the state directory. Default: $RWKV5_HOME or ./.state.
     """
+    from rwkv5.evaluate import flat_metrics  # imports torch: kept out of the module for cheap flow discovery
+
     layout = Layout.default(state_dir)
     logger = get_run_logger()
     base = str(_local_path(checkpoint_uri))
@@ -184,8 +188,6 @@ def milestone(
         target = f"{release_to}@{tag}"  # one branch per milestone of one Hub repo
     else:
         target = f"{release_to.rstrip('/')}/{tag}"
-    from rwkv5.evaluate import flat_metrics
-
     card_evals = {variant: flat_metrics(report) for variant, report in evals.items()}
     card_evals["finetune"]["sft_loss_last"] = ft["last_loss"]
     released = release_stage(
