@@ -3,7 +3,8 @@
     python bench/wkv_kernel.py --out bench/results/wkv_kernel-h200.json
 
 Per shape (B, T, C, H): forward and forward+backward, median of many CUDA-event timings after warm-up,
-inputs bf16; the backward returns the gradients of r, k, v,
+inputs bf16; ours once as one sweep per (batch, head) and, where `RWKV5_WKV_SPLITS=auto` cuts the sequence
+into pieces (small B*H), once more split (columns "split"); the backward returns the gradients of r, k, v,
 time_decay, time_faaaa (torch.autograd.grad: no accumulation into .grad). fla gets w = -exp(time_decay) broadcast over
 time (materialised once, outside the timing), scale=1.0, u = time_faaaa. The floor is the bytes each pass
 must move (fwd: r, k, v read and y written; bwd: r, k, v, dy read and dr, dk, dv written) over the copy
@@ -13,6 +14,7 @@ bandwidth measured in the same run.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import statistics
@@ -28,6 +30,13 @@ from kernels.wkv5 import chunk_wkv5  # noqa: E402
 
 SHAPES = [(8, 4096, 4096, 64), (4, 4096, 4096, 64), (1, 16384, 4096, 64), (1, 131072, 4096, 64),
           (16, 2048, 2048, 32)]
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def cuda_time(fn, warmup: int, reps: int, budget_s: float = 20.0) -> float:
@@ -66,8 +75,22 @@ def make(B, T, C, H, device="cuda"):
     return r, k, v, w, u, dy
 
 
+def with_env(settings: dict[str, str], fn):
+    """Call fn() with environment variables set, restoring them after."""
+    saved = {n: os.environ.get(n) for n in settings}
+    os.environ.update(settings)
+    try:
+        return fn()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def bench_shape(shape, fla_fn, warmup, reps, variants=(), with_torch=True):
-    from kernels.wkv5.cuda import cuda_wkv5
+    from kernels.wkv5.cuda import cuda_wkv5, default_splits
 
     B, T, C, H = shape
     r, k, v, w, u, dy = make(*shape)
@@ -84,19 +107,21 @@ def bench_shape(shape, fla_fn, warmup, reps, variants=(), with_torch=True):
         y, _ = cuda_wkv5(r, k, v, w, u)
         torch.autograd.grad(y, (r, k, v, w, u), dy)
 
-    row["ours_fwd_ms"] = cuda_time(ours_fwd, warmup, reps)
-    row["ours_fwd_bwd_ms"] = cuda_time(ours_fwd_bwd, warmup, reps)
-    for variant in variants:  # "fwd_chunk:bwd_chunk", timed through the same entry point
-        fwd_chunk, bwd_chunk = variant.split(":")
-        saved = {n: os.environ.get(n) for n in ("RWKV5_WKV_CHUNK", "RWKV5_WKV_BWD_CHUNK")}
-        os.environ.update(RWKV5_WKV_CHUNK=fwd_chunk, RWKV5_WKV_BWD_CHUNK=bwd_chunk)
-        row[f"ours_fwd_ms@{variant}"] = cuda_time(ours_fwd, warmup, reps)
-        row[f"ours_fwd_bwd_ms@{variant}"] = cuda_time(ours_fwd_bwd, warmup, reps)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    one_sweep = {"RWKV5_WKV_SPLITS": "1"}
+    row["ours_fwd_ms"] = with_env(one_sweep, lambda: cuda_time(ours_fwd, warmup, reps))
+    row["ours_fwd_bwd_ms"] = with_env(one_sweep, lambda: cuda_time(ours_fwd_bwd, warmup, reps))
+    auto = {"RWKV5_WKV_SPLITS": "auto"}
+    splits = with_env(auto, lambda: (default_splits(B * H, T, r.device), default_splits(B * H, T, r.device, True)))
+    if max(splits) > 1:
+        row["splits_fwd"], row["splits_bwd"] = splits
+        row["ours_split_fwd_ms"] = with_env(auto, lambda: cuda_time(ours_fwd, warmup, reps))
+        row["ours_split_fwd_bwd_ms"] = with_env(auto, lambda: cuda_time(ours_fwd_bwd, warmup, reps))
+    for variant in variants:  # "fwd_chunk:bwd_chunk[:splits]", timed through the same entry point
+        fwd_chunk, bwd_chunk, *rest = variant.split(":")
+        env = {"RWKV5_WKV_CHUNK": fwd_chunk, "RWKV5_WKV_BWD_CHUNK": bwd_chunk,
+               "RWKV5_WKV_SPLITS": rest[0] if rest else "1"}
+        row[f"ours_fwd_ms@{variant}"] = with_env(env, lambda: cuda_time(ours_fwd, warmup, reps))
+        row[f"ours_fwd_bwd_ms@{variant}"] = with_env(env, lambda: cuda_time(ours_fwd_bwd, warmup, reps))
 
     if fla_fn is not None:
         w_log = (-torch.exp(w.detach())).expand(B, T, H, C // H).contiguous().requires_grad_()
@@ -134,27 +159,74 @@ def bench_shape(shape, fla_fn, warmup, reps, variants=(), with_torch=True):
     return row
 
 
+def kernel_times(shape, splits: str, reps: int = 5) -> dict[str, float]:
+    """Mean device milliseconds per forward+backward of each CUDA kernel ours launches (torch.profiler).
+
+    Splits the measured time between pass 1, the scans and pass 2 of each sweep, which the end-to-end
+    timings cannot.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from kernels.wkv5.cuda import cuda_wkv5
+
+    r, k, v, w, u, dy = make(*shape)
+
+    def step():
+        y, _ = cuda_wkv5(r, k, v, w, u)
+        torch.autograd.grad(y, (r, k, v, w, u), dy)
+
+    def profiled():
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                step()
+            torch.cuda.synchronize()
+        return prof
+
+    prof = with_env({"RWKV5_WKV_SPLITS": splits}, profiled)
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_time_total > 0:
+            totals[event.key[:90]] = event.device_time_total / reps / 1e3
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/wkv_kernel-h200.json")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--shapes", default="all", help="'all' or indices into SHAPES, e.g. 0,2")
-    parser.add_argument("--variants", default="", help="extra chunk settings to time, e.g. 32:32,64:64")
+    parser.add_argument("--variants", default="",
+                        help="extra settings to time as fwd_chunk:bwd_chunk[:splits], e.g. 32:32,64:32:4")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch chunked path")
+    parser.add_argument("--kernels", default="",
+                        help="instead of timing, list each kernel's time per fwd+bwd under these RWKV5_WKV_SPLITS "
+                             "settings, e.g. 1,auto")
     args = parser.parse_args()
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    if args.kernels:
+        for shape in shapes:
+            for splits in args.kernels.split(","):
+                print(f"{shape} RWKV5_WKV_SPLITS={splits}: ms per fwd+bwd by kernel")
+                for name, ms in kernel_times(shape, splits).items():
+                    print(f"  {ms:8.3f}  {name}")
+        return
 
     try:
         from fla.ops.rwkv6 import chunk_rwkv6 as fla_fn
     except ImportError as exc:
         print(f"fla not importable ({exc}); timing ours and the PyTorch path only")
         fla_fn = None
-    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     bw = copy_bandwidth()
     result = {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "fla": _version("fla-core") if fla_fn is not None else None,
         "chunk_env": os.environ.get("RWKV5_WKV_CHUNK"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "copy_bandwidth_bytes_per_s": bw,
         "rows": [],
     }
@@ -173,18 +245,22 @@ def main() -> None:
         os.replace(tmp, out)
         torch.cuda.empty_cache()
 
-    header = (f"{'B,T,C,H':>22} {'ours fwd':>9} {'fla fwd':>9} {'x':>5} {'ours f+b':>9} {'fla f+b':>9} {'x':>5}"
-              f" {'torch f+b':>10} {'floor f':>8} {'floor f+b':>9}")
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; times in ms; x = fla / ours; floor = fraction of the byte floor")
+    nan = float("nan")
+    header = (f"{'B,T,C,H':>20} {'ours fwd':>9} {'split':>7} {'fla fwd':>8} {'x':>5} {'ours f+b':>9} {'split':>7}"
+              f" {'fla f+b':>8} {'x':>5} {'torch f+b':>10} {'floor f':>8} {'floor f+b':>9}")
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; times in ms; split = RWKV5_WKV_SPLITS=auto where it splits;"
+          f" x = fla / (the faster of ours); floor = byte floor / (the faster of ours)")
     print(header)
     for row in rows:
-        fla_f, fla_fb = row.get("fla_fwd_ms"), row.get("fla_fwd_bwd_ms")
+        fla_f, fla_fb = row.get("fla_fwd_ms", nan), row.get("fla_fwd_bwd_ms", nan)
+        split_f, split_fb = row.get("ours_split_fwd_ms", nan), row.get("ours_split_fwd_bwd_ms", nan)
+        best_f = min(row["ours_fwd_ms"], split_f) if split_f == split_f else row["ours_fwd_ms"]
+        best_fb = min(row["ours_fwd_bwd_ms"], split_fb) if split_fb == split_fb else row["ours_fwd_bwd_ms"]
         shape = f"{row['B']},{row['T']},{row['C']},{row['H']}"
-        print(f"{shape:>22} {row['ours_fwd_ms']:9.3f} {fla_f or float('nan'):9.3f} "
-              f"{(fla_f or float('nan')) / row['ours_fwd_ms']:5.2f} {row['ours_fwd_bwd_ms']:9.3f} "
-              f"{fla_fb or float('nan'):9.3f} {(fla_fb or float('nan')) / row['ours_fwd_bwd_ms']:5.2f} "
-              f"{row.get('torch_fwd_bwd_ms', float('nan')):10.2f} "
-              f"{row['floor_fwd_ms'] / row['ours_fwd_ms']:8.2f} {row['floor_fwd_bwd_ms'] / row['ours_fwd_bwd_ms']:9.2f}")
+        print(f"{shape:>20} {row['ours_fwd_ms']:9.3f} {split_f:7.3f} {fla_f:8.3f} {fla_f / best_f:5.2f} "
+              f"{row['ours_fwd_bwd_ms']:9.3f} {split_fb:7.3f} {fla_fb:8.3f} {fla_fb / best_fb:5.2f} "
+              f"{row.get('torch_fwd_bwd_ms', nan):10.2f} "
+              f"{row['floor_fwd_ms'] / best_f:8.2f} {row['floor_fwd_bwd_ms'] / best_fb:9.2f}")
 
 
 if __name__ == "__main__":

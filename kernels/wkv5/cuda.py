@@ -13,7 +13,7 @@ import torch
 from kernels.build import load_wkv5
 from kernels.wkv5.shapes import check_shapes
 
-__all__ = ["cuda_wkv5", "default_chunk"]
+__all__ = ["cuda_wkv5", "default_chunk", "default_splits"]
 
 
 def default_chunk(head_size: int, backward: bool = False) -> int:
@@ -30,17 +30,36 @@ def default_chunk(head_size: int, backward: bool = False) -> int:
     return 32 if backward and head_size == 128 else chunk
 
 
+def default_splits(batch_heads: int, steps: int, device: torch.device, backward: bool = False) -> int:
+    """How many pieces the sequence is cut into, run in parallel over time (README.md, "Time splits").
+
+    One sweep per (batch, head) leaves most multiprocessors idle when B*H is small (B=1, H=64: 64 blocks on
+    132). `RWKV5_WKV_SPLITS` chooses: unset or "auto" (the default: on an H200 it beats one sweep by
+    1.3-1.9x at B=1 and picks one sweep wherever B*H already fills the GPU, bench/NOTES.md "v4") aims at
+    about two blocks per multiprocessor (the backward's two sweeps run side by side, so each gets half),
+    with pieces of at least 512 steps; an integer forces that many pieces ("1": one sweep).
+    """
+    forced = os.environ.get("RWKV5_WKV_SPLITS", "auto")
+    if forced != "auto":
+        if not forced.isdigit() or not 1 <= int(forced) <= 65535:
+            raise ValueError(f"RWKV5_WKV_SPLITS={forced!r}; expected 'auto' or an integer in [1, 65535]")
+        return int(forced)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    target = sms if backward else 2 * sms
+    return max(1, min(target // max(batch_heads, 1), steps // 512))
+
+
 @torch.library.custom_op("rwkv5::wkv5_fwd", mutates_args=())
 def _wkv5_fwd(
     r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-    state: torch.Tensor | None, chunk: int,
+    state: torch.Tensor | None, chunk: int, splits: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    y, s = load_wkv5().forward(r, k, v, w, u, state, chunk)
+    y, s = load_wkv5().forward(r, k, v, w, u, state, chunk, splits)
     return y, s
 
 
 @_wkv5_fwd.register_fake
-def _wkv5_fwd_fake(r, k, v, w, u, state, chunk):
+def _wkv5_fwd_fake(r, k, v, w, u, state, chunk, splits=1):
     B, _, H, N = r.shape
     return torch.empty_like(r), r.new_empty((B, H, N, N), dtype=torch.float32)
 
@@ -48,16 +67,16 @@ def _wkv5_fwd_fake(r, k, v, w, u, state, chunk):
 @torch.library.custom_op("rwkv5::wkv5_bwd", mutates_args=())
 def _wkv5_bwd(
     r: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor, u: torch.Tensor,
-    state: torch.Tensor | None, dy: torch.Tensor, dstate: torch.Tensor | None, chunk: int,
+    state: torch.Tensor | None, dy: torch.Tensor, dstate: torch.Tensor | None, chunk: int, splits: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dr, dk, dv, dlog_w, du, dstate0 = load_wkv5().backward(r, k, v, w, u, state, dy, dstate, chunk)
+    dr, dk, dv, dlog_w, du, dstate0 = load_wkv5().backward(r, k, v, w, u, state, dy, dstate, chunk, splits)
     # Per-(batch, head) partials summed here in fp32; d/dw of log w = -exp(w) is log w itself.
     dw = dlog_w.sum(0) * -torch.exp(w)
     return dr, dk, dv, dw, du.sum(0), dstate0
 
 
 @_wkv5_bwd.register_fake
-def _wkv5_bwd_fake(r, k, v, w, u, state, dy, dstate, chunk):
+def _wkv5_bwd_fake(r, k, v, w, u, state, dy, dstate, chunk, splits=1):
     B, _, H, N = r.shape
     f32 = torch.float32
     return (torch.empty_like(r), torch.empty_like(r), torch.empty_like(r), w.new_empty((H, N), dtype=f32),
@@ -65,17 +84,20 @@ def _wkv5_bwd_fake(r, k, v, w, u, state, dy, dstate, chunk):
 
 
 def _setup_context(ctx, inputs, output):
-    r, k, v, w, u, state, _ = inputs
+    r, k, v, w, u, state = inputs[:6]
     ctx.save_for_backward(r, k, v, w, u, state)
 
 
 def _backward(ctx, dy, dstate):
     r, k, v, w, u, state = ctx.saved_tensors
+    B, T, H, N = r.shape
     dr, dk, dv, dw, du, dstate0 = _wkv5_bwd(
         r, k, v, w, u, state, dy.contiguous(), None if dstate is None else dstate.contiguous(),
-        default_chunk(r.shape[-1], backward=True),
+        default_chunk(N, backward=True), default_splits(B * H, T, r.device, backward=True),
     )
-    return dr, dk, dv, dw, du, (dstate0 if state is not None else None), None
+    # One gradient per argument received: the dispatcher drops `splits` when it equals its default.
+    no_grads = (None,) * (len(ctx.needs_input_grad) - 6)
+    return (dr, dk, dv, dw, du, dstate0 if state is not None else None, *no_grads)
 
 
 _wkv5_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -100,6 +122,8 @@ def cuda_wkv5(
 
     Returns:
         y `[B, T, H, N]` in r's dtype and the final state `[B, H, N, N]` in float32.
+
+    `RWKV5_WKV_SPLITS` cuts the sequence into pieces run in parallel (see `default_splits`).
     """
     B, T, H, N = check_shapes(r, k, v, w, u, state)
     if N not in (32, 64, 128):
@@ -110,5 +134,5 @@ def cuda_wkv5(
     rr, kk, vv = (x.to(bf).contiguous() for x in (r, k, v))
     ww, uu = (x.float().contiguous() for x in (w, u))
     s = None if state is None else state.float().contiguous()
-    y, s_out = torch.ops.rwkv5.wkv5_fwd(rr, kk, vv, ww, uu, s, default_chunk(N))
+    y, s_out = torch.ops.rwkv5.wkv5_fwd(rr, kk, vv, ww, uu, s, default_chunk(N), default_splits(B * H, T, r.device))
     return y.to(r.dtype), s_out

@@ -76,6 +76,18 @@ def compare(case, error_table, ours, ref):
     assert not bad, f"{case}: relative errors over {BF16_RATIO}: {bad}"
 
 
+def check(case, error_table, reference, B, T, H, N, decay, with_state):
+    """Fresh inputs through cuda_wkv5 and `reference` (in float64), compared and added to the error table."""
+    from kernels.wkv5.cuda import cuda_wkv5
+
+    inputs = make_inputs(B, T, H, N, decay, with_state)
+    dy = torch.randn(B, T, H, N, device="cuda")
+    dstate = torch.randn(B, H, N, N, device="cuda")
+    ours = run(cuda_wkv5, leaves(inputs), dy, dstate)
+    ref = run(reference, leaves(inputs, torch.float64), dy, dstate)
+    compare(case, error_table, ours, ref)
+
+
 CASES = [  # (B, T, H, N)
     (1, 1, 2, 64),
     (2, 37, 3, 64),
@@ -92,30 +104,17 @@ CASES = [  # (B, T, H, N)
 @pytest.mark.parametrize("decay", list(DECAYS))
 @pytest.mark.parametrize("shape", CASES, ids=lambda s: "B{}_T{}_H{}_N{}".format(*s))
 def test_cuda_vs_float64(shape, decay, with_state, error_table):
-    from kernels.wkv5.cuda import cuda_wkv5
-
     B, T, H, N = shape
-    inputs = make_inputs(B, T, H, N, decay, with_state)
-    dy = torch.randn(B, T, H, N, device="cuda")
-    dstate = torch.randn(B, H, N, N, device="cuda")
-    ours = run(cuda_wkv5, leaves(inputs), dy, dstate)
-    ref = run(naive_wkv5, leaves(inputs, torch.float64), dy, dstate)
-    compare(f"B{B} T{T} H{H} N{N} {decay} {'s0' if with_state else '--'}", error_table, ours, ref)
+    case = f"B{B} T{T} H{H} N{N} {decay} {'s0' if with_state else '--'}"
+    check(case, error_table, naive_wkv5, B, T, H, N, decay, with_state)
 
 
 @pytest.mark.parametrize("N", [32, 64, 128])
 @pytest.mark.parametrize("decay", ["weak", "mixed"])
 def test_long_sequence(N, decay, error_table):
     """T = 3001 (many chunks, a partial last one) against the float64 chunked path."""
-    from kernels.wkv5.cuda import cuda_wkv5
-
     B, T, H = 2, 3001, 2
-    inputs = make_inputs(B, T, H, N, decay, True)
-    dy = torch.randn(B, T, H, N, device="cuda")
-    dstate = torch.randn(B, H, N, N, device="cuda")
-    ours = run(cuda_wkv5, leaves(inputs), dy, dstate)
-    ref = run(chunk_wkv5, leaves(inputs, torch.float64), dy, dstate)
-    compare(f"long B{B} T{T} H{H} N{N} {decay}", error_table, ours, ref)
+    check(f"long B{B} T{T} H{H} N{N} {decay}", error_table, chunk_wkv5, B, T, H, N, decay, True)
 
 
 @pytest.mark.parametrize("splits", [(70, 80), (1, 63, 64, 22)], ids=["2calls", "4calls"])
@@ -141,6 +140,35 @@ def test_state_carried_across_calls(splits, error_table):
     compare(f"carried {'+'.join(map(str, splits))}", error_table, ours, ref)
 
 
+SPLIT_CASES = [  # (B, T, H, N, splits): pieces of a multiple of 64 steps, the last one shorter
+    (2, 65, 3, 64, 2),  # a last piece of 1 step
+    (1, 200, 2, 32, 3),  # 2 pieces: 128 + 72
+    (2, 130, 2, 128, 2),  # 128 + 2
+    (1, 777, 4, 64, 5),  # 5 pieces of 192, the last 9
+    (3, 300, 2, 64, 64),  # more splits asked than 64-step pieces exist: 5 pieces
+]
+
+
+@pytest.mark.parametrize("decay", list(DECAYS))
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "B{}_T{}_H{}_N{}_split{}".format(*c))
+def test_time_splits(case, decay, error_table, monkeypatch):
+    """The sequence cut into pieces run in parallel (pass 1, scan, pass 2) matches the reference."""
+    B, T, H, N, splits = case
+    monkeypatch.setenv("RWKV5_WKV_SPLITS", str(splits))
+    check(f"split{splits} B{B} T{T} H{H} N{N} {decay}", error_table, naive_wkv5, B, T, H, N, decay, True)
+
+
+@pytest.mark.parametrize("N", [32, 64, 128])
+def test_time_splits_long_auto(N, error_table, monkeypatch):
+    """T = 3001 at B*H = 2 with RWKV5_WKV_SPLITS=auto (5 pieces), zero initial state, against float64."""
+    from kernels.wkv5.cuda import default_splits
+
+    B, T, H = 1, 3001, 2
+    monkeypatch.setenv("RWKV5_WKV_SPLITS", "auto")
+    assert default_splits(B * H, T, torch.device("cuda")) == 5
+    check(f"split auto long B{B} T{T} H{H} N{N} weak", error_table, chunk_wkv5, B, T, H, N, "weak", False)
+
+
 def test_dispatch_default_and_compile():
     """rwkv5.wkv picks the kernel on CUDA, and torch.compile traces the custom op without a graph break."""
     from kernels.wkv5.cuda import cuda_wkv5
@@ -158,9 +186,12 @@ def test_dispatch_default_and_compile():
         assert torch.equal(out, s_eager)
 
 
-def test_indices_past_2_31():
+@pytest.mark.parametrize("splits", ["1", "auto"])
+def test_indices_past_2_31(splits, monkeypatch):
     """B*T*C > 2^31 elements: the last steps (strong decay, so a short window suffices) are still right."""
     from kernels.wkv5.cuda import cuda_wkv5
+
+    monkeypatch.setenv("RWKV5_WKV_SPLITS", splits)
 
     B, H, N = 1, 64, 64
     T = 2**31 // (H * N) + 100

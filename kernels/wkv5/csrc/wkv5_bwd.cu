@@ -9,10 +9,13 @@
 //   dk_s = w^(le-1-s') (v_s G^T) + wc^(7-s') sum_{t>s} (v_s . dy_t) (r_t wc^(t'-8)) + u r_s (v_s . dy_s)
 //   dv_s = (k_s w^(le-1-s')) G + sum_{t>=s} A[t,s] dy_t;  G = w^le G + sum_t (r_t w^t')^T dy_t
 // Sweep A writes per-(batch, head) partials of dlog w and du; the caller sums them over the batch.
+// With time splits each sweep is two passes around a scan, as in the forward: sweep A's pass 1 gives each
+// piece its start S and D, sweep B's pass 1 the gradient G each piece receives at its end.
 #ifndef WKV5_KERNELS_ONLY  // defined for compile checks without the torch CUDA headers
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #endif
 
@@ -22,12 +25,17 @@ namespace wkv5 {
 
 using bf16 = __nv_bfloat16;
 
-template <int N, int L>
-__global__ void __launch_bounds__(2 * N) bwd_a_kernel(
+// Time splits as in the forward: s_in, d_in hold the start S and D of each piece [B*H][pieces][N][N] (null:
+// zeros). STATE_ONLY (pass 1, pieces 0..P-2) runs a piece from zeros and writes its end S and D to s_end,
+// d_end [B*H][P - 1][N][N], reading k and v alone; otherwise the pass writes dr and adds its dlog w and du partials.
+// At N 64, L 32 three blocks share a multiprocessor (72.7 KB of shared memory and <= 168 registers each): the
+// backward sweeps run about twice as fast per multiprocessor with two blocks as with one (bench/NOTES.md).
+template <int N, int L, bool STATE_ONLY>
+__global__ void __launch_bounds__(2 * N, N == 64 && L == 32 ? 3 : 1) bwd_a_kernel(
     const bf16* __restrict__ r, const bf16* __restrict__ k, const bf16* __restrict__ v, const float* __restrict__ td,
-    const float* __restrict__ u, const float* __restrict__ s0, const bf16* __restrict__ dy,
-    const float* __restrict__ ds_out, bf16* __restrict__ dr, float* __restrict__ dlw, float* __restrict__ du, int T,
-    int H) {
+    const float* __restrict__ u, const float* __restrict__ s_in, const float* __restrict__ d_in,
+    const bf16* __restrict__ dy, const float* __restrict__ ds_out, bf16* __restrict__ dr, float* __restrict__ dlw,
+    float* __restrict__ du, float* __restrict__ s_end, float* __restrict__ d_end, int T, int H, int span) {
     constexpr int NW = N / 16, LDN = N + 8, LDL = L + 8;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][4][L][LDN]: r, k, v, dy
@@ -38,18 +46,21 @@ __global__ void __launch_bounds__(2 * N) bwd_a_kernel(
     bf16* kdT = kqT + N * LDL;                  // (le-1-s') k w^(le-1-s')
     bf16* vT = kdT + N * LDL;                   // v
     float* pw = reinterpret_cast<float*>(vT + N * LDL);
-    float* pwc = pw + 17 * N;
-    float* us = pwc + 17 * N;
+    float* us = pw + 17 * N;
     float* vdp = us + N;  // [NW][L] partials of v_t . dy_t
 
     const int bh = blockIdx.x, b = bh / H, h = bh % H;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
     const int64_t rs = static_cast<int64_t>(H) * N;
-    const int64_t row0 = static_cast<int64_t>(b) * T;
     const int64_t col0 = static_cast<int64_t>(h) * N;
+    const int64_t piece = static_cast<int64_t>(bh) * gridDim.y + blockIdx.y;
+    const int t_begin = blockIdx.y * span;
+    const int64_t row0 = static_cast<int64_t>(b) * T + t_begin;
+    T = min(span, T - t_begin);  // from here on, the steps of this piece
 
-    fill_tables<N>(pw, pwc, us, td, u, h);
+    // The midpoint factors live in registers only (no pwc table): 3 blocks fit on a multiprocessor.
+    fill_tables<N>(pw, nullptr, us, td, u, h);
 
     float S[N / 8][4], D[N / 8][4];  // row i = 16 warp + g (+8), column j = 8 nt + 2q (+1)
 #pragma unroll
@@ -57,21 +68,23 @@ __global__ void __launch_bounds__(2 * N) bwd_a_kernel(
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int i = 16 * warp + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
-            S[nt][e] = s0 ? s0[(static_cast<int64_t>(bh) * N + i) * N + j] : 0.f;
-            D[nt][e] = 0.f;
+            S[nt][e] = s_in ? s_in[(piece * N + i) * N + j] : 0.f;
+            D[nt][e] = d_in ? d_in[(piece * N + i) * N + j] : 0.f;
         }
     float dla[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, dua[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, dlb[2] = {0.f, 0.f};
 
+    // The state-only pass reads k and v alone (slots 1, 2 of each raw buffer).
+    constexpr int FIRST = STATE_ONLY ? 1 : 0, NIN = STATE_ONLY ? 2 : 4;
     const bf16* srcs[4] = {r, k, v, dy};
     const int nchunks = (T + L - 1) / L;
-    load_chunk<N, L, 4>(raw, srcs, row0, min(L, T), rs, col0);
+    load_chunk<N, L, NIN>(raw + FIRST * L * LDN, srcs + FIRST, row0, min(L, T), rs, col0);
     const int tp = tid & 15, i0 = 8 * (tid >> 4);
     __syncthreads();
     // Decay factors fixed per thread: the prep's (step tp, channels i0..) and the output's (steps g, g+8).
     float f_km[8], f_rt[8], f_kq[8], f_in[2][2][2], f_mid[2][2][2];
 #pragma unroll
     for (int x = 0; x < 8; ++x) {
-        f_km[x] = pwc[(15 - tp) * N + i0 + x];
+        f_km[x] = mid_factor(-expf(td[h * N + i0 + x]), 15 - tp);
         f_rt[x] = pw[tp * N + i0 + x];
         f_kq[x] = pw[(15 - tp) * N + i0 + x];
     }
@@ -83,7 +96,7 @@ __global__ void __launch_bounds__(2 * N) bwd_a_kernel(
             for (int x = 0; x < 2; ++x) {
                 const int tt = g + 8 * half, i = 16 * warp + 8 * hh + 2 * q + x;
                 f_in[half][hh][x] = pw[tt * N + i];
-                f_mid[half][hh][x] = pwc[tt * N + i];
+                f_mid[half][hh][x] = mid_factor(-expf(td[h * N + i]), tt);
             }
 
     for (int c = 0; c < nchunks; ++c) {
@@ -91,7 +104,8 @@ __global__ void __launch_bounds__(2 * N) bwd_a_kernel(
         cp_async_wait_all();
         __syncthreads();
         if (c + 1 < nchunks)
-            load_chunk<N, L, 4>(raw + ((c + 1) & 1) * 4 * L * LDN, srcs, row0 + t0 + L, min(L, T - t0 - L), rs, col0);
+            load_chunk<N, L, NIN>(raw + (((c + 1) & 1) * 4 + FIRST) * L * LDN, srcs + FIRST, row0 + t0 + L,
+                                  min(L, T - t0 - L), rs, col0);
         const bf16* rN = raw + (c & 1) * 4 * L * LDN;
         const bf16* kN = rN + L * LDN;
         const bf16* vN = kN + L * LDN;
@@ -104,25 +118,29 @@ __global__ void __launch_bounds__(2 * N) bwd_a_kernel(
             const int le = min(kSub, Lc - kSub * a);
             const int dq = valid ? le - 1 - tp : 0;
             float fr[8], fk[8], fv[8], fd[8];
-            unpack8(*reinterpret_cast<const uint4*>(rN + t * LDN + i0), fr);
+            if constexpr (!STATE_ONLY) unpack8(*reinterpret_cast<const uint4*>(rN + t * LDN + i0), fr);
             unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
             unpack8(*reinterpret_cast<const uint4*>(vN + t * LDN + i0), fv);
-            unpack8(*reinterpret_cast<const uint4*>(dyN + t * LDN + i0), fd);
+            if constexpr (!STATE_ONLY) unpack8(*reinterpret_cast<const uint4*>(dyN + t * LDN + i0), fd);
             float vd = 0.f;
 #pragma unroll
             for (int x = 0; x < 8; ++x) {
                 const int i = i0 + x;
                 const float kq = fk[x] * (le == kSub ? f_kq[x] : pw[dq * N + i]);
-                kmT[i * LDL + t] = __float2bfloat16(fk[x] * f_km[x]);
-                rtT[i * LDL + t] = __float2bfloat16(fr[x] * f_rt[x]);
-                dyT[i * LDL + t] = __float2bfloat16(fd[x]);
+                if constexpr (!STATE_ONLY) {
+                    kmT[i * LDL + t] = __float2bfloat16(fk[x] * f_km[x]);
+                    rtT[i * LDL + t] = __float2bfloat16(fr[x] * f_rt[x]);
+                    dyT[i * LDL + t] = __float2bfloat16(fd[x]);
+                    vd += fv[x] * fd[x];
+                }
                 kqT[i * LDL + t] = __float2bfloat16(kq);
                 kdT[i * LDL + t] = __float2bfloat16(kq * static_cast<float>(dq));
                 vT[i * LDL + t] = __float2bfloat16(fv[x]);
-                vd += fv[x] * fd[x];
             }
-            vd += __shfl_xor_sync(0xffffffffu, vd, 16);
-            if (lane < 16) vdp[warp * L + t] = vd;
+            if constexpr (!STATE_ONLY) {
+                vd += __shfl_xor_sync(0xffffffffu, vd, 16);
+                if (lane < 16) vdp[warp * L + t] = vd;
+            }
         }
         __syncthreads();
 
@@ -130,84 +148,86 @@ __global__ void __launch_bounds__(2 * N) bwd_a_kernel(
             if (kSub * a >= Lc) break;
             const int le = min(kSub, Lc - kSub * a);
             const int m0 = kSub * a;
-            float bd[2][4], di[2][4];
+            if constexpr (!STATE_ONLY) {
+                float bd[2][4], di[2][4];
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh)
+                for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) bd[hh][e] = di[hh][e] = 0.f;
+                    for (int e = 0; e < 4; ++e) bd[hh][e] = di[hh][e] = 0.f;
 #pragma unroll
-            for (int kt = 0; kt < N / 16; ++kt) {
-                uint32_t af[4];
-                load_a(af, dyN, LDN, m0, 16 * kt, lane);
+                for (int kt = 0; kt < N / 16; ++kt) {
+                    uint32_t af[4];
+                    load_a(af, dyN, LDN, m0, 16 * kt, lane);
 #pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    uint32_t b0, b1;
-                    load_b(b0, b1, vN, LDN, m0 + 8 * hh, 16 * kt, lane);
-                    mma16816(bd[hh], af, b0, b1);
-                    state_as_b<N>(S, kt, hh, b0, b1);
-                    mma16816(di[hh], af, b0, b1);
-                }
-            }
-            // bd[t][s] = dy_t . v_s for s < t; bg weighs each pair by its gap t-1-s, the exponent that
-            // d/dlog w brings down (summing gap-weighted pairs directly avoids cancelling large terms).
-            float bg[2][4];
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int tt = g + 8 * (e >> 1), ss = 8 * hh + 2 * q + (e & 1);
-                    if (ss >= tt) bd[hh][e] = 0.f;
-                    bg[hh][e] = bd[hh][e] * static_cast<float>(max(tt - 1 - ss, 0));
-                }
-            uint32_t pb[4], pg[4];
-            c_to_a(bd, pb);
-            c_to_a(bg, pg);
-            float dj[2][4], dgap[2][4];
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                uint32_t b0, b1;
-#pragma unroll
-                for (int e = 0; e < 4; ++e) dj[hh][e] = dgap[hh][e] = 0.f;
-                load_b(b0, b1, kmT, LDL, 16 * warp + 8 * hh, m0, lane);
-                mma16816(dj[hh], pb, b0, b1);
-                mma16816(dgap[hh], pg, b0, b1);
-            }
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int tt = g + 8 * half, t = m0 + tt;
-                if (t >= Lc) continue;
-                float vd = 0.f;
-#pragma unroll
-                for (int w = 0; w < NW; ++w) vd += vdp[w * L + t];
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    float out[2];
-#pragma unroll
-                    for (int x = 0; x < 2; ++x) {
-                        const int e = 2 * half + x, i = 16 * warp + 8 * hh + 2 * q + x;
-                        const float inter = f_in[half][hh][x] * di[hh][e];
-                        const float dri = inter + f_mid[half][hh][x] * dj[hh][e];
-                        const float rv = __bfloat162float(rN[t * LDN + i]);
-                        const float kv = __bfloat162float(kN[t * LDN + i]);
-                        dla[hh][x] += rv * (static_cast<float>(tt) * inter + f_mid[half][hh][x] * dgap[hh][e]);
-                        dua[hh][x] += rv * kv * vd;
-                        out[x] = dri + us[i] * kv * vd;
+                    for (int hh = 0; hh < 2; ++hh) {
+                        uint32_t b0, b1;
+                        load_b(b0, b1, vN, LDN, m0 + 8 * hh, 16 * kt, lane);
+                        mma16816(bd[hh], af, b0, b1);
+                        state_as_b<N>(S, kt, hh, b0, b1);
+                        mma16816(di[hh], af, b0, b1);
                     }
-                    *reinterpret_cast<__nv_bfloat162*>(dr + (row0 + t0 + t) * rs + col0 + 16 * warp + 8 * hh + 2 * q) =
-                        __floats2bfloat162_rn(out[0], out[1]);
                 }
-            }
-            {
-                uint32_t af[4];
-                load_a(af, rtT, LDL, 16 * warp, m0, lane);
+                // bd[t][s] = dy_t . v_s for s < t; bg weighs each pair by its gap t-1-s, the exponent that
+                // d/dlog w brings down (summing gap-weighted pairs directly avoids cancelling large terms).
+                float bg[2][4];
 #pragma unroll
-                for (int nt = 0; nt < N / 8; ++nt) {
-                    float tmp[4] = {0.f, 0.f, 0.f, 0.f};
+                for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int tt = g + 8 * (e >> 1), ss = 8 * hh + 2 * q + (e & 1);
+                        if (ss >= tt) bd[hh][e] = 0.f;
+                        bg[hh][e] = bd[hh][e] * static_cast<float>(max(tt - 1 - ss, 0));
+                    }
+                uint32_t pb[4], pg[4];
+                c_to_a(bd, pb);
+                c_to_a(bg, pg);
+                float dj[2][4], dgap[2][4];
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
                     uint32_t b0, b1;
-                    load_b(b0, b1, dyT, LDL, 8 * nt, m0, lane);
-                    mma16816(tmp, af, b0, b1);
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) dlb[e >> 1] += D[nt][e] * tmp[e];
+                    for (int e = 0; e < 4; ++e) dj[hh][e] = dgap[hh][e] = 0.f;
+                    load_b(b0, b1, kmT, LDL, 16 * warp + 8 * hh, m0, lane);
+                    mma16816(dj[hh], pb, b0, b1);
+                    mma16816(dgap[hh], pg, b0, b1);
+                }
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int tt = g + 8 * half, t = m0 + tt;
+                    if (t >= Lc) continue;
+                    float vd = 0.f;
+#pragma unroll
+                    for (int w = 0; w < NW; ++w) vd += vdp[w * L + t];
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        float out[2];
+#pragma unroll
+                        for (int x = 0; x < 2; ++x) {
+                            const int e = 2 * half + x, i = 16 * warp + 8 * hh + 2 * q + x;
+                            const float inter = f_in[half][hh][x] * di[hh][e];
+                            const float dri = inter + f_mid[half][hh][x] * dj[hh][e];
+                            const float rv = __bfloat162float(rN[t * LDN + i]);
+                            const float kv = __bfloat162float(kN[t * LDN + i]);
+                            dla[hh][x] += rv * (static_cast<float>(tt) * inter + f_mid[half][hh][x] * dgap[hh][e]);
+                            dua[hh][x] += rv * kv * vd;
+                            out[x] = dri + us[i] * kv * vd;
+                        }
+                        *reinterpret_cast<__nv_bfloat162*>(dr + (row0 + t0 + t) * rs + col0 + 16 * warp + 8 * hh + 2 * q) =
+                            __floats2bfloat162_rn(out[0], out[1]);
+                    }
+                }
+                {
+                    uint32_t af[4];
+                    load_a(af, rtT, LDL, 16 * warp, m0, lane);
+#pragma unroll
+                    for (int nt = 0; nt < N / 8; ++nt) {
+                        float tmp[4] = {0.f, 0.f, 0.f, 0.f};
+                        uint32_t b0, b1;
+                        load_b(b0, b1, dyT, LDL, 8 * nt, m0, lane);
+                        mma16816(tmp, af, b0, b1);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) dlb[e >> 1] += D[nt][e] * tmp[e];
+                    }
                 }
             }
 #pragma unroll
@@ -223,7 +243,18 @@ __global__ void __launch_bounds__(2 * N) bwd_a_kernel(
         }
     }
 
-    if (ds_out) {
+    if constexpr (STATE_ONLY) {
+#pragma unroll
+        for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = 16 * warp + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
+                s_end[(piece * N + i) * N + j] = S[nt][e];
+                d_end[(piece * N + i) * N + j] = D[nt][e];
+            }
+        return;
+    }
+    if (ds_out && blockIdx.y + 1 == gridDim.y) {  // the final state is the last piece's
 #pragma unroll
         for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
@@ -262,14 +293,19 @@ __global__ void __launch_bounds__(2 * N) bwd_a_kernel(
     }
 }
 
-template <int N, int L>
+// Time splits: g_in holds the gradient each piece receives at its end, [B*H][pieces][N][N] (null: zeros).
+// STATE_ONLY (pass 1) runs pieces 1.. (grid row y is piece y + 1) from a zero gradient, reading r and dy alone,
+// and writes what each sends back to its start to g_end [B*H][pieces - 1][N][N]; otherwise the pass writes dk
+// and dv, and piece 0 writes the initial-state gradient ds0 [B*H][N][N].
+template <int N, int L, bool STATE_ONLY>
 __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
     const bf16* __restrict__ r, const bf16* __restrict__ k, const bf16* __restrict__ v, const float* __restrict__ td,
-    const float* __restrict__ u, const bf16* __restrict__ dy, const float* __restrict__ ds_out,
-    bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ ds0, int T, int H) {
+    const float* __restrict__ u, const bf16* __restrict__ dy, const float* __restrict__ g_in,
+    bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ ds0, float* __restrict__ g_end, int T, int H,
+    int span) {
     constexpr int NW = N / 16, LDN = N + 8, LDL = L + 8;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][4][L][LDN]: r, k, v, dy
+    bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][4][L][LDN]: r, dy, k, v
     bf16* kqN = raw + 2 * 4 * L * LDN;          // [L][LDN] k w^(le-1-s')
     bf16* kmN = kqN + L * LDN;                  // k wc^(7-s')
     bf16* rmN = kmN + L * LDN;                  // r wc^(t'-8)
@@ -286,8 +322,12 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
     const int64_t rs = static_cast<int64_t>(H) * N;
-    const int64_t row0 = static_cast<int64_t>(b) * T;
     const int64_t col0 = static_cast<int64_t>(h) * N;
+    const int piece_y = blockIdx.y + (STATE_ONLY ? 1 : 0);
+    const int64_t piece = static_cast<int64_t>(bh) * gridDim.y + blockIdx.y;
+    const int t_begin = piece_y * span;
+    const int64_t row0 = static_cast<int64_t>(b) * T + t_begin;
+    T = min(span, T - t_begin);  // from here on, the steps of this piece
 
     fill_tables<N>(pw, pwc, us, td, u, h);
 
@@ -298,15 +338,17 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int rr = 16 * warp + g + 8 * (e >> 1), cc = 8 * nt + 2 * q + (e & 1);
-            G[nt][e] = ds_out ? ds_out[(static_cast<int64_t>(bh) * N + rr) * N + cc] : 0.f;
-            GT[nt][e] = ds_out ? ds_out[(static_cast<int64_t>(bh) * N + cc) * N + rr] : 0.f;
+            G[nt][e] = g_in ? g_in[(piece * N + rr) * N + cc] : 0.f;
+            GT[nt][e] = g_in ? g_in[(piece * N + cc) * N + rr] : 0.f;
         }
 
-    const bf16* srcs[4] = {r, k, v, dy};
+    // The state-only pass reads r and dy alone (slots 0, 1 of each raw buffer).
+    constexpr int NIN = STATE_ONLY ? 2 : 4;
+    const bf16* srcs[4] = {r, dy, k, v};
     const int nchunks = (T + L - 1) / L;
     {
         const int cl = nchunks - 1;
-        load_chunk<N, L, 4>(raw + (cl & 1) * 4 * L * LDN, srcs, row0 + cl * L, T - cl * L, rs, col0);
+        load_chunk<N, L, NIN>(raw + (cl & 1) * 4 * L * LDN, srcs, row0 + cl * L, T - cl * L, rs, col0);
     }
     const int tp = tid & 15, i0 = 8 * (tid >> 4);
     __syncthreads();
@@ -333,11 +375,11 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
         const int t0 = c * L, Lc = min(L, T - t0);
         cp_async_wait_all();
         __syncthreads();
-        if (c > 0) load_chunk<N, L, 4>(raw + ((c - 1) & 1) * 4 * L * LDN, srcs, row0 + t0 - L, L, rs, col0);
+        if (c > 0) load_chunk<N, L, NIN>(raw + ((c - 1) & 1) * 4 * L * LDN, srcs, row0 + t0 - L, L, rs, col0);
         const bf16* rN = raw + (c & 1) * 4 * L * LDN;
-        const bf16* kN = rN + L * LDN;
+        const bf16* dyN = rN + L * LDN;
+        const bf16* kN = dyN + L * LDN;
         const bf16* vN = kN + L * LDN;
-        const bf16* dyN = vN + L * LDN;
 
 #pragma unroll
         for (int a = 0; a < L / kSub; ++a) {
@@ -345,32 +387,39 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
             const bool valid = t < Lc;
             const int le = min(kSub, Lc - kSub * a);
             const int dq = valid ? le - 1 - tp : 0;
-            float fr[8], fk[8], fv[8], fd[8], o1[8], o2[8], o3[8];
+            float fr[8], fd[8];
             unpack8(*reinterpret_cast<const uint4*>(rN + t * LDN + i0), fr);
-            unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
-            unpack8(*reinterpret_cast<const uint4*>(vN + t * LDN + i0), fv);
             unpack8(*reinterpret_cast<const uint4*>(dyN + t * LDN + i0), fd);
-            float vd = 0.f, dg = 0.f;
 #pragma unroll
             for (int x = 0; x < 8; ++x) {
                 const int i = i0 + x;
-                o1[x] = fk[x] * (le == kSub ? f_kq[x] : pw[dq * N + i]);
-                o2[x] = fk[x] * f_km[x];
-                o3[x] = fr[x] * f_rm[x];
-                rmT[i * LDL + t] = __float2bfloat16(o3[x]);
                 dyT[i * LDL + t] = __float2bfloat16(fd[x]);
                 rtT[i * LDL + t] = __float2bfloat16(fr[x] * f_rt[x]);
-                vd += fv[x] * fd[x];
-                dg += fr[x] * us[i] * fk[x];
             }
-            *reinterpret_cast<uint4*>(kqN + t * LDN + i0) = pack8(o1);
-            *reinterpret_cast<uint4*>(kmN + t * LDN + i0) = pack8(o2);
-            *reinterpret_cast<uint4*>(rmN + t * LDN + i0) = pack8(o3);
-            vd += __shfl_xor_sync(0xffffffffu, vd, 16);
-            dg += __shfl_xor_sync(0xffffffffu, dg, 16);
-            if (lane < 16) {
-                vdp[warp * L + t] = vd;
-                dgp[warp * L + t] = dg;
+            if constexpr (!STATE_ONLY) {
+                float fk[8], fv[8], o1[8], o2[8], o3[8];
+                unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
+                unpack8(*reinterpret_cast<const uint4*>(vN + t * LDN + i0), fv);
+                float vd = 0.f, dg = 0.f;
+#pragma unroll
+                for (int x = 0; x < 8; ++x) {
+                    const int i = i0 + x;
+                    o1[x] = fk[x] * (le == kSub ? f_kq[x] : pw[dq * N + i]);
+                    o2[x] = fk[x] * f_km[x];
+                    o3[x] = fr[x] * f_rm[x];
+                    rmT[i * LDL + t] = __float2bfloat16(o3[x]);
+                    vd += fv[x] * fd[x];
+                    dg += fr[x] * us[i] * fk[x];
+                }
+                *reinterpret_cast<uint4*>(kqN + t * LDN + i0) = pack8(o1);
+                *reinterpret_cast<uint4*>(kmN + t * LDN + i0) = pack8(o2);
+                *reinterpret_cast<uint4*>(rmN + t * LDN + i0) = pack8(o3);
+                vd += __shfl_xor_sync(0xffffffffu, vd, 16);
+                dg += __shfl_xor_sync(0xffffffffu, dg, 16);
+                if (lane < 16) {
+                    vdp[warp * L + t] = vd;
+                    dgp[warp * L + t] = dg;
+                }
             }
         }
         __syncthreads();
@@ -379,121 +428,127 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
         for (int a = nsb - 1; a >= 0; --a) {
             const int le = min(kSub, Lc - kSub * a);
             const int m0 = kSub * a;
-            float bt[2][4], xc[2][4];
+            if constexpr (!STATE_ONLY) {
+                float bt[2][4], xc[2][4];
 #pragma unroll
-            for (int hh = 0; hh < 2; ++hh)
+                for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) bt[hh][e] = xc[hh][e] = 0.f;
+                    for (int e = 0; e < 4; ++e) bt[hh][e] = xc[hh][e] = 0.f;
 #pragma unroll
-            for (int kt = 0; kt < N / 16; ++kt) {
-                uint32_t af[4];
-                load_a(af, vN, LDN, m0, 16 * kt, lane);
+                for (int kt = 0; kt < N / 16; ++kt) {
+                    uint32_t af[4];
+                    load_a(af, vN, LDN, m0, 16 * kt, lane);
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        uint32_t b0, b1;
+                        load_b(b0, b1, dyN, LDN, m0 + 8 * hh, 16 * kt, lane);
+                        mma16816(bt[hh], af, b0, b1);
+                        state_as_b<N>(G, kt, hh, b0, b1);
+                        mma16816(xc[hh], af, b0, b1);
+                    }
+                }
+                // bt[s][t] = v_s . dy_t, kept for t > s.
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int ss = g + 8 * (e >> 1), tt = 8 * hh + 2 * q + (e & 1);
+                        if (tt <= ss) bt[hh][e] = 0.f;
+                    }
+                uint32_t pb[4];
+                c_to_a(bt, pb);
+                float yi[2][4];
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
                     uint32_t b0, b1;
-                    load_b(b0, b1, dyN, LDN, m0 + 8 * hh, 16 * kt, lane);
-                    mma16816(bt[hh], af, b0, b1);
-                    state_as_b<N>(G, kt, hh, b0, b1);
-                    mma16816(xc[hh], af, b0, b1);
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) yi[hh][e] = 0.f;
+                    load_b(b0, b1, rmT, LDL, 16 * warp + 8 * hh, m0, lane);
+                    mma16816(yi[hh], pb, b0, b1);
                 }
-            }
-            // bt[s][t] = v_s . dy_t, kept for t > s.
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int ss = g + 8 * (e >> 1), tt = 8 * hh + 2 * q + (e & 1);
-                    if (tt <= ss) bt[hh][e] = 0.f;
-                }
-            uint32_t pb[4];
-            c_to_a(bt, pb);
-            float yi[2][4];
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                uint32_t b0, b1;
-#pragma unroll
-                for (int e = 0; e < 4; ++e) yi[hh][e] = 0.f;
-                load_b(b0, b1, rmT, LDL, 16 * warp + 8 * hh, m0, lane);
-                mma16816(yi[hh], pb, b0, b1);
-            }
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int ss = g + 8 * half, s = m0 + ss;
-                if (s >= Lc) continue;
-                float vd = 0.f;
-#pragma unroll
-                for (int w = 0; w < NW; ++w) vd += vdp[w * L + s];
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    float out[2];
-#pragma unroll
-                    for (int x = 0; x < 2; ++x) {
-                        const int e = 2 * half + x, i = 16 * warp + 8 * hh + 2 * q + x;
-                        const float intra = f_mid[half][hh][x] * yi[hh][e];
-                        const float rv = __bfloat162float(rN[s * LDN + i]);
-                        const float decay = le == kSub ? f_end[half][hh][x] : pw[(le - 1 - ss) * N + i];
-                        out[x] = decay * xc[hh][e] + intra + us[i] * rv * vd;
-                    }
-                    *reinterpret_cast<__nv_bfloat162*>(dk + (row0 + t0 + s) * rs + col0 + 16 * warp + 8 * hh + 2 * q) =
-                        __floats2bfloat162_rn(out[0], out[1]);
-                }
-            }
-
-            // at[s][t] = A[t][s] for t > s, with diag(u) terms on the diagonal.
-            float at[2][4];
-            tile16<N>(at, kmN, LDN, m0, rmN, LDN, m0, lane);
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int ss = g + 8 * (e >> 1), tt = 8 * hh + 2 * q + (e & 1);
-                    float dsum = 0.f;
-                    if (tt == ss) {
-#pragma unroll
-                        for (int w = 0; w < NW; ++w) dsum += dgp[w * L + m0 + ss];
-                    }
-                    at[hh][e] = tt > ss ? at[hh][e] : dsum;
-                }
-            uint32_t pa[4];
-            c_to_a(at, pa);
-            float z[2][4];
-            act_times_state<N>(z, kqN, LDN, m0, GT, lane);
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh) {
-                uint32_t b0, b1;
-                load_b(b0, b1, dyT, LDL, 16 * warp + 8 * hh, m0, lane);
-                mma16816(z[hh], pa, b0, b1);
-            }
-#pragma unroll
-            for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
-                    const int s = m0 + g + 8 * half;
-                    if (s < Lc) {
-                        const int j = 16 * warp + 8 * hh + 2 * q;
-                        *reinterpret_cast<__nv_bfloat162*>(dv + (row0 + t0 + s) * rs + col0 + j) =
-                            __floats2bfloat162_rn(z[hh][2 * half], z[hh][2 * half + 1]);
+                    const int ss = g + 8 * half, s = m0 + ss;
+                    if (s >= Lc) continue;
+                    float vd = 0.f;
+#pragma unroll
+                    for (int w = 0; w < NW; ++w) vd += vdp[w * L + s];
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+                        float out[2];
+#pragma unroll
+                        for (int x = 0; x < 2; ++x) {
+                            const int e = 2 * half + x, i = 16 * warp + 8 * hh + 2 * q + x;
+                            const float intra = f_mid[half][hh][x] * yi[hh][e];
+                            const float rv = __bfloat162float(rN[s * LDN + i]);
+                            const float decay = le == kSub ? f_end[half][hh][x] : pw[(le - 1 - ss) * N + i];
+                            out[x] = decay * xc[hh][e] + intra + us[i] * rv * vd;
+                        }
+                        *reinterpret_cast<__nv_bfloat162*>(dk + (row0 + t0 + s) * rs + col0 + 16 * warp + 8 * hh + 2 * q) =
+                            __floats2bfloat162_rn(out[0], out[1]);
                     }
                 }
 
+                // at[s][t] = A[t][s] for t > s, with diag(u) terms on the diagonal.
+                float at[2][4];
+                tile16<N>(at, kmN, LDN, m0, rmN, LDN, m0, lane);
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int ss = g + 8 * (e >> 1), tt = 8 * hh + 2 * q + (e & 1);
+                        float dsum = 0.f;
+                        if (tt == ss) {
+#pragma unroll
+                            for (int w = 0; w < NW; ++w) dsum += dgp[w * L + m0 + ss];
+                        }
+                        at[hh][e] = tt > ss ? at[hh][e] : dsum;
+                    }
+                uint32_t pa[4];
+                c_to_a(at, pa);
+                float z[2][4];
+                act_times_state<N>(z, kqN, LDN, m0, GT, lane);
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    uint32_t b0, b1;
+                    load_b(b0, b1, dyT, LDL, 16 * warp + 8 * hh, m0, lane);
+                    mma16816(z[hh], pa, b0, b1);
+                }
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const int s = m0 + g + 8 * half;
+                        if (s < Lc) {
+                            const int j = 16 * warp + 8 * hh + 2 * q;
+                            *reinterpret_cast<__nv_bfloat162*>(dv + (row0 + t0 + s) * rs + col0 + j) =
+                                __floats2bfloat162_rn(z[hh][2 * half], z[hh][2 * half + 1]);
+                        }
+                    }
+            }
 #pragma unroll
             for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    G[nt][e] *= pw[le * N + 16 * warp + g + 8 * (e >> 1)];
-                    GT[nt][e] *= pw[le * N + 8 * nt + 2 * q + (e & 1)];
-                }
+                for (int e = 0; e < 4; ++e) G[nt][e] *= pw[le * N + 16 * warp + g + 8 * (e >> 1)];
             state_add<N>(G, rtT, LDL, 16 * warp, dyT, LDL, m0, lane);
-            state_add<N>(GT, dyT, LDL, 16 * warp, rtT, LDL, m0, lane);
+            if constexpr (!STATE_ONLY) {
+#pragma unroll
+                for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) GT[nt][e] *= pw[le * N + 8 * nt + 2 * q + (e & 1)];
+                state_add<N>(GT, dyT, LDL, 16 * warp, rtT, LDL, m0, lane);
+            }
         }
     }
 
+    if (!STATE_ONLY && piece_y > 0) return;  // the previous piece receives this gradient through the scan
+    float* const dst = STATE_ONLY ? g_end + piece * N * N : ds0 + static_cast<int64_t>(bh) * N * N;
 #pragma unroll
     for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int i = 16 * warp + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
-            ds0[(static_cast<int64_t>(bh) * N + i) * N + j] = G[nt][e];
+            dst[i * N + j] = G[nt][e];
         }
 }
 
@@ -502,16 +557,19 @@ template <int N, int L>
 void launch_bwd(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& td,
                 const torch::Tensor& u, const float* s0, const torch::Tensor& dy, const float* ds_out,
                 torch::Tensor& dr, torch::Tensor& dk, torch::Tensor& dv, torch::Tensor& ds0, torch::Tensor& dlw,
-                torch::Tensor& du) {
-    const int B = r.size(0), T = r.size(1), H = r.size(2);
+                torch::Tensor& du, int64_t splits) {
+    const int B = r.size(0), T = r.size(1), H = r.size(2), BH = B * H;
+    const int span = split_span(T, splits), pieces = (T + span - 1) / span;
     auto stream = at::cuda::getCurrentCUDAStream();
     const auto* rp = reinterpret_cast<const bf16*>(r.data_ptr());
     const auto* kp = reinterpret_cast<const bf16*>(k.data_ptr());
     const auto* vp = reinterpret_cast<const bf16*>(v.data_ptr());
     const auto* dyp = reinterpret_cast<const bf16*>(dy.data_ptr());
+    const float* tdp = td.data_ptr<float>();
+    const float* up = u.data_ptr<float>();
     constexpr int smem_a = smem_bwd_a(N, L), smem_b = smem_bwd_b(N, L);
-    auto ka = bwd_a_kernel<N, L>;
-    auto kb = bwd_b_kernel<N, L>;
+    auto ka = bwd_a_kernel<N, L, false>;
+    auto kb = bwd_b_kernel<N, L, false>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(ka, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_a));
     C10_CUDA_CHECK(cudaFuncSetAttribute(kb, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_b));
     // The two sweeps are independent: sweep B runs on a side stream next to sweep A, so that small B*H
@@ -520,13 +578,53 @@ void launch_bwd(const torch::Tensor& r, const torch::Tensor& k, const torch::Ten
     at::cuda::CUDAEvent inputs_ready, b_done;
     inputs_ready.record(stream);
     inputs_ready.block(side);
-    ka<<<B * H, 2 * N, smem_a, stream>>>(rp, kp, vp, td.data_ptr<float>(), u.data_ptr<float>(), s0, dyp, ds_out,
-                                         reinterpret_cast<bf16*>(dr.data_ptr()), dlw.data_ptr<float>(),
-                                         du.data_ptr<float>(), T, H);
+
+    // Split sequences: pass 1 and the scan give each piece its start S, D (sweep A) and end G (sweep B).
+    const float *s_in = s0, *d_in = nullptr, *g_in = ds_out;
+    torch::Tensor a_bufs, b_bufs;
+    if (pieces > 1) {
+        const auto f32 = r.options().dtype(torch::kFloat32);
+        const int64_t elems = static_cast<int64_t>(BH) * N * N;
+        const int scan_blocks = static_cast<int>((elems + 255) / 256);
+        // a_bufs: S ends, D ends [BH][pieces-1], then S starts, D starts [BH][pieces]
+        a_bufs = torch::empty({2 * elems * (2 * pieces - 1)}, f32);
+        float* s_end = a_bufs.data_ptr<float>();
+        float* d_end = s_end + elems * (pieces - 1);
+        float* s_start = d_end + elems * (pieces - 1);
+        float* d_start = s_start + elems * pieces;
+        auto ka1 = bwd_a_kernel<N, L, true>;
+        C10_CUDA_CHECK(cudaFuncSetAttribute(ka1, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_a));
+        ka1<<<dim3(BH, pieces - 1), 2 * N, smem_a, stream>>>(rp, kp, vp, tdp, up, nullptr, nullptr, dyp, nullptr,
+                                                              nullptr, nullptr, nullptr, s_end, d_end, T, H, span);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        scan_starts_kernel<N><<<scan_blocks, 256, 0, stream>>>(s0, s_end, d_end, tdp, s_start, d_start, BH, H, pieces,
+                                                               span);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        s_in = s_start;
+        d_in = d_start;
+
+        // b_bufs: G ends [BH][pieces-1] (pieces 1..), then G at each piece's end [BH][pieces]
+        b_bufs = torch::empty({elems * (2 * pieces - 1)}, f32);
+        c10::cuda::CUDACachingAllocator::recordStream(b_bufs.storage().data_ptr(), side);
+        float* g_end = b_bufs.data_ptr<float>();
+        float* g_start = g_end + elems * (pieces - 1);
+        auto kb1 = bwd_b_kernel<N, L, true>;
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kb1, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_b));
+        kb1<<<dim3(BH, pieces - 1), 2 * N, smem_b, side>>>(rp, kp, vp, tdp, up, dyp, nullptr, nullptr, nullptr,
+                                                            nullptr, g_end, T, H, span);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        scan_grads_kernel<N><<<scan_blocks, 256, 0, side>>>(ds_out, g_end, tdp, g_start, BH, H, pieces, span, T);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        g_in = g_start;
+    }
+    ka<<<dim3(BH, pieces), 2 * N, smem_a, stream>>>(rp, kp, vp, tdp, up, s_in, d_in, dyp, ds_out,
+                                                    reinterpret_cast<bf16*>(dr.data_ptr()), dlw.data_ptr<float>(),
+                                                    du.data_ptr<float>(), nullptr, nullptr, T, H, span);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    kb<<<B * H, 2 * N, smem_b, side>>>(rp, kp, vp, td.data_ptr<float>(), u.data_ptr<float>(), dyp, ds_out,
-                                         reinterpret_cast<bf16*>(dk.data_ptr()), reinterpret_cast<bf16*>(dv.data_ptr()),
-                                         ds0.data_ptr<float>(), T, H);
+    kb<<<dim3(BH, pieces), 2 * N, smem_b, side>>>(rp, kp, vp, tdp, up, dyp, g_in,
+                                                  reinterpret_cast<bf16*>(dk.data_ptr()),
+                                                  reinterpret_cast<bf16*>(dv.data_ptr()), ds0.data_ptr<float>(),
+                                                  nullptr, T, H, span);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     b_done.record(side);
     b_done.block(stream);
@@ -541,11 +639,11 @@ void wkv5_backward_cuda(const torch::Tensor& r, const torch::Tensor& k, const to
                         const torch::Tensor& td, const torch::Tensor& u, const c10::optional<torch::Tensor>& s0,
                         const torch::Tensor& dy, const c10::optional<torch::Tensor>& ds_out, torch::Tensor& dr,
                         torch::Tensor& dk, torch::Tensor& dv, torch::Tensor& ds0, torch::Tensor& dlw,
-                        torch::Tensor& du, int64_t chunk) {
+                        torch::Tensor& du, int64_t chunk, int64_t splits) {
     const int N = r.size(3);
     const float* s0p = s0.has_value() ? s0->data_ptr<float>() : nullptr;
     const float* dsp = ds_out.has_value() ? ds_out->data_ptr<float>() : nullptr;
-#define WKV5_BWD(NN, LL) wkv5::launch_bwd<NN, LL>(r, k, v, td, u, s0p, dy, dsp, dr, dk, dv, ds0, dlw, du)
+#define WKV5_BWD(NN, LL) wkv5::launch_bwd<NN, LL>(r, k, v, td, u, s0p, dy, dsp, dr, dk, dv, ds0, dlw, du, splits)
     if (N == 32 && chunk == 64) WKV5_BWD(32, 64);
     else if (N == 32) WKV5_BWD(32, 32);
     else if (N == 64 && chunk == 64) WKV5_BWD(64, 64);

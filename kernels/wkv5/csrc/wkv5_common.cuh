@@ -130,8 +130,14 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
-// Decay tables for one head: pw[d][i] = w_i^d and pwc[d][i] = wc_i^(d-8) for d in [0, 16], where
-// log w = -exp(time_decay) and wc clamps log w at kMidLogDecayMin for the midpoint factorisation.
+// wc_i^(d-8), where log w = -exp(time_decay) and wc clamps log w at kMidLogDecayMin for the midpoint
+// factorisation.
+__device__ __forceinline__ float mid_factor(float log_w, int d) {
+    return expf(fmaxf(log_w, kMidLogDecayMin) * (d - 8));
+}
+
+// Decay tables for one head: pw[d][i] = w_i^d and pwc[d][i] = wc_i^(d-8) for d in [0, 16], and us = u.
+// pwc and us may be null (kernels that keep those factors in registers).
 template <int N>
 __device__ __forceinline__ void fill_tables(float* pw, float* pwc, float* us, const float* td, const float* u,
                                             int h) {
@@ -139,9 +145,10 @@ __device__ __forceinline__ void fill_tables(float* pw, float* pwc, float* us, co
         const int d = x / N, i = x % N;
         const float lw = -expf(td[h * N + i]);
         pw[x] = expf(lw * d);
-        pwc[x] = expf(fmaxf(lw, kMidLogDecayMin) * (d - 8));
+        if (pwc) pwc[x] = mid_factor(lw, d);
     }
-    for (int i = threadIdx.x; i < N; i += blockDim.x) us[i] = u[h * N + i];
+    if (us)
+        for (int i = threadIdx.x; i < N; i += blockDim.x) us[i] = u[h * N + i];
 }
 
 // Issue the copies of one chunk of up to L rows of NARR (B, T, H, N) arrays into padded shared rows.
@@ -183,12 +190,68 @@ __device__ __forceinline__ uint4 pack8(const float f[8]) {
     return u;
 }
 
+// Steps per piece when a sequence of T steps is cut into about `splits` pieces: a multiple of 64 (so every
+// piece but the last is whole chunks for either chunk length), or T itself when there is one piece.
+__host__ inline int split_span(int64_t T, int64_t splits) {
+    if (splits <= 1 || T <= 64) return static_cast<int>(T);
+    const int64_t span = ((T + splits - 1) / splits + 63) / 64 * 64;
+    return static_cast<int>(span < T ? span : T);
+}
+
+// Chains the pieces of a split sequence (README.md, "Time splits"), one thread per state element (i, j):
+//   S_start[0] = s0 (or 0),   S_start[p+1] = w^span S_start[p] + S_end[p]
+// with S_end[p] the end state of piece p run from a zero state; when d_end is given, the same for
+// D = dS/dlog w:   D_start[0] = 0,   D_start[p+1] = w^span (D_start[p] + span S_start[p]) + D_end[p].
+// Arrays: s0 [BH][N][N]; s_end, d_end [BH][pieces-1][N][N]; s_start, d_start [BH][pieces][N][N].
+template <int N>
+__global__ void scan_starts_kernel(const float* __restrict__ s0, const float* __restrict__ s_end,
+                                   const float* __restrict__ d_end, const float* __restrict__ td,
+                                   float* __restrict__ s_start, float* __restrict__ d_start, int64_t bh_count, int H,
+                                   int pieces, int span) {
+    const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (x >= bh_count * N * N) return;
+    const int64_t bh = x / (N * N);
+    const int ij = static_cast<int>(x % (N * N)), i = ij / N, h = static_cast<int>(bh % H);
+    const float decay = expf(-expf(td[h * N + i]) * static_cast<float>(span));  // w_i^span, row i decays
+    float s = s0 ? s0[x] : 0.f, d = 0.f;
+    for (int p = 0; p < pieces; ++p) {
+        const int64_t at = (bh * pieces + p) * N * N + ij;
+        s_start[at] = s;
+        if (d_start) d_start[at] = d;
+        if (p + 1 == pieces) break;
+        const int64_t from = (bh * (pieces - 1) + p) * N * N + ij;
+        if (d_end) d = decay * (d + static_cast<float>(span) * s) + d_end[from];
+        s = decay * s + s_end[from];
+    }
+}
+
+// The backward counterpart for G = dLoss/dS, carried from the end: G_in[pieces-1] = dS_final (or 0),
+// G_in[p-1] = w^len(p) G_in[p] + G_end[p], where G_end[p] is what piece p alone sends back to its start and
+// len(p) its length. Arrays: ds_out [BH][N][N]; g_end [BH][pieces-1][N][N] (pieces 1..); g_in [BH][pieces][N][N].
+template <int N>
+__global__ void scan_grads_kernel(const float* __restrict__ ds_out, const float* __restrict__ g_end,
+                                  const float* __restrict__ td, float* __restrict__ g_in, int64_t bh_count, int H,
+                                  int pieces, int span, int T) {
+    const int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (x >= bh_count * N * N) return;
+    const int64_t bh = x / (N * N);
+    const int ij = static_cast<int>(x % (N * N)), i = ij / N, h = static_cast<int>(bh % H);
+    const float lw = -expf(td[h * N + i]);
+    float gv = ds_out ? ds_out[x] : 0.f;
+    for (int p = pieces - 1; p >= 0; --p) {
+        g_in[(bh * pieces + p) * N * N + ij] = gv;
+        if (p == 0) break;
+        const int len = min(span, T - p * span);
+        gv = expf(lw * static_cast<float>(len)) * gv + g_end[(bh * (pieces - 1) + p - 1) * N * N + ij];
+    }
+}
+
 // Shared-memory bytes of each kernel, used by the kernels' carving and by the launchers.
 __host__ __device__ constexpr int smem_fwd(int N, int L) {
     return (3 + 3) * L * (N + 8) * 2 + 2 * N * (L + 8) * 2 + 35 * N * 4 + (N / 16) * L * 4;
 }
-__host__ __device__ constexpr int smem_bwd_a(int N, int L) {
-    return 2 * 4 * L * (N + 8) * 2 + 6 * N * (L + 8) * 2 + 35 * N * 4 + (N / 16) * L * 4;
+__host__ __device__ constexpr int smem_bwd_a(int N, int L) {  // 72704 bytes at N 64, L 32: 3 blocks per SM
+    return 2 * 4 * L * (N + 8) * 2 + 6 * N * (L + 8) * 2 + 18 * N * 4 + (N / 16) * L * 4;
 }
 __host__ __device__ constexpr int smem_bwd_b(int N, int L) {
     return (2 * 4 + 3) * L * (N + 8) * 2 + 3 * N * (L + 8) * 2 + 35 * N * 4 + 2 * (N / 16) * L * 4;

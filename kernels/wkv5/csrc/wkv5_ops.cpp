@@ -7,12 +7,12 @@
 
 void wkv5_forward_cuda(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v,
                        const torch::Tensor& td, const torch::Tensor& u, const c10::optional<torch::Tensor>& s0,
-                       torch::Tensor& y, torch::Tensor& s_out, int64_t chunk);
+                       torch::Tensor& y, torch::Tensor& s_out, int64_t chunk, int64_t splits);
 void wkv5_backward_cuda(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v,
                         const torch::Tensor& td, const torch::Tensor& u, const c10::optional<torch::Tensor>& s0,
                         const torch::Tensor& dy, const c10::optional<torch::Tensor>& ds_out, torch::Tensor& dr,
                         torch::Tensor& dk, torch::Tensor& dv, torch::Tensor& ds0, torch::Tensor& dlw,
-                        torch::Tensor& du, int64_t chunk);
+                        torch::Tensor& du, int64_t chunk, int64_t splits);
 
 namespace {
 
@@ -48,23 +48,29 @@ void check_inputs(const torch::Tensor& r, const torch::Tensor& k, const torch::T
     TORCH_CHECK(B * H <= INT32_MAX && r.size(1) <= INT32_MAX, "wkv5: B*H and T must fit in 32 bits");
 }
 
+void check_splits(int64_t splits) {
+    TORCH_CHECK(splits >= 1 && splits <= 65535, "wkv5: splits must be in [1, 65535], got ", splits);
+}
+
 std::vector<torch::Tensor> forward(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v,
                                    const torch::Tensor& td, const torch::Tensor& u,
-                                   const c10::optional<torch::Tensor>& s0, int64_t chunk) {
+                                   const c10::optional<torch::Tensor>& s0, int64_t chunk, int64_t splits) {
     check_inputs(r, k, v, td, u, s0);
+    check_splits(splits);
     const c10::cuda::CUDAGuard guard(r.device());
     const int64_t B = r.size(0), H = r.size(2), N = r.size(3);
     auto y = alloc(r.sizes(), r.options());
     auto s_out = alloc({B, H, N, N}, r.options().dtype(torch::kFloat32));
-    wkv5_forward_cuda(r, k, v, td, u, s0, y, s_out, chunk);
+    wkv5_forward_cuda(r, k, v, td, u, s0, y, s_out, chunk, splits);
     return {y, s_out};
 }
 
 std::vector<torch::Tensor> backward(const torch::Tensor& r, const torch::Tensor& k, const torch::Tensor& v,
                                     const torch::Tensor& td, const torch::Tensor& u,
                                     const c10::optional<torch::Tensor>& s0, const torch::Tensor& dy,
-                                    const c10::optional<torch::Tensor>& ds_out, int64_t chunk) {
+                                    const c10::optional<torch::Tensor>& ds_out, int64_t chunk, int64_t splits) {
     check_inputs(r, k, v, td, u, s0);
+    check_splits(splits);
     TORCH_CHECK(dy.scalar_type() == torch::kBFloat16 && dy.is_contiguous() && dy.sizes() == r.sizes(),
                 "wkv5: dy must be contiguous bfloat16 shaped like r");
     if (ds_out.has_value()) {
@@ -79,7 +85,7 @@ std::vector<torch::Tensor> backward(const torch::Tensor& r, const torch::Tensor&
     auto ds0 = alloc({B, H, N, N}, f32);
     auto dlw = torch::zeros({B, H, N}, f32);
     auto du = torch::zeros({B, H, N}, f32);
-    wkv5_backward_cuda(r, k, v, td, u, s0, dy, ds_out, dr, dk, dv, ds0, dlw, du, chunk);
+    wkv5_backward_cuda(r, k, v, td, u, s0, dy, ds_out, dr, dk, dv, ds0, dlw, du, chunk, splits);
     return {dr, dk, dv, dlw, du, ds0};
 }
 
@@ -87,9 +93,11 @@ std::vector<torch::Tensor> backward(const torch::Tensor& r, const torch::Tensor&
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "RWKV v5.2 WKV forward/backward on the tensor cores";
-    m.def("forward", &forward, "y, final_state = forward(r, k, v, time_decay, time_faaaa, state, chunk)");
+    m.def("forward", &forward,
+          "y, final_state = forward(r, k, v, time_decay, time_faaaa, state, chunk, splits): the sequence runs as "
+          "about `splits` pieces in parallel (1: one sweep)");
     m.def("set_poison", [](bool on) { g_poison = on; }, "fill outputs with NaN before each launch (tests)");
     m.def("backward", &backward,
           "dr, dk, dv, dlog_w[B,H,N], du[B,H,N], dstate = backward(r, k, v, time_decay, time_faaaa, state, dy, "
-          "dstate_out, chunk)");
+          "dstate_out, chunk, splits)");
 }
