@@ -193,39 +193,29 @@ def _tokenizer(vocab_path: str | None, impl: str) -> WorldTokenizer:
 
 
 _EOD = (0,)
-# Ids wait as the tokenizer's Python lists until this many tokens, then become one uint16 array: a single
-# `np.fromiter` over many documents is the cheapest conversion, and this bounds the lists' memory (~10 MB).
-_CONVERT_TOKENS = 1 << 18
 
 
 class _SourceBuffer:
-    """Ids of the current shard's documents of one source, each followed by the end-of-document id."""
+    """Ids of the current shard's documents of one source, each followed by the end-of-document id.
 
-    __slots__ = ("lists", "listed", "chunks", "documents")
+    Each document's ids become a uint16 array at once. Holding the tokenizer's Python lists until a larger
+    conversion looked cheaper, but the cyclic garbage collector then walks every held list on each pass:
+    28% of the stage's time on the bench corpus (bench/NOTES.md, "Tokenize stage").
+    """
+
+    __slots__ = ("chunks", "documents")
 
     def __init__(self) -> None:
-        self.lists: list[list[int]] = []
-        self.listed = 0
         self.chunks: list[np.ndarray] = []
         self.documents = 0
 
     def add(self, ids: list[int]) -> None:
-        self.lists.append(ids)
-        self.listed += len(ids) + 1
+        self.chunks.append(np.fromiter(itertools.chain(ids, _EOD), dtype=np.uint16, count=len(ids) + 1))
         self.documents += 1
-        if self.listed >= _CONVERT_TOKENS:
-            self._convert()
-
-    def _convert(self) -> None:
-        flat = itertools.chain.from_iterable(itertools.chain.from_iterable(zip(self.lists, itertools.repeat(_EOD))))
-        self.chunks.append(np.fromiter(flat, dtype=np.uint16, count=self.listed))
-        self.lists, self.listed = [], 0
 
     def tokens(self) -> np.ndarray:
         """`(tokens,)` uint16: every document added, in order."""
-        if self.lists:
-            self._convert()
-        return self.chunks[0] if len(self.chunks) == 1 else np.concatenate(self.chunks)
+        return np.concatenate(self.chunks)
 
 
 def _cut_shard(buffers: dict[str, _SourceBuffer], writer: ShardWriter) -> None:
