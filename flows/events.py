@@ -38,10 +38,15 @@ class PrefectMilestoneEvents(Callback):
         run_name (str): the pretraining run.
         checkpoint_uri_prefix (str): prepended to the milestone path to form the event's checkpoint URI
             (e.g. "file://"; an object-store prefix on clusters).
+        finetune_workers (int): Ray Train workers for the milestone's fine-tune, 0 = in the milestone flow's
+            own process; sent in the payload, so one milestone deployment serves runs of every size.
+        gpus_per_worker (int): GPUs of each of those workers.
     """
 
     run_name: str = ""
     checkpoint_uri_prefix: str = "file://"
+    finetune_workers: int = 1
+    gpus_per_worker: int = 0
 
     def on_milestone(self, info: MilestoneInfo) -> None:
         if self.ctx.rank != 0:
@@ -60,6 +65,8 @@ class PrefectMilestoneEvents(Callback):
                 "step": info.step,
                 "tokens_seen": info.tokens_seen,
                 "checkpoint_uri": f"{self.checkpoint_uri_prefix}{info.path}",
+                "finetune_workers": self.finetune_workers,
+                "gpus_per_worker": self.gpus_per_worker,
             },
             id=milestone_event_id(self.run_name, percent),
         )

@@ -28,7 +28,8 @@ def _local_path(uri: str) -> Path:
 def finetune_stage(base: str, storage: str, run_name: str, chat_data: str | None, steps: int, lr: float,
                    max_len: int, workers: int, gpus_per_worker: int) -> dict:
     """Chat SFT of the milestone through the pretraining loop (DeepSpeed ZeRO-2, bf16, segmented state-passing
-    loss): on the pipeline's Ray cluster when RAY_ADDRESS is set, else in this process. A finished fine-tune is
+    loss): on `workers` Ray Train workers of the pipeline's cluster when RAY_ADDRESS is set and `workers` > 0,
+    else in this process. A finished fine-tune is
     reused and an interrupted one resumes from its checkpoint, so a retried flow run trains no step twice."""
     from data_prep.chat_sample import build_chat_sample
     from rwkv5.checkpoint import read_checkpoint_config
@@ -45,7 +46,7 @@ def finetune_stage(base: str, storage: str, run_name: str, chat_data: str | None
         cfg = finetune_run_config(model_cfg, steps=steps, samples_per_step=max(2, workers), max_len=max_len, lr=lr,
                                   final_lr=lr / 10, warmup_steps=0)
         task = FinetuneTask(chat_data=chat, init_checkpoint=base)
-        if os.environ.get("RAY_ADDRESS"):
+        if workers > 0 and os.environ.get("RAY_ADDRESS"):
             result = launch_finetune(cfg, task, run_name, storage, workers=workers, gpus_per_worker=gpus_per_worker,
                                      resume=bool(list_checkpoints(run_dir)), callbacks=[TraceCallback(trace)])
             if getattr(result, "error", None) is not None:
@@ -156,7 +157,8 @@ def milestone(
         chat_data: chat JSONL for the fine-tune. Default: a small set built from local docstrings.
         finetune_steps, finetune_lr: optimizer steps and peak learning rate of the fine-tune.
         finetune_max_len: longest chat sample kept, in tokens (longer ones are processed in segments).
-        finetune_workers, gpus_per_worker: Ray Train workers of the fine-tune (when RAY_ADDRESS is set).
+        finetune_workers, gpus_per_worker: Ray Train workers of the fine-tune (when RAY_ADDRESS is set);
+            0 = in this process. The pretraining event sends both.
         lambada: LAMBADA JSONL (a path or fsspec URL, e.g.
             hf://datasets/EleutherAI/lambada_openai/lambada_test_en.jsonl). Default: no LAMBADA score.
         eval_ctx_len: validation window length.

@@ -59,7 +59,7 @@ def tokenize_stage(src_dir: str, out_dir: str, workers: int) -> dict:
 
 @task(name="pretrain", retries=2, retry_delay_seconds=10)
 def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, workers: int, gpus_per_worker: int,
-                   token_budget: int | None) -> dict:
+                   token_budget: int | None, finetune_workers: int = 1) -> dict:
     from rwkv5.train import run_preset, with_overrides
     from rwkv5.train.callbacks import TraceCallback
     from rwkv5.train.checkpoint import list_checkpoints
@@ -81,7 +81,9 @@ def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, work
     trace = Path(storage) / run_name / "trace.jsonl"
     result = launch(
         config, run_name, data_dir, storage, workers=workers, gpus_per_worker=gpus_per_worker, resume=resume,
-        callbacks=[PrefectMilestoneEvents(run_name=run_name), PrefectProgress(artifact_id=str(progress_id)),
+        callbacks=[PrefectMilestoneEvents(run_name=run_name, finetune_workers=finetune_workers,
+                                          gpus_per_worker=gpus_per_worker),
+                   PrefectProgress(artifact_id=str(progress_id)),
                    TraceCallback(trace)],
     )
     if getattr(result, "error", None) is not None:
@@ -131,6 +133,7 @@ def pretrain(
     gpus_per_worker: int = 0,
     tokenize_workers: int = 0,
     token_budget: int | None = None,
+    finetune_workers: int = 1,
     state_dir: str | None = None,
 ) -> dict:
     """Pretrain `preset` on `source` as run `run_name` (the resume key).
@@ -145,6 +148,8 @@ def pretrain(
         workers, gpus_per_worker: Ray Train workers and GPUs each (0 = CPU with gloo).
         tokenize_workers: tokenizer processes (0 = one per core).
         token_budget: override the preset's token budget.
+        finetune_workers: Ray Train workers of each milestone fine-tune (with `gpus_per_worker` GPUs each);
+            0 fine-tunes in the milestone flow's own process (the CPU demo: no worker start-up per milestone).
         state_dir: where data, checkpoints and releases live. Default: $RWKV5_HOME or ./.state.
     """
     layout = Layout.default(state_dir)
@@ -155,4 +160,4 @@ def pretrain(
     download_stage(source, raw, splits, fraction, revision)
     tokenize_stage(raw, str(layout.tokens_dir(name)), tokenize_workers)
     return pretrain_stage(run_name, preset, str(layout.tokens_dir(name) / "train"), str(layout.checkpoints),
-                          workers, gpus_per_worker, token_budget)
+                          workers, gpus_per_worker, token_budget, finetune_workers)

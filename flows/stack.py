@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -35,6 +36,15 @@ def offline_env() -> dict[str, str]:
         # `ray start --head` gives its dashboard 60 s to come up by default; a busy 2-core box needs more.
         "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "600",
     }
+
+
+# What the services do not need to run: MLflow's GenAI job runner (seven huey consumer processes on an idle
+# server) and Ray's idle worker processes started ahead of any task (each polls at ~8% of a core here).
+SERVICE_ENV = {
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    "RAY_enable_worker_prestart": "0",
+    "RAY_prestart_worker_first_driver": "0",
+}
 
 
 @dataclass
@@ -69,6 +79,11 @@ class StackConfig:
     def ray_dashboard_url(self) -> str:
         return f"http://{self.host}:{self.ray_dashboard_port}"
 
+    @property
+    def ray_token_file(self) -> Path:
+        """The Ray cluster's authentication token (Ray >= 2.5x turns token auth on by default)."""
+        return self.state_dir / "ray-auth-token"
+
     def env(self) -> dict[str, str]:
         """Variables every process of the pipeline needs to find the stack (Ray workers included)."""
         return {
@@ -77,6 +92,10 @@ class StackConfig:
             "PREFECT_API_URL": self.prefect_api_url,
             "MLFLOW_TRACKING_URI": self.mlflow_url,
             "RAY_ADDRESS": self.ray_address,
+            # Token auth, explicitly and with the stack's own token: left to Ray, it depends on whether some
+            # earlier `ray.init()` of this user happened to write ~/.ray/auth_token.
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN_PATH": str(self.ray_token_file),
             "RWKV5_RAY_DASHBOARD": self.ray_dashboard_url,
             "RWKV5_HOME": str(self.state_dir),
         }
@@ -89,6 +108,8 @@ class Service:
     health_url: str | None
     port: int
     url: str
+    health_token: Path | None = None  # a bearer token the health check must send
+    ready_line: str | None = None  # also wait for this in the service's log: its health URL answers earlier
 
 
 def _bin(name: str) -> str:
@@ -98,9 +119,27 @@ def _bin(name: str) -> str:
 
 
 def services(cfg: StackConfig) -> list[Service]:
-    """The stack's long-running processes, in start order."""
+    """The stack's long-running processes, in start order.
+
+    Ray's head goes first: its raylet must register with its GCS within a fixed 30 s, which fails on a
+    2-core machine while a Prefect server is starting beside it.
+    """
     ml = cfg.state_dir / "mlflow"
     return [
+        Service(
+            "ray-head",
+            [
+                _bin("ray"), "start", "--head", "--block", f"--node-ip-address={cfg.host}",
+                f"--port={cfg.ray_port}", "--include-dashboard=true", f"--dashboard-host={cfg.host}",
+                f"--dashboard-port={cfg.ray_dashboard_port}", f"--temp-dir={cfg.state_dir / 'ray'}",
+            ],
+            f"{cfg.ray_dashboard_url}/api/version",
+            cfg.ray_port,
+            cfg.ray_dashboard_url,
+            cfg.ray_token_file,
+            # The dashboard answers before the raylet has registered, which can still time out.
+            "Ray runtime started.",
+        ),
         Service(
             "prefect-server",
             [_bin("prefect"), "server", "start", "--host", cfg.host, "--port", str(cfg.prefect_port)],
@@ -121,17 +160,6 @@ def services(cfg: StackConfig) -> list[Service]:
             cfg.mlflow_url,
         ),
         Service(
-            "ray-head",
-            [
-                _bin("ray"), "start", "--head", "--block", f"--node-ip-address={cfg.host}",
-                f"--port={cfg.ray_port}", "--include-dashboard=true", f"--dashboard-host={cfg.host}",
-                f"--dashboard-port={cfg.ray_dashboard_port}", f"--temp-dir={cfg.state_dir / 'ray'}",
-            ],
-            f"{cfg.ray_dashboard_url}/api/version",
-            cfg.ray_port,
-            cfg.ray_dashboard_url,
-        ),
-        Service(
             "prefect-worker",
             [_bin("prefect"), "worker", "start", "--pool", WORK_POOL, "--type", "process"],
             None,
@@ -150,18 +178,17 @@ def _read_pid(cfg: StackConfig, name: str) -> int | None:
         pid = int(_pid_file(cfg, name).read_text().strip())
     except (FileNotFoundError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    return pid
+    return pid if _alive(pid) else None
 
 
-def _healthy(url: str | None, timeout: float = 2.0) -> bool:
+def _healthy(url: str | None, timeout: float = 2.0, token: Path | None = None) -> bool:
     if url is None:
         return False
+    request = urllib.request.Request(url)
+    if token is not None and token.is_file():
+        request.add_header("Authorization", f"Bearer {token.read_text().strip()}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             return 200 <= resp.status < 300
     except OSError:
         return False
@@ -173,11 +200,14 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def _log_file(cfg: StackConfig, svc: Service) -> Path:
+    return cfg.state_dir / "logs" / f"{svc.name}.log"
+
+
 def _start(cfg: StackConfig, svc: Service, env: dict[str, str]) -> int:
-    logs = cfg.state_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    _log_file(cfg, svc).parent.mkdir(parents=True, exist_ok=True)
     _pid_file(cfg, svc.name).parent.mkdir(parents=True, exist_ok=True)
-    with open(logs / f"{svc.name}.log", "ab") as log:
+    with open(_log_file(cfg, svc), "ab") as log:
         proc = subprocess.Popen(
             svc.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, cwd=cfg.state_dir, start_new_session=True,  # own process group: `down` kills it whole
@@ -188,15 +218,45 @@ def _start(cfg: StackConfig, svc: Service, env: dict[str, str]) -> int:
     return proc.pid
 
 
-def _wait_healthy(cfg: StackConfig, svc: Service, pid: int, timeout: float) -> None:
+# A service that exits while starting is started again, up to this many times in all: `ray start` gives up
+# after a fixed 30 s when the machine is busy (its log says "timed out during startup").
+START_ATTEMPTS = 3
+
+
+class ServiceExitedError(RuntimeError):
+    """A service's process ended before it answered its health check."""
+
+
+def _ready(cfg: StackConfig, svc: Service, log_offset: int) -> bool:
+    if not _healthy(svc.health_url, token=svc.health_token):
+        return False
+    if svc.ready_line is None:
+        return True
+    with open(_log_file(cfg, svc), "rb") as log:
+        log.seek(log_offset)
+        return svc.ready_line.encode() in log.read()
+
+
+def _wait_healthy(cfg: StackConfig, svc: Service, pid: int, timeout: float, log_offset: int = 0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _healthy(svc.health_url):
+        if _ready(cfg, svc, log_offset):
             return
         if _read_pid(cfg, svc.name) is None:
-            raise RuntimeError(f"{svc.name} exited during start; see {cfg.state_dir / 'logs' / (svc.name + '.log')}")
+            raise ServiceExitedError(f"{svc.name} exited during start; see {cfg.state_dir / 'logs' / (svc.name + '.log')}")
         time.sleep(0.5)
     raise RuntimeError(f"{svc.name} not healthy after {timeout:.0f} s; see {cfg.state_dir / 'logs' / (svc.name + '.log')}")
+
+
+def _ensure_token(path: Path) -> None:
+    """A random token, readable by this user only, written once (atomically) and kept across restarts."""
+    if path.is_file():
+        return
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.replace(tmp, path)
 
 
 def _prefect(cfg: StackConfig, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -222,7 +282,8 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
     """
     cfg = cfg or StackConfig()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **cfg.env()}
+    _ensure_token(cfg.ray_token_file)
+    env = {**os.environ, **cfg.env(), **SERVICE_ENV}
     result: dict[str, str] = {}
     for svc in services(cfg):
         if svc.name == "prefect-worker":
@@ -236,11 +297,19 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
             _start(cfg, svc, env)
             result[svc.name] = "started" + (f" (rescheduled {', '.join(orphans)})" if orphans else "")
             continue
-        if _healthy(svc.health_url) or (svc.name == "ray-head" and _port_open(cfg.host, cfg.ray_port)):
+        if _healthy(svc.health_url, token=svc.health_token) or (svc.name == "ray-head" and _port_open(cfg.host, cfg.ray_port)):
             result[svc.name] = "running"
             continue
-        pid = _start(cfg, svc, env)
-        _wait_healthy(cfg, svc, pid, timeout)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            log_offset = _log_file(cfg, svc).stat().st_size if _log_file(cfg, svc).is_file() else 0
+            pid = _start(cfg, svc, env)
+            try:
+                _wait_healthy(cfg, svc, pid, timeout, log_offset)
+                break
+            except ServiceExitedError:
+                _kill_group(pid)  # what the failed start left behind (Ray's GCS server) must not hold the port
+                if attempt == START_ATTEMPTS:
+                    raise
         result[svc.name] = "started"
     if deploy is not None:
         done = _prefect(cfg, env, "--no-prompt", "deploy", "--all", "--prefect-file", str(deploy))
@@ -288,6 +357,13 @@ def down(cfg: StackConfig | None = None, timeout: float = 30.0) -> dict[str, str
     return result
 
 
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -307,7 +383,7 @@ def status(cfg: StackConfig | None = None) -> list[dict[str, object]]:
     for svc in services(cfg):
         pid = _read_pid(cfg, svc.name)
         if svc.health_url is not None:
-            healthy = _healthy(svc.health_url)
+            healthy = _healthy(svc.health_url, token=svc.health_token)
         else:
             healthy = pid is not None
         rows.append({"service": svc.name, "pid": pid, "healthy": healthy, "url": svc.url})

@@ -25,7 +25,7 @@ from flows.paths import Layout, artifact_key  # noqa: E402
 from flows.stack import StackConfig, down, up  # noqa: E402
 from tests.conftest import _free_port  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.pipeline_e2e]
+pytestmark = [pytest.mark.slow, pytest.mark.pipeline_e2e, pytest.mark.timeout(3600)]
 
 REPO = Path(__file__).resolve().parents[2]
 BUDGET = 8 * 128 * 40  # tokens: 40 optimizer steps of the tiny preset

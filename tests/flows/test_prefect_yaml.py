@@ -1,0 +1,59 @@
+"""prefect.yaml against the flows it deploys: a broken file only shows at `rwkv5 up` (`prefect deploy --all`)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("prefect")
+
+from flows.milestone import milestone  # noqa: E402
+from flows.pretrain import pretrain  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+FLOWS = {"flows/pretrain.py:pretrain": pretrain, "flows/milestone.py:milestone": milestone}
+
+
+@pytest.fixture(scope="module")
+def deployments() -> dict[str, dict]:
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    return {d["name"]: d for d in spec["deployments"]}
+
+
+def _signature(deployment: dict) -> inspect.Signature:
+    return inspect.signature(FLOWS[deployment["entrypoint"]].fn)
+
+
+def test_every_deployment_points_at_a_flow_with_parameters_it_takes(deployments):
+    assert set(deployments) == {"tiny", "7b", "auto"}
+    for name, d in deployments.items():
+        params = _signature(d).parameters
+        unknown = set(d.get("parameters", {})) - set(params)
+        assert not unknown, (name, unknown)
+
+
+def test_tiny_is_complete_and_7b_needs_a_run_name(deployments):
+    for name, given in (("tiny", True), ("7b", False)):
+        sig = _signature(deployments[name])
+        required = {p for p, v in sig.parameters.items() if v.default is inspect.Parameter.empty}
+        assert required == {"run_name"}
+        assert ("run_name" in deployments[name]["parameters"]) is given
+    assert deployments["tiny"]["parameters"]["finetune_workers"] == 0  # in-process fine-tunes on the demo
+
+
+def test_milestone_deployment_is_triggered_in_order_by_the_event(deployments):
+    from flows.events import MILESTONE_EVENT
+
+    auto = deployments["auto"]
+    assert auto["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    (trigger,) = auto["triggers"]
+    assert trigger["expect"] == [MILESTONE_EVENT]
+    sig = _signature(auto)
+    given = set(trigger["parameters"])
+    required = {p for p, v in sig.parameters.items() if v.default is inspect.Parameter.empty}
+    assert required <= given <= set(sig.parameters)
+    for param, template in trigger["parameters"].items():
+        assert template == f"{{{{ event.payload.{param} }}}}", param
