@@ -39,11 +39,15 @@ def offline_env() -> dict[str, str]:
 
 
 # What the services do not need to run: MLflow's GenAI job runner (seven huey consumer processes on an idle
-# server) and Ray's idle worker processes started ahead of any task (each polls at ~8% of a core here).
+# server) and Ray's idle worker processes started ahead of any task (each polls at ~8% of a core here);
+# and Ray Train's patience with slow worker start-up.
 SERVICE_ENV = {
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     "RAY_enable_worker_prestart": "0",
     "RAY_prestart_worker_first_driver": "0",
+    # Ray Train gives a worker group 60 s to start; on 2 busy cores importing torch and DeepSpeed in each
+    # worker can take longer, and every retry starts the imports over.
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900",
 }
 
 
