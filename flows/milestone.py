@@ -29,8 +29,8 @@ def finetune_stage(base: str, storage: str, run_name: str, chat_data: str | None
                    max_len: int, workers: int, gpus_per_worker: int) -> dict:
     """Chat SFT of the milestone through the pretraining loop (DeepSpeed ZeRO-2, bf16, segmented state-passing
     loss): on `workers` Ray Train workers of the pipeline's cluster when RAY_ADDRESS is set and `workers` > 0,
-    else in this process. A finished fine-tune is
-    reused and an interrupted one resumes from its checkpoint, so a retried flow run trains no step twice."""
+    else in this process. A finished fine-tune is reused and an interrupted one resumes from its checkpoint, so
+    a retried flow run trains no step twice."""
     from data_prep.chat_sample import build_chat_sample
     from rwkv5.checkpoint import read_checkpoint_config
     from rwkv5.finetune_train import FinetuneTask, finetune_here, finetune_run_config, launch_finetune

@@ -247,9 +247,9 @@ def _wait_healthy(cfg: StackConfig, svc: Service, pid: int, timeout: float, log_
         if _ready(cfg, svc, log_offset):
             return
         if _read_pid(cfg, svc.name) is None:
-            raise ServiceExitedError(f"{svc.name} exited during start; see {cfg.state_dir / 'logs' / (svc.name + '.log')}")
+            raise ServiceExitedError(f"{svc.name} exited during start; see {_log_file(cfg, svc)}")
         time.sleep(0.5)
-    raise RuntimeError(f"{svc.name} not healthy after {timeout:.0f} s; see {cfg.state_dir / 'logs' / (svc.name + '.log')}")
+    raise RuntimeError(f"{svc.name} not healthy after {timeout:.0f} s; see {_log_file(cfg, svc)}")
 
 
 def _ensure_token(path: Path) -> None:
