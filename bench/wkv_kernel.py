@@ -18,6 +18,7 @@ import importlib.metadata
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,15 @@ def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
         return None
 
 
@@ -116,10 +126,11 @@ def bench_shape(shape, fla_fn, warmup, reps, variants=(), with_torch=True):
         row["splits_fwd"], row["splits_bwd"] = splits
         row["ours_split_fwd_ms"] = with_env(auto, lambda: cuda_time(ours_fwd, warmup, reps))
         row["ours_split_fwd_bwd_ms"] = with_env(auto, lambda: cuda_time(ours_fwd_bwd, warmup, reps))
-    for variant in variants:  # "fwd_chunk:bwd_chunk[:splits]", timed through the same entry point
+    for variant in variants:  # "fwd_chunk:bwd_chunk[:splits[:bwd_splits]]", through the same entry point
         fwd_chunk, bwd_chunk, *rest = variant.split(":")
         env = {"RWKV5_WKV_CHUNK": fwd_chunk, "RWKV5_WKV_BWD_CHUNK": bwd_chunk,
-               "RWKV5_WKV_SPLITS": rest[0] if rest else "1"}
+               "RWKV5_WKV_SPLITS": rest[0] if rest else "1",
+               "RWKV5_WKV_BWD_SPLITS": rest[1] if len(rest) > 1 else (rest[0] if rest else "1")}
         row[f"ours_fwd_ms@{variant}"] = with_env(env, lambda: cuda_time(ours_fwd, warmup, reps))
         row[f"ours_fwd_bwd_ms@{variant}"] = with_env(env, lambda: cuda_time(ours_fwd_bwd, warmup, reps))
 
@@ -192,6 +203,32 @@ def kernel_times(shape, splits: str, reps: int = 5) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
+def profile_once(shape) -> None:
+    """One warm-up forward+backward, then one more: the second is what `ncu -s 3 -c 3` records."""
+    from kernels.wkv5.cuda import cuda_wkv5
+
+    r, k, v, w, u, dy = make(*shape)
+    for _ in range(2):
+        y, _ = cuda_wkv5(r, k, v, w, u)
+        torch.autograd.grad(y, (r, k, v, w, u), dy)
+    torch.cuda.synchronize()
+
+
+def compare(old_path: str, new_path: str) -> None:
+    """Prints every time measured in both result files (same keys) with the ratio new / old."""
+    old, new = json.loads(Path(old_path).read_text()), json.loads(Path(new_path).read_text())
+    print(f"{'shape':>18} {'time':>28} {'old ms':>8} {'new ms':>8} {'new/old':>7}")
+    for row_new in new["rows"]:
+        shape = (row_new["B"], row_new["T"], row_new["C"], row_new["H"])
+        row_old = next((r for r in old["rows"] if (r["B"], r["T"], r["C"], r["H"]) == shape), {})
+        for key, ms in row_new.items():
+            if "_ms" not in key or key.startswith("floor"):
+                continue
+            was = row_old.get(key)
+            ratio = f"{ms / was:7.3f}" if was else ""
+            print(f"{','.join(map(str, shape)):>18} {key:>28} {was or float('nan'):8.3f} {ms:8.3f} {ratio}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench/results/wkv_kernel-h200.json")
@@ -201,10 +238,22 @@ def main() -> None:
     parser.add_argument("--variants", default="",
                         help="extra settings to time as fwd_chunk:bwd_chunk[:splits], e.g. 32:32,64:32:4")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch chunked path")
+    parser.add_argument("--no-fla", action="store_true",
+                        help="skip fla (its first calls compile and autotune for minutes): ours only, to compare versions")
     parser.add_argument("--kernels", default="",
                         help="instead of timing, list each kernel's time per fwd+bwd under these RWKV5_WKV_SPLITS "
                              "settings, e.g. 1,auto")
+    parser.add_argument("--profile-once", type=int, default=None, metavar="SHAPE",
+                        help="run two forward+backward passes at SHAPES[SHAPE] and exit (for ncu)")
+    parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"),
+                        help="print the times of two result files side by side and exit")
     args = parser.parse_args()
+    if args.profile_once is not None:
+        profile_once(SHAPES[args.profile_once])
+        return
+    if args.compare:
+        compare(*args.compare)
+        return
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     if args.kernels:
         for shape in shapes:
@@ -214,11 +263,12 @@ def main() -> None:
                     print(f"  {ms:8.3f}  {name}")
         return
 
-    try:
-        from fla.ops.rwkv6 import chunk_rwkv6 as fla_fn
-    except ImportError as exc:
-        print(f"fla not importable ({exc}); timing ours and the PyTorch path only")
-        fla_fn = None
+    fla_fn = None
+    if not args.no_fla:
+        try:
+            from fla.ops.rwkv6 import chunk_rwkv6 as fla_fn
+        except ImportError as exc:
+            print(f"fla not importable ({exc}); timing ours and the PyTorch path only")
     bw = copy_bandwidth()
     result = {
         "device": torch.cuda.get_device_name(),
@@ -226,6 +276,7 @@ def main() -> None:
         "cuda": torch.version.cuda,
         "fla": _version("fla-core") if fla_fn is not None else None,
         "chunk_env": os.environ.get("RWKV5_WKV_CHUNK"),
+        "driver": _driver_version(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "copy_bandwidth_bytes_per_s": bw,
         "rows": [],

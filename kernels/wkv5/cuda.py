@@ -38,8 +38,11 @@ def default_splits(batch_heads: int, steps: int, device: torch.device, backward:
     1.3-1.9x at B=1 and picks one sweep wherever B*H already fills the GPU, bench/NOTES.md "v4") aims at
     about two blocks per multiprocessor (the backward's two sweeps run side by side, so each gets half),
     with pieces of at least 512 steps; an integer forces that many pieces ("1": one sweep).
+    `RWKV5_WKV_BWD_SPLITS`, when set, overrides it for the backward alone.
     """
     forced = os.environ.get("RWKV5_WKV_SPLITS", "auto")
+    if backward:
+        forced = os.environ.get("RWKV5_WKV_BWD_SPLITS", forced)
     if forced != "auto":
         if not forced.isdigit() or not 1 <= int(forced) <= 65535:
             raise ValueError(f"RWKV5_WKV_SPLITS={forced!r}; expected 'auto' or an integer in [1, 65535]")

@@ -28,24 +28,22 @@ using bf16 = __nv_bfloat16;
 // Time splits as in the forward: s_in, d_in hold the start S and D of each piece [B*H][pieces][N][N] (null:
 // zeros). STATE_ONLY (pass 1, pieces 0..P-2) runs a piece from zeros and writes its end S and D to s_end,
 // d_end [B*H][P - 1][N][N], reading k and v alone; otherwise the pass writes dr and adds its dlog w and du partials.
-// At N 64, L 32 three blocks share a multiprocessor (72.7 KB of shared memory and <= 168 registers each): the
-// backward sweeps run about twice as fast per multiprocessor with two blocks as with one (bench/NOTES.md).
+// At N 64, L 32 three blocks share a multiprocessor (59 KB of shared memory and <= 168 registers each). The
+// decay-scaled operands are stored as the chunk's rows [step][channel]; ldmatrix.trans reads their transposes.
 template <int N, int L, bool STATE_ONLY>
 __global__ void __launch_bounds__(2 * N, N == 64 && L == 32 ? 3 : 1) bwd_a_kernel(
     const bf16* __restrict__ r, const bf16* __restrict__ k, const bf16* __restrict__ v, const float* __restrict__ td,
     const float* __restrict__ u, const float* __restrict__ s_in, const float* __restrict__ d_in,
     const bf16* __restrict__ dy, const float* __restrict__ ds_out, bf16* __restrict__ dr, float* __restrict__ dlw,
     float* __restrict__ du, float* __restrict__ s_end, float* __restrict__ d_end, int T, int H, int span) {
-    constexpr int NW = N / 16, LDN = N + 8, LDL = L + 8;
+    constexpr int NW = N / 16, LDN = N + 8;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][4][L][LDN]: r, k, v, dy
-    bf16* kmT = raw + 2 * 4 * L * LDN;          // [N][LDL] k wc^(7-s')
-    bf16* rtT = kmT + N * LDL;                  // r w^t'
-    bf16* dyT = rtT + N * LDL;                  // dy
-    bf16* kqT = dyT + N * LDL;                  // k w^(le-1-s')
-    bf16* kdT = kqT + N * LDL;                  // (le-1-s') k w^(le-1-s')
-    bf16* vT = kdT + N * LDL;                   // v
-    float* pw = reinterpret_cast<float*>(vT + N * LDL);
+    bf16* kmN = raw + 2 * 4 * L * LDN;          // [L][LDN] k wc^(7-s')
+    bf16* rtN = kmN + L * LDN;                  // r w^t'
+    bf16* kqN = rtN + L * LDN;                  // k w^(le-1-s')
+    bf16* kdN = kqN + L * LDN;                  // (le-1-s') k w^(le-1-s')
+    float* pw = reinterpret_cast<float*>(kdN + L * LDN);
     float* us = pw + 17 * N;
     float* vdp = us + N;  // [NW][L] partials of v_t . dy_t
 
@@ -122,22 +120,23 @@ __global__ void __launch_bounds__(2 * N, N == 64 && L == 32 ? 3 : 1) bwd_a_kerne
             unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
             unpack8(*reinterpret_cast<const uint4*>(vN + t * LDN + i0), fv);
             if constexpr (!STATE_ONLY) unpack8(*reinterpret_cast<const uint4*>(dyN + t * LDN + i0), fd);
-            float vd = 0.f;
+            float vd = 0.f, o1[8], o2[8];
 #pragma unroll
             for (int x = 0; x < 8; ++x) {
-                const int i = i0 + x;
-                const float kq = fk[x] * (le == kSub ? f_kq[x] : pw[dq * N + i]);
-                if constexpr (!STATE_ONLY) {
-                    kmT[i * LDL + t] = __float2bfloat16(fk[x] * f_km[x]);
-                    rtT[i * LDL + t] = __float2bfloat16(fr[x] * f_rt[x]);
-                    dyT[i * LDL + t] = __float2bfloat16(fd[x]);
+                o1[x] = fk[x] * (le == kSub ? f_kq[x] : pw[dq * N + i0 + x]);
+                o2[x] = o1[x] * static_cast<float>(dq);
+            }
+            *reinterpret_cast<uint4*>(kqN + t * LDN + i0) = pack8(o1);
+            *reinterpret_cast<uint4*>(kdN + t * LDN + i0) = pack8(o2);
+            if constexpr (!STATE_ONLY) {
+#pragma unroll
+                for (int x = 0; x < 8; ++x) {
+                    o1[x] = fk[x] * f_km[x];
+                    o2[x] = fr[x] * f_rt[x];
                     vd += fv[x] * fd[x];
                 }
-                kqT[i * LDL + t] = __float2bfloat16(kq);
-                kdT[i * LDL + t] = __float2bfloat16(kq * static_cast<float>(dq));
-                vT[i * LDL + t] = __float2bfloat16(fv[x]);
-            }
-            if constexpr (!STATE_ONLY) {
+                *reinterpret_cast<uint4*>(kmN + t * LDN + i0) = pack8(o1);
+                *reinterpret_cast<uint4*>(rtN + t * LDN + i0) = pack8(o2);
                 vd += __shfl_xor_sync(0xffffffffu, vd, 16);
                 if (lane < 16) vdp[warp * L + t] = vd;
             }
@@ -156,13 +155,13 @@ __global__ void __launch_bounds__(2 * N, N == 64 && L == 32 ? 3 : 1) bwd_a_kerne
                     for (int e = 0; e < 4; ++e) bd[hh][e] = di[hh][e] = 0.f;
 #pragma unroll
                 for (int kt = 0; kt < N / 16; ++kt) {
-                    uint32_t af[4];
+                    uint32_t af[4], bv[4];
                     load_a(af, dyN, LDN, m0, 16 * kt, lane);
+                    load_b2(bv, vN, LDN, m0, 16 * kt, lane);
 #pragma unroll
                     for (int hh = 0; hh < 2; ++hh) {
                         uint32_t b0, b1;
-                        load_b(b0, b1, vN, LDN, m0 + 8 * hh, 16 * kt, lane);
-                        mma16816(bd[hh], af, b0, b1);
+                        mma16816(bd[hh], af, bv[2 * hh], bv[2 * hh + 1]);
                         state_as_b<N>(S, kt, hh, b0, b1);
                         mma16816(di[hh], af, b0, b1);
                     }
@@ -182,14 +181,14 @@ __global__ void __launch_bounds__(2 * N, N == 64 && L == 32 ? 3 : 1) bwd_a_kerne
                 c_to_a(bd, pb);
                 c_to_a(bg, pg);
                 float dj[2][4], dgap[2][4];
+                uint32_t bk[4];  // k wc^(7-s') [s][i] for s in the sub-block, i in the warp's 16 rows
+                load_b2_t(bk, kmN, LDN, 16 * warp, m0, lane);
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
-                    uint32_t b0, b1;
 #pragma unroll
                     for (int e = 0; e < 4; ++e) dj[hh][e] = dgap[hh][e] = 0.f;
-                    load_b(b0, b1, kmT, LDL, 16 * warp + 8 * hh, m0, lane);
-                    mma16816(dj[hh], pb, b0, b1);
-                    mma16816(dgap[hh], pg, b0, b1);
+                    mma16816(dj[hh], pb, bk[2 * hh], bk[2 * hh + 1]);
+                    mma16816(dgap[hh], pg, bk[2 * hh], bk[2 * hh + 1]);
                 }
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
@@ -218,15 +217,18 @@ __global__ void __launch_bounds__(2 * N, N == 64 && L == 32 ? 3 : 1) bwd_a_kerne
                 }
                 {
                     uint32_t af[4];
-                    load_a(af, rtT, LDL, 16 * warp, m0, lane);
+                    load_a_t(af, rtN, LDN, 16 * warp, m0, lane);
 #pragma unroll
-                    for (int nt = 0; nt < N / 8; ++nt) {
-                        float tmp[4] = {0.f, 0.f, 0.f, 0.f};
-                        uint32_t b0, b1;
-                        load_b(b0, b1, dyT, LDL, 8 * nt, m0, lane);
-                        mma16816(tmp, af, b0, b1);
+                    for (int np = 0; np < N / 16; ++np) {
+                        uint32_t b[4];
+                        load_b2_t(b, dyN, LDN, 16 * np, m0, lane);
 #pragma unroll
-                        for (int e = 0; e < 4; ++e) dlb[e >> 1] += D[nt][e] * tmp[e];
+                        for (int x = 0; x < 2; ++x) {
+                            float tmp[4] = {0.f, 0.f, 0.f, 0.f};
+                            mma16816(tmp, af, b[2 * x], b[2 * x + 1]);
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) dlb[e >> 1] += D[2 * np + x][e] * tmp[e];
+                        }
                     }
                 }
             }
@@ -238,8 +240,8 @@ __global__ void __launch_bounds__(2 * N, N == 64 && L == 32 ? 3 : 1) bwd_a_kerne
                     D[nt][e] = f * (D[nt][e] + static_cast<float>(le) * S[nt][e]);
                     S[nt][e] *= f;
                 }
-            state_add<N>(D, kdT, LDL, 16 * warp, vT, LDL, m0, lane);
-            state_add<N>(S, kqT, LDL, 16 * warp, vT, LDL, m0, lane);
+            state_add<N>(D, kdN, LDN, 16 * warp, vN, LDN, m0, lane);
+            state_add<N>(S, kqN, LDN, 16 * warp, vN, LDN, m0, lane);
         }
     }
 
@@ -303,16 +305,14 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
     const float* __restrict__ u, const bf16* __restrict__ dy, const float* __restrict__ g_in,
     bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ ds0, float* __restrict__ g_end, int T, int H,
     int span) {
-    constexpr int NW = N / 16, LDN = N + 8, LDL = L + 8;
+    constexpr int NW = N / 16, LDN = N + 8;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][4][L][LDN]: r, dy, k, v
     bf16* kqN = raw + 2 * 4 * L * LDN;          // [L][LDN] k w^(le-1-s')
     bf16* kmN = kqN + L * LDN;                  // k wc^(7-s')
     bf16* rmN = kmN + L * LDN;                  // r wc^(t'-8)
-    bf16* rmT = rmN + L * LDN;                  // [N][LDL] r wc^(t'-8)
-    bf16* dyT = rmT + N * LDL;                  // dy
-    bf16* rtT = dyT + N * LDL;                  // r w^t'
-    float* pw = reinterpret_cast<float*>(rtT + N * LDL);
+    bf16* rtN = rmN + L * LDN;                  // r w^t'
+    float* pw = reinterpret_cast<float*>(rtN + L * LDN);
     float* pwc = pw + 17 * N;
     float* us = pwc + 17 * N;
     float* vdp = us + N;       // [NW][L] partials of v_t . dy_t
@@ -387,17 +387,14 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
             const bool valid = t < Lc;
             const int le = min(kSub, Lc - kSub * a);
             const int dq = valid ? le - 1 - tp : 0;
-            float fr[8], fd[8];
+            float fr[8], ort[8];
             unpack8(*reinterpret_cast<const uint4*>(rN + t * LDN + i0), fr);
-            unpack8(*reinterpret_cast<const uint4*>(dyN + t * LDN + i0), fd);
 #pragma unroll
-            for (int x = 0; x < 8; ++x) {
-                const int i = i0 + x;
-                dyT[i * LDL + t] = __float2bfloat16(fd[x]);
-                rtT[i * LDL + t] = __float2bfloat16(fr[x] * f_rt[x]);
-            }
+            for (int x = 0; x < 8; ++x) ort[x] = fr[x] * f_rt[x];
+            *reinterpret_cast<uint4*>(rtN + t * LDN + i0) = pack8(ort);
             if constexpr (!STATE_ONLY) {
-                float fk[8], fv[8], o1[8], o2[8], o3[8];
+                float fd[8], fk[8], fv[8], o1[8], o2[8], o3[8];
+                unpack8(*reinterpret_cast<const uint4*>(dyN + t * LDN + i0), fd);
                 unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
                 unpack8(*reinterpret_cast<const uint4*>(vN + t * LDN + i0), fv);
                 float vd = 0.f, dg = 0.f;
@@ -407,7 +404,6 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
                     o1[x] = fk[x] * (le == kSub ? f_kq[x] : pw[dq * N + i]);
                     o2[x] = fk[x] * f_km[x];
                     o3[x] = fr[x] * f_rm[x];
-                    rmT[i * LDL + t] = __float2bfloat16(o3[x]);
                     vd += fv[x] * fd[x];
                     dg += fr[x] * us[i] * fk[x];
                 }
@@ -436,13 +432,13 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
                     for (int e = 0; e < 4; ++e) bt[hh][e] = xc[hh][e] = 0.f;
 #pragma unroll
                 for (int kt = 0; kt < N / 16; ++kt) {
-                    uint32_t af[4];
+                    uint32_t af[4], bd[4];
                     load_a(af, vN, LDN, m0, 16 * kt, lane);
+                    load_b2(bd, dyN, LDN, m0, 16 * kt, lane);
 #pragma unroll
                     for (int hh = 0; hh < 2; ++hh) {
                         uint32_t b0, b1;
-                        load_b(b0, b1, dyN, LDN, m0 + 8 * hh, 16 * kt, lane);
-                        mma16816(bt[hh], af, b0, b1);
+                        mma16816(bt[hh], af, bd[2 * hh], bd[2 * hh + 1]);
                         state_as_b<N>(G, kt, hh, b0, b1);
                         mma16816(xc[hh], af, b0, b1);
                     }
@@ -458,13 +454,13 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
                 uint32_t pb[4];
                 c_to_a(bt, pb);
                 float yi[2][4];
+                uint32_t brm[4];  // r wc^(t'-8) [t][i] for t in the sub-block, i in the warp's 16 rows
+                load_b2_t(brm, rmN, LDN, 16 * warp, m0, lane);
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh) {
-                    uint32_t b0, b1;
 #pragma unroll
                     for (int e = 0; e < 4; ++e) yi[hh][e] = 0.f;
-                    load_b(b0, b1, rmT, LDL, 16 * warp + 8 * hh, m0, lane);
-                    mma16816(yi[hh], pb, b0, b1);
+                    mma16816(yi[hh], pb, brm[2 * hh], brm[2 * hh + 1]);
                 }
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
@@ -508,11 +504,11 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
                 c_to_a(at, pa);
                 float z[2][4];
                 act_times_state<N>(z, kqN, LDN, m0, GT, lane);
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    uint32_t b0, b1;
-                    load_b(b0, b1, dyT, LDL, 16 * warp + 8 * hh, m0, lane);
-                    mma16816(z[hh], pa, b0, b1);
+                {
+                    uint32_t b[4];  // dy[t][j] for t in the sub-block, j in the warp's 16 columns
+                    load_b2_t(b, dyN, LDN, 16 * warp, m0, lane);
+                    mma16816(z[0], pa, b[0], b[1]);
+                    mma16816(z[1], pa, b[2], b[3]);
                 }
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh)
@@ -530,13 +526,13 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
             for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) G[nt][e] *= pw[le * N + 16 * warp + g + 8 * (e >> 1)];
-            state_add<N>(G, rtT, LDL, 16 * warp, dyT, LDL, m0, lane);
+            state_add<N>(G, rtN, LDN, 16 * warp, dyN, LDN, m0, lane);
             if constexpr (!STATE_ONLY) {
 #pragma unroll
                 for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) GT[nt][e] *= pw[le * N + 8 * nt + 2 * q + (e & 1)];
-                state_add<N>(GT, dyT, LDL, 16 * warp, rtT, LDL, m0, lane);
+                state_add<N>(GT, dyN, LDN, 16 * warp, rtN, LDN, m0, lane);
             }
         }
     }

@@ -5,8 +5,9 @@
 //   A (16x16, row major): a0 = (g, 2q..2q+1), a1 = (g+8, 2q..), a2 = (g, 8+2q..), a3 = (g+8, 8+2q..)
 //   B (16x8, "col"):      b0 = (k = 2q..2q+1, n = g), b1 = (k = 8+2q.., n = g)
 //   C (16x8, fp32):       c0, c1 = (g, 2q..2q+1), c2, c3 = (g+8, 2q..2q+1)
-// Every operand lives in shared memory with its reduction (K) dimension contiguous, so each fragment
-// register is one 32-bit load. States stay in registers as C fragments and are reused as B fragments.
+// Operands come from shared memory through ldmatrix (four 8x8 tiles per instruction): arrays stay as the
+// chunk's rows [step][channel], and the .trans form gives the fragments of their transposes, so no kernel
+// writes a transposed copy. States stay in registers as C fragments and are reused as B fragments.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,23 +31,39 @@ __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// A fragment of rows [m0, m0+16) and reduction columns [k0, k0+16) of a row-major bf16 array.
-__device__ __forceinline__ void load_a(uint32_t a[4], const __nv_bfloat16* s, int ld, int m0, int k0, int lane) {
-    const int g = lane >> 2, q = lane & 3;
-    const __nv_bfloat16* p = s + (m0 + g) * ld + k0 + 2 * q;
-    a[0] = *reinterpret_cast<const uint32_t*>(p);
-    a[1] = *reinterpret_cast<const uint32_t*>(p + 8 * ld);
-    a[2] = *reinterpret_cast<const uint32_t*>(p + 8);
-    a[3] = *reinterpret_cast<const uint32_t*>(p + 8 * ld + 8);
+// Four 8x8 bf16 tiles; lanes 8m..8m+7 give the row addresses of tile m (16-byte aligned rows).
+__device__ __forceinline__ void ldsm4(uint32_t x[4], const __nv_bfloat16* p) {
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm4_t(uint32_t x[4], const __nv_bfloat16* p) {
+    const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(x[0]), "=r"(x[1]), "=r"(x[2]), "=r"(x[3])
+                 : "r"(a));
 }
 
-// B fragment for output columns [n0, n0+8) and reduction rows [k0, k0+16), from an [n][k] bf16 array.
-__device__ __forceinline__ void load_b(uint32_t& b0, uint32_t& b1, const __nv_bfloat16* s, int ld, int n0, int k0,
-                                       int lane) {
-    const int g = lane >> 2, q = lane & 3;
-    const __nv_bfloat16* p = s + (n0 + g) * ld + k0 + 2 * q;
-    b0 = *reinterpret_cast<const uint32_t*>(p);
-    b1 = *reinterpret_cast<const uint32_t*>(p + 8);
+// A fragment of rows [m0, m0+16) and reduction columns [k0, k0+16) of a row-major [m][k] bf16 array.
+__device__ __forceinline__ void load_a(uint32_t a[4], const __nv_bfloat16* s, int ld, int m0, int k0, int lane) {
+    ldsm4(a, s + (m0 + (lane & 15)) * ld + k0 + 8 * (lane >> 4));
+}
+
+// The same A fragment of X^T, where X is stored row-major [k][m].
+__device__ __forceinline__ void load_a_t(uint32_t a[4], const __nv_bfloat16* s, int ld, int m0, int k0, int lane) {
+    ldsm4_t(a, s + (k0 + (lane & 7) + 8 * (lane >> 4)) * ld + m0 + 8 * ((lane >> 3) & 1));
+}
+
+// B fragments of output columns [n0, n0+8) (b[0], b[1]) and [n0+8, n0+16) (b[2], b[3]), reduction rows
+// [k0, k0+16), from an [n][k] bf16 array.
+__device__ __forceinline__ void load_b2(uint32_t b[4], const __nv_bfloat16* s, int ld, int n0, int k0, int lane) {
+    ldsm4(b, s + (n0 + (lane & 7) + 8 * (lane >> 4)) * ld + k0 + 8 * ((lane >> 3) & 1));
+}
+
+// The same B fragments from a [k][n] bf16 array (the chunk's rows, k = step).
+__device__ __forceinline__ void load_b2_t(uint32_t b[4], const __nv_bfloat16* s, int ld, int n0, int k0, int lane) {
+    ldsm4_t(b, s + (k0 + (lane & 7) + 8 * ((lane >> 3) & 1)) * ld + n0 + 8 * (lane >> 4));
 }
 
 // A state X (16 rows owned by this warp, N columns) held as N/8 C fragments, used as the B operand of
@@ -96,28 +113,27 @@ __device__ __forceinline__ void tile16(float out[2][4], const __nv_bfloat16* a_s
         for (int e = 0; e < 4; ++e) out[h][e] = 0.f;
 #pragma unroll
     for (int kt = 0; kt < K / 16; ++kt) {
-        uint32_t a[4];
+        uint32_t a[4], b[4];
         load_a(a, a_s, lda, m0, kt * 16, lane);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            uint32_t b0, b1;
-            load_b(b0, b1, b_s, ldb, n0 + 8 * h, kt * 16, lane);
-            mma16816(out[h], a, b0, b1);
-        }
+        load_b2(b, b_s, ldb, n0, kt * 16, lane);
+        mma16816(out[0], a, b[0], b[1]);
+        mma16816(out[1], a, b[2], b[3]);
     }
 }
 
-// X[16 warp rows][N] += A[arow0:+16][k0:+16] . B[:, k0:+16]^T, one reduction step of 16.
+// X[16 warp rows][N] += A^T[arow0:+16][k0:+16] . B[k0:+16][:], one reduction step of 16 over the chunk's rows:
+// A [step][row channel] and B [step][column channel] are both stored as the chunk's rows (ldmatrix.trans).
 template <int N>
 __device__ __forceinline__ void state_add(float x[N / 8][4], const __nv_bfloat16* a_s, int lda, int arow0,
                                           const __nv_bfloat16* b_s, int ldb, int k0, int lane) {
     uint32_t a[4];
-    load_a(a, a_s, lda, arow0, k0, lane);
+    load_a_t(a, a_s, lda, arow0, k0, lane);
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt) {
-        uint32_t b0, b1;
-        load_b(b0, b1, b_s, ldb, nt * 8, k0, lane);
-        mma16816(x[nt], a, b0, b1);
+    for (int np = 0; np < N / 16; ++np) {
+        uint32_t b[4];
+        load_b2_t(b, b_s, ldb, 16 * np, k0, lane);
+        mma16816(x[2 * np], a, b[0], b[1]);
+        mma16816(x[2 * np + 1], a, b[2], b[3]);
     }
 }
 
@@ -246,15 +262,16 @@ __global__ void scan_grads_kernel(const float* __restrict__ ds_out, const float*
     }
 }
 
-// Shared-memory bytes of each kernel, used by the kernels' carving and by the launchers.
-__host__ __device__ constexpr int smem_fwd(int N, int L) {
-    return (3 + 3) * L * (N + 8) * 2 + 2 * N * (L + 8) * 2 + 35 * N * 4 + (N / 16) * L * 4;
+// Shared-memory bytes of each kernel, used by the kernels' carving and by the launchers. Every array is a
+// chunk's rows [L][N + 8] (bf16; the 8 pad elements put ldmatrix's 8 rows on distinct banks) or a table.
+__host__ __device__ constexpr int smem_fwd(int N, int L) {  // 46336 bytes at N 64, L 32: 4 blocks per SM
+    return (3 + 5) * L * (N + 8) * 2 + 35 * N * 4 + (N / 16) * L * 4;
 }
-__host__ __device__ constexpr int smem_bwd_a(int N, int L) {  // 72704 bytes at N 64, L 32: 3 blocks per SM
-    return 2 * 4 * L * (N + 8) * 2 + 6 * N * (L + 8) * 2 + 18 * N * 4 + (N / 16) * L * 4;
+__host__ __device__ constexpr int smem_bwd_a(int N, int L) {  // 60416 bytes at N 64, L 32
+    return (2 * 4 + 4) * L * (N + 8) * 2 + 18 * N * 4 + (N / 16) * L * 4;
 }
-__host__ __device__ constexpr int smem_bwd_b(int N, int L) {
-    return (2 * 4 + 3) * L * (N + 8) * 2 + 3 * N * (L + 8) * 2 + 35 * N * 4 + 2 * (N / 16) * L * 4;
+__host__ __device__ constexpr int smem_bwd_b(int N, int L) {  // 65280 bytes at N 64, L 32
+    return (2 * 4 + 4) * L * (N + 8) * 2 + 35 * N * 4 + 2 * (N / 16) * L * 4;
 }
 
 }  // namespace wkv5

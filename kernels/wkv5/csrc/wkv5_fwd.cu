@@ -3,7 +3,8 @@
 // One block per (batch, head) with N/16 warps; warp w owns value columns [16w, 16w+16) of the state,
 // held transposed (S^T, rows j, columns i) as fp32 mma accumulators for the whole sequence. Chunks of L
 // steps are copied into shared memory asynchronously (the next chunk loads while this one computes) and
-// turned into decay-scaled bf16 operands; then each warp walks the chunk in sub-blocks of 16 steps:
+// turned into decay-scaled bf16 rows (16-byte stores; ldmatrix reads their transposes); then each warp walks
+// the chunk in sub-blocks of 16 steps:
 //   y   = (r w^t') S                          (inter: t' = step inside the sub-block, exponent >= 0)
 //       + A v, A[t,s] = (r wc^(t'-8)) . (k wc^(7-s')) for s < t, diag(u) on the diagonal
 //   S^T = w^le S^T + v^T (k w^(le-1-s'))
@@ -32,15 +33,15 @@ __global__ void __launch_bounds__(2 * N) fwd_kernel(const bf16* __restrict__ r, 
                                                     const float* __restrict__ u, const float* __restrict__ s_in,
                                                     bf16* __restrict__ y, float* __restrict__ s_out, int T, int H,
                                                     int span) {
-    constexpr int NW = N / 16, LDN = N + 8, LDL = L + 8;
+    constexpr int NW = N / 16, LDN = N + 8;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* raw = reinterpret_cast<bf16*>(smem);  // [3][L][LDN]: r, k, v (the next chunk loads during the sub-blocks)
     bf16* rq = raw + 3 * L * LDN;               // [L][LDN] r w^t'
     bf16* rm = rq + L * LDN;                    // [L][LDN] r wc^(t'-8)
     bf16* km = rm + L * LDN;                    // [L][LDN] k wc^(7-t')
-    bf16* vT = km + L * LDN;                    // [N][LDL] v transposed
-    bf16* kqT = vT + N * LDL;                   // [N][LDL] (k w^(le-1-t')) transposed
-    float* pw = reinterpret_cast<float*>(kqT + N * LDL);
+    bf16* vs = km + L * LDN;                    // [L][LDN] v (copied: raw is reloaded during the sub-blocks)
+    bf16* kq = vs + L * LDN;                    // [L][LDN] k w^(le-1-t')
+    float* pw = reinterpret_cast<float*>(kq + L * LDN);
     float* pwc = pw + 17 * N;
     float* us = pwc + 17 * N;
     float* dgp = us + N;  // [NW][L] per-warp partials of sum_i r u k
@@ -99,15 +100,12 @@ __global__ void __launch_bounds__(2 * N) fwd_kernel(const bf16* __restrict__ r, 
             const bool valid = t < Lc;
             const int le = min(kSub, Lc - kSub * a);
             const int dq = valid ? le - 1 - tp : 0;
-            float fk[8], fv[8];
+            float fk[8], fkq[8];
             unpack8(*reinterpret_cast<const uint4*>(kk + t * LDN + i0), fk);
-            unpack8(*reinterpret_cast<const uint4*>(vv + t * LDN + i0), fv);
+            *reinterpret_cast<uint4*>(vs + t * LDN + i0) = *reinterpret_cast<const uint4*>(vv + t * LDN + i0);
 #pragma unroll
-            for (int x = 0; x < 8; ++x) {
-                const int i = i0 + x;
-                vT[i * LDL + t] = __float2bfloat16(fv[x]);
-                kqT[i * LDL + t] = __float2bfloat16(fk[x] * (le == kSub ? f_kq[x] : pw[dq * N + i]));
-            }
+            for (int x = 0; x < 8; ++x) fkq[x] = fk[x] * (le == kSub ? f_kq[x] : pw[dq * N + i0 + x]);
+            *reinterpret_cast<uint4*>(kq + t * LDN + i0) = pack8(fkq);
             if constexpr (!STATE_ONLY) {
                 float fr[8], o1[8], o2[8], o3[8];
                 unpack8(*reinterpret_cast<const uint4*>(rr + t * LDN + i0), fr);
@@ -152,11 +150,11 @@ __global__ void __launch_bounds__(2 * N) fwd_kernel(const bf16* __restrict__ r, 
                 c_to_a(ad, pa);
                 float yacc[2][4];
                 act_times_state<N>(yacc, rq, LDN, m0, st, lane);
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-                    uint32_t b0, b1;
-                    load_b(b0, b1, vT, LDL, 16 * warp + 8 * hh, m0, lane);
-                    mma16816(yacc[hh], pa, b0, b1);
+                {
+                    uint32_t b[4];  // v[s][j] for s in the sub-block, j in the warp's 16 columns
+                    load_b2_t(b, vs, LDN, 16 * warp, m0, lane);
+                    mma16816(yacc[0], pa, b[0], b[1]);
+                    mma16816(yacc[1], pa, b[2], b[3]);
                 }
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh)
@@ -174,7 +172,7 @@ __global__ void __launch_bounds__(2 * N) fwd_kernel(const bf16* __restrict__ r, 
             for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) st[nt][e] *= pw[le * N + 8 * nt + 2 * q + (e & 1)];
-            state_add<N>(st, vT, LDL, 16 * warp, kqT, LDL, m0, lane);
+            state_add<N>(st, vs, LDN, 16 * warp, kq, LDN, m0, lane);
         }
     }
 
