@@ -108,6 +108,10 @@ def ray_cluster():
     # No idle worker processes kept ready: each one polls at ~8% of a core, and 2 cores are all CI has.
     os.environ.setdefault("RAY_enable_worker_prestart", "0")
     os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    # Each Ray Train launch starts helper actors, each a process importing Ray Train (tens of CPU seconds here).
+    # The preemption watcher (cloud preemption notices) and the Prometheus metrics hooks serve no test.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
     env = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     import psutil
 

@@ -43,6 +43,9 @@ def mark_done(run_dir: str | Path, index: int, info: dict) -> None:
 
 def write_consolidated(ckpt_dir: str | Path, tag: str, out_dir: Path, model_cfg: ModelConfig, meta: dict) -> Path:
     """Consolidate a ZeRO checkpoint to fp32, cast to bf16 and save it as a native checkpoint (rwkv5.checkpoint)."""
+    from rwkv5.train.deepspeed_import import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from rwkv5.checkpoint import save_state_dict

@@ -61,6 +61,9 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) 
     """FusedAdam (decoupled weight decay) on CUDA, torch AdamW elsewhere; both guarded, betas/eps from cfg."""
     kwargs = dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
     if device.type == "cuda":
+        from rwkv5.train.deepspeed_import import import_deepspeed
+
+        import_deepspeed()
         from deepspeed.ops.adam import FusedAdam
 
         return _guarded(FusedAdam)(groups, adam_w_mode=True, **kwargs)

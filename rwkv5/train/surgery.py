@@ -85,6 +85,9 @@ def plan_resume(model: torch.nn.Module, ckpt_dir: Path | None, world_size: int, 
 
 def to_universal(tag_dir: Path, out_tag_dir: Path) -> None:
     """Run DeepSpeed's `ds_to_universal --inject_missing_state` on one checkpoint tag folder."""
+    from rwkv5.train.deepspeed_import import import_deepspeed
+
+    import_deepspeed()
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     args = argparse.Namespace(

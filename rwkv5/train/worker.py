@@ -30,6 +30,7 @@ from rwkv5.train.callbacks import (
 from rwkv5.train.checkpoint import TAG, LocalStore, RayStore, TrainerState, load_checkpoint, save_checkpoint
 from rwkv5.train.config import RunConfig
 from rwkv5.train.data import RankBatches
+from rwkv5.train.deepspeed_import import import_deepspeed
 from rwkv5.train.lr_schedule import apply_lr, lr_at
 from rwkv5.train.optim import build_optimizer, deepspeed_config, param_groups
 from rwkv5.train.stability import SpikeDetector, judge_step
@@ -90,7 +91,7 @@ def _setup_distributed(use_gpu: bool | None = None) -> tuple[torch.device, int, 
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device = torch.device("cpu")
-    import deepspeed
+    deepspeed = import_deepspeed()
     import deepspeed.ops
 
     if device.type == "cpu":
@@ -146,7 +147,7 @@ def train(job: TrainJob, store=None) -> TrainerState:
     cfg = job.config
     device, rank, world = _setup_distributed(job.use_gpu)
     store = store or LocalStore(job.run_dir, rank, cfg.checkpoint.keep_last)
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     from data_prep.loader import PackedDataset
     from rwkv5.model import RWKV5
