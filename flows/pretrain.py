@@ -63,7 +63,7 @@ def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, work
     from rwkv5.train import run_preset, with_overrides
     from rwkv5.train.callbacks import TraceCallback
     from rwkv5.train.checkpoint import list_checkpoints
-    from rwkv5.train.launch import launch
+    from rwkv5.train.launch import launch, train_here
 
     config = run_preset(preset)
     if token_budget:
@@ -79,17 +79,21 @@ def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, work
     resume = bool(list_checkpoints(Path(storage) / run_name))  # a re-run of the same run continues it
     get_run_logger().info("pretrain %s (%s preset, %d steps), resume=%s", run_name, preset, config.total_steps, resume)
     trace = Path(storage) / run_name / "trace.jsonl"
-    result = launch(
-        config, run_name, data_dir, storage, workers=workers, gpus_per_worker=gpus_per_worker, resume=resume,
-        callbacks=[PrefectMilestoneEvents(run_name=run_name, finetune_workers=finetune_workers,
-                                          gpus_per_worker=gpus_per_worker),
-                   PrefectProgress(artifact_id=str(progress_id)),
-                   TraceCallback(trace)],
-    )
-    if getattr(result, "error", None) is not None:
-        raise RuntimeError(f"pretraining {run_name} failed: {result.error}")
+    callbacks = [PrefectMilestoneEvents(run_name=run_name, finetune_workers=finetune_workers,
+                                        gpus_per_worker=gpus_per_worker),
+                 PrefectProgress(artifact_id=str(progress_id)),
+                 TraceCallback(trace)]
+    if workers == 0:  # in this flow run's process (the CPU demo): no Ray Train start-up
+        state = train_here(config, run_name, data_dir, storage, resume=resume, callbacks=callbacks,
+                           use_gpu=gpus_per_worker > 0)
+        metrics = {"step": state.step, "tokens_seen": state.tokens_seen, "applied": state.applied}
+    else:
+        result = launch(config, run_name, data_dir, storage, workers=workers, gpus_per_worker=gpus_per_worker,
+                        resume=resume, callbacks=callbacks)
+        if result.error is not None:
+            raise RuntimeError(f"pretraining {run_name} failed: {result.error}")
+        metrics = dict(result.metrics or {})
     publish_loss_curve(run_name, trace)
-    metrics = dict(getattr(result, "metrics", None) or {})
     return {"run_name": run_name, "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 
 
@@ -145,7 +149,8 @@ def pretrain(
         revision: Hub revision to pin.
         splits: splits to download and tokenize.
         fraction: deterministic fraction of the files (smoke runs).
-        workers, gpus_per_worker: Ray Train workers and GPUs each (0 = CPU with gloo).
+        workers, gpus_per_worker: Ray Train workers and GPUs each (0 GPUs = CPU with gloo); 0 workers trains
+            in the flow run's own process, without Ray (the CPU demo: Ray Train's start-up is most of its time).
         tokenize_workers: tokenizer processes (0 = one per core).
         token_budget: override the preset's token budget.
         finetune_workers: Ray Train workers of each milestone fine-tune (with `gpus_per_worker` GPUs each);

@@ -48,6 +48,15 @@ SERVICE_ENV = {
     # Ray Train gives a worker group 60 s to start; on 2 busy cores importing torch and DeepSpeed in each
     # worker can take longer, and every retry starts the imports over.
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "900",
+    # Ray Train's preemption watcher is one more actor process per worker group (~12 s of imports on CI's
+    # cores) that only acts on cloud node preemption notices; a one-machine stack never gets any.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Prefect server loops the pipeline has no use for: no deployment has a schedule, no flow pauses, and
+    # a "Late" label on an enqueued milestone run changes nothing. Each loop queries the database every few
+    # seconds; the server took ~36% of a core through the first e2e attempt on the 2-core machine.
+    "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
 }
 
 

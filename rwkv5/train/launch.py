@@ -20,9 +20,9 @@ from rwkv5.errors import ConfigError
 from rwkv5.train.callbacks import Callback
 from rwkv5.train.checkpoint import list_checkpoints
 from rwkv5.train.config import RunConfig
-from rwkv5.train.worker import OFFLINE_ENV, TrainJob, ray_train_fn
+from rwkv5.train.worker import OFFLINE_ENV, TrainJob, ray_train_fn, train
 
-__all__ = ["launch", "check_resume", "ensure_ray"]
+__all__ = ["launch", "train_here", "check_resume", "ensure_ray"]
 
 # Variables the workers need from the driver's environment.
 # Object-store settings are forwarded, credentials are not: clusters use instance roles or their own env.
@@ -142,6 +142,33 @@ def launch(
         ),
     )
     return trainer.fit()
+
+
+def train_here(
+    config: RunConfig,
+    run_name: str,
+    data_dir: str | Path,
+    storage_path: str | Path,
+    resume: bool = False,
+    callbacks: list[Callback] | None = None,
+    use_gpu: bool = False,
+):
+    """Run (or resume) pretraining run `run_name` as one worker in this process; returns its TrainerState.
+
+    The same training loop, checkpoints, milestones and resume rules as `launch` with `workers=1`, without
+    Ray: for the CPU demo, where a Ray Train launch (a controller, helper actors and a worker, each a process
+    importing Ray, torch and DeepSpeed) costs minutes on 2 cores while the tiny run itself needs seconds.
+    Local storage only (Ray Train is what moves checkpoints to and from object stores).
+    """
+    if is_remote(storage_path) or is_remote(data_dir):
+        raise ConfigError(f"train_here needs local paths; got {storage_path} and {data_dir}: use launch()")
+    config.batch.grad_accum(1)
+    storage = _location(storage_path)
+    check_resume(storage, run_name, resume)
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    return train(TrainJob(config=config, run_name=run_name, data_dir=_location(data_dir), storage_path=storage,
+                          callbacks=list(callbacks or []), use_gpu=use_gpu))
 
 
 def _location(path: str | Path) -> str:

@@ -1,0 +1,43 @@
+"""`train_here`: the one-process run the CPU demo's pretrain stage uses (no Ray). It keeps `launch`'s resume
+rules: a stopped run continues exactly where it stopped, and an existing run is never resumed silently."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rwkv5.errors import ConfigError
+from rwkv5.train.callbacks import TraceCallback
+from rwkv5.train.launch import train_here
+
+
+def _rows(path) -> dict[int, dict]:
+    return {row["step"]: row for row in map(json.loads, open(path))}
+
+
+def test_stopped_run_resumes_exactly_and_needs_resume(token_data, small_run, tmp_path):
+    cfg = small_run(4)
+    straight = train_here(cfg, "straight", token_data, tmp_path, callbacks=[TraceCallback(tmp_path / "a.jsonl")])
+    assert (straight.step, straight.applied, straight.tokens_seen) == (4, 4, 4 * 4 * 32)
+
+    trace = tmp_path / "b.jsonl"
+    first = train_here(cfg.model_copy(update={"stop_at_step": 2}), "split", token_data, tmp_path,
+                       callbacks=[TraceCallback(trace)])
+    assert first.step == 2
+    with pytest.raises(ConfigError, match="--resume"):
+        train_here(cfg, "split", token_data, tmp_path)
+    second = train_here(cfg, "split", token_data, tmp_path, resume=True, callbacks=[TraceCallback(trace)])
+    assert second.step == 4
+
+    want, got = _rows(tmp_path / "a.jsonl"), _rows(trace)
+    assert sorted(got) == sorted(want) == [0, 1, 2, 3]
+    for step in want:
+        assert got[step]["ids"] == want[step]["ids"]
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-6)
+    assert (tmp_path / "split" / "milestones" / "m002" / "done.json").is_file()  # 50% and 100% at 4 steps
+
+
+def test_remote_storage_is_refused_with_the_paths(token_data, small_run):
+    with pytest.raises(ConfigError, match="s3://bucket/runs"):
+        train_here(small_run(2), "remote", token_data, "s3://bucket/runs")
