@@ -99,8 +99,23 @@ def with_env(settings: dict[str, str], fn):
                 os.environ[name] = value
 
 
+def ours_fns(r, k, v, w, u, dy):
+    """Our forward alone (no autograd graph) and forward+backward (gradients of r, k, v, w, u), as closures."""
+    from kernels.wkv5.cuda import cuda_wkv5
+
+    def fwd():
+        with torch.no_grad():
+            cuda_wkv5(r, k, v, w, u)
+
+    def fwd_bwd():
+        y, _ = cuda_wkv5(r, k, v, w, u)
+        torch.autograd.grad(y, (r, k, v, w, u), dy)
+
+    return fwd, fwd_bwd
+
+
 def bench_shape(shape, fla_fn, warmup, reps, variants=(), with_torch=True):
-    from kernels.wkv5.cuda import cuda_wkv5, default_splits
+    from kernels.wkv5.cuda import default_splits
 
     B, T, C, H = shape
     r, k, v, w, u, dy = make(*shape)
@@ -109,14 +124,7 @@ def bench_shape(shape, fla_fn, warmup, reps, variants=(), with_torch=True):
     row["bytes_fwd"] = elems * 2 * 4
     row["bytes_fwd_bwd"] = elems * 2 * 4 + elems * 2 * 7
 
-    def ours_fwd():
-        with torch.no_grad():
-            cuda_wkv5(r, k, v, w, u)
-
-    def ours_fwd_bwd():
-        y, _ = cuda_wkv5(r, k, v, w, u)
-        torch.autograd.grad(y, (r, k, v, w, u), dy)
-
+    ours_fwd, ours_fwd_bwd = ours_fns(r, k, v, w, u, dy)
     one_sweep = {"RWKV5_WKV_SPLITS": "1"}
     row["ours_fwd_ms"] = with_env(one_sweep, lambda: cuda_time(ours_fwd, warmup, reps))
     row["ours_fwd_bwd_ms"] = with_env(one_sweep, lambda: cuda_time(ours_fwd_bwd, warmup, reps))
@@ -214,6 +222,35 @@ def profile_once(shape) -> None:
     torch.cuda.synchronize()
 
 
+def alternate(shapes, setting: str, rounds: int, out: Path) -> None:
+    """Times ours with an environment variable at each of several values, interleaved round by round.
+
+    `setting` is NAME=V1,V2,...: every round times each value (median of 10 calls after 2 warm-ups), so slow
+    drifts of the card (clocks, temperature) hit every value alike; the result is the median over rounds.
+    """
+    name, values = setting.split("=", 1)
+    values = values.split(",")
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+              "driver": _driver_version(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
+              "setting": name, "rows": []}
+    for shape in shapes:
+        fwd, fwd_bwd = ours_fns(*make(*shape))
+        samples = {(val, what): [] for val in values for what in ("fwd", "fwd_bwd")}
+        for _ in range(rounds):
+            for val in values:
+                for what, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+                    samples[(val, what)].append(with_env({name: val}, lambda: cuda_time(fn, 2, 10)))
+        row = {"B": shape[0], "T": shape[1], "C": shape[2], "H": shape[3]}
+        for (val, what), times in samples.items():
+            row[f"{what}_ms@{name}={val}"] = statistics.median(times)
+            row[f"{what}_samples@{name}={val}"] = times
+        result["rows"].append(row)
+        print(",".join(map(str, shape)), " ".join(f"{key}={ms:.3f}" for key, ms in row.items() if "_ms@" in key),
+              flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+
+
 def compare(old_path: str, new_path: str) -> None:
     """Prints every time measured in both result files (same keys) with the ratio new / old."""
     old, new = json.loads(Path(old_path).read_text()), json.loads(Path(new_path).read_text())
@@ -245,6 +282,9 @@ def main() -> None:
                              "settings, e.g. 1,auto")
     parser.add_argument("--profile-once", type=int, default=None, metavar="SHAPE",
                         help="run two forward+backward passes at SHAPES[SHAPE] and exit (for ncu)")
+    parser.add_argument("--alternate", metavar="NAME=V1,V2",
+                        help="time ours at each value of an environment variable, interleaved over --rounds rounds")
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"),
                         help="print the times of two result files side by side and exit")
     args = parser.parse_args()
@@ -255,6 +295,9 @@ def main() -> None:
         compare(*args.compare)
         return
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    if args.alternate:
+        alternate(shapes, args.alternate, args.rounds, Path(args.out))
+        return
     if args.kernels:
         for shape in shapes:
             for splits in args.kernels.split(","):

@@ -19,14 +19,15 @@ __all__ = ["cuda_wkv5", "default_chunk", "default_splits"]
 def default_chunk(head_size: int, backward: bool = False) -> int:
     """Steps per shared-memory chunk of the forward (backward) kernel.
 
-    `RWKV5_WKV_CHUNK` (`RWKV5_WKV_BWD_CHUNK`) forces 32 or 64. Defaults: forward 64 (32 for head size 128);
-    backward 32, whose kernels keep twice the arrays in shared memory (64 only for head size <= 64).
+    `RWKV5_WKV_CHUNK` (`RWKV5_WKV_BWD_CHUNK`) forces 32 or 64. Default 32 for both: at head size 64 the forward
+    then takes 46 KB of shared memory, so four blocks share a multiprocessor (0.80 against 0.89 ms with 64 at
+    B8 T4096 on an H200, bench/NOTES.md); the backward's kernels keep twice the arrays (64 only for head size <= 64).
     """
     name = "RWKV5_WKV_BWD_CHUNK" if backward else "RWKV5_WKV_CHUNK"
     forced = os.environ.get(name)
     if forced and forced not in ("32", "64"):
         raise ValueError(f"{name}={forced!r}; expected 32 or 64")
-    chunk = int(forced) if forced else (32 if backward or head_size == 128 else 64)
+    chunk = int(forced) if forced else 32
     return 32 if backward and head_size == 128 else chunk
 
 
@@ -34,10 +35,11 @@ def default_splits(batch_heads: int, steps: int, device: torch.device, backward:
     """How many pieces the sequence is cut into, run in parallel over time (README.md, "Time splits").
 
     One sweep per (batch, head) leaves most multiprocessors idle when B*H is small (B=1, H=64: 64 blocks on
-    132). `RWKV5_WKV_SPLITS` chooses: unset or "auto" (the default: on an H200 it beats one sweep by
-    1.3-1.9x at B=1 and picks one sweep wherever B*H already fills the GPU, bench/NOTES.md "v4") aims at
-    about two blocks per multiprocessor (the backward's two sweeps run side by side, so each gets half),
-    with pieces of at least 512 steps; an integer forces that many pieces ("1": one sweep).
+    132). `RWKV5_WKV_SPLITS` chooses: unset or "auto" (the default) keeps one sweep once B*H reaches the
+    number of multiprocessors, and below that cuts the sequence so that each pass has about four blocks per
+    multiprocessor, with pieces of at least 512 steps (on an H200 at B=1, T=16384: 8 pieces forward and
+    backward, 2.22 ms f+b against 2.67 with v4's 4 and 2, bench/NOTES.md "v5"); an integer forces that many
+    pieces ("1": one sweep).
     `RWKV5_WKV_BWD_SPLITS`, when set, overrides it for the backward alone.
     """
     forced = os.environ.get("RWKV5_WKV_SPLITS", "auto")
@@ -48,8 +50,9 @@ def default_splits(batch_heads: int, steps: int, device: torch.device, backward:
             raise ValueError(f"RWKV5_WKV_SPLITS={forced!r}; expected 'auto' or an integer in [1, 65535]")
         return int(forced)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    target = sms if backward else 2 * sms
-    return max(1, min(target // max(batch_heads, 1), steps // 512))
+    if batch_heads >= sms:
+        return 1
+    return max(1, min(4 * sms // max(batch_heads, 1), steps // 512))
 
 
 @torch.library.custom_op("rwkv5::wkv5_fwd", mutates_args=())

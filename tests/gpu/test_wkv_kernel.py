@@ -169,6 +169,14 @@ def test_time_splits_long_auto(N, error_table, monkeypatch):
     check(f"split auto long B{B} T{T} H{H} N{N} weak", error_table, chunk_wkv5, B, T, H, N, "weak", False)
 
 
+@pytest.mark.parametrize("N", [32, 64])
+def test_chunk_64(N, error_table, monkeypatch):
+    """Chunks of 64 steps forward and backward (not the default 32), T not a multiple of 64, with a state."""
+    monkeypatch.setenv("RWKV5_WKV_CHUNK", "64")
+    monkeypatch.setenv("RWKV5_WKV_BWD_CHUNK", "64")
+    check(f"chunk64 B2 T150 H2 N{N} mixed", error_table, naive_wkv5, 2, 150, 2, N, "mixed", True)
+
+
 def test_dispatch_default_and_compile():
     """rwkv5.wkv picks the kernel on CUDA, and torch.compile traces the custom op without a graph break."""
     from kernels.wkv5.cuda import cuda_wkv5

@@ -1,11 +1,12 @@
 // WKV5 backward, in two sweeps over the sequence (README.md has the derivation).
 //
-// Sweep A (forward in time, warp w owns key rows i in [16w, 16w+16) of S and of D = dS/dlog w):
+// Each sweep runs 4N threads in two roles of N/16 warps; warp w of a role owns rows [16w, 16w+16) of its state.
+// Sweep A (forward in time; S warps carry S and write dr, D warps carry S and D = dS/dlog w):
 //   dr_t   = w^t' (dy_t S^T) + wc^(t'-8) sum_{s<t} (dy_t . v_s) (k_s wc^(7-s')) + u k_t (v_t . dy_t)
 //   dlog w += t' r_t w^t' (dy_t S^T)  +  sum over pairs s < t in the sub-block of (t-1-s) X[t,s]
 //             +  sum_j D_ij dG_ij, with dG = sum_t (r_t w^t')^T dy_t; then D = w^le (D + le S) + ...,
 //   S = w^le S + ...  (every term a real contribution: nothing large cancels)
-// Sweep B (backward in time, G = dLoss/dS held twice: rows i for dk, rows j for dv):
+// Sweep B (backward in time, G = dLoss/dS: G warps hold rows i and write dk, G^T warps rows j and write dv):
 //   dk_s = w^(le-1-s') (v_s G^T) + wc^(7-s') sum_{t>s} (v_s . dy_t) (r_t wc^(t'-8)) + u r_s (v_s . dy_s)
 //   dv_s = (k_s w^(le-1-s')) G + sum_{t>=s} A[t,s] dy_t;  G = w^le G + sum_t (r_t w^t')^T dy_t
 // Sweep A writes per-(batch, head) partials of dlog w and du; the caller sums them over the batch.
@@ -19,6 +20,8 @@
 #include <c10/cuda/CUDAException.h>
 #endif
 
+#include <type_traits>
+
 #include "wkv5_common.cuh"
 
 namespace wkv5 {
@@ -28,15 +31,16 @@ using bf16 = __nv_bfloat16;
 // Time splits as in the forward: s_in, d_in hold the start S and D of each piece [B*H][pieces][N][N] (null:
 // zeros). STATE_ONLY (pass 1, pieces 0..P-2) runs a piece from zeros and writes its end S and D to s_end,
 // d_end [B*H][P - 1][N][N], reading k and v alone; otherwise the pass writes dr and adds its dlog w and du partials.
-// At N 64, L 32 three blocks share a multiprocessor (59 KB of shared memory and <= 168 registers each). The
-// decay-scaled operands are stored as the chunk's rows [step][channel]; ldmatrix.trans reads their transposes.
+// 4N threads: warps [0, N/16) carry S (rows i) and write dr and the in-sub-block part of dlog w; warps
+// [N/16, N/8) carry S and D = dS/dlog w and add the sum_j D_ij dG_ij part. The decay-scaled operands are stored
+// as the chunk's rows [step][channel]; ldmatrix.trans reads their transposes.
 template <int N, int L, bool STATE_ONLY>
-__global__ void __launch_bounds__(2 * N, N == 64 && L == 32 ? 3 : 1) bwd_a_kernel(
+__global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_a_kernel(
     const bf16* __restrict__ r, const bf16* __restrict__ k, const bf16* __restrict__ v, const float* __restrict__ td,
     const float* __restrict__ u, const float* __restrict__ s_in, const float* __restrict__ d_in,
     const bf16* __restrict__ dy, const float* __restrict__ ds_out, bf16* __restrict__ dr, float* __restrict__ dlw,
     float* __restrict__ du, float* __restrict__ s_end, float* __restrict__ d_end, int T, int H, int span) {
-    constexpr int NW = N / 16, LDN = N + 8;
+    constexpr int NW = N / 16, LDN = N + 8, LDP = N + 4;  // LDP: padded table rows
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][4][L][LDN]: r, k, v, dy
     bf16* kmN = raw + 2 * 4 * L * LDN;          // [L][LDN] k wc^(7-s')
@@ -44,12 +48,15 @@ __global__ void __launch_bounds__(2 * N, N == 64 && L == 32 ? 3 : 1) bwd_a_kerne
     bf16* kqN = rtN + L * LDN;                  // k w^(le-1-s')
     bf16* kdN = kqN + L * LDN;                  // (le-1-s') k w^(le-1-s')
     float* pw = reinterpret_cast<float*>(kdN + L * LDN);
-    float* us = pw + 17 * N;
+    float* pwc = pw + 17 * LDP;
+    float* us = pwc + 17 * LDP;
     float* vdp = us + N;  // [NW][L] partials of v_t . dy_t
 
     const int bh = blockIdx.x, b = bh / H, h = bh % H;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
+    const bool d_warp = warp >= NW;  // carries D as well and adds the D . dG part of dlog w
+    const int wr = warp % NW;        // its 16 state rows i: [16 wr, 16 wr + 16)
     const int64_t rs = static_cast<int64_t>(H) * N;
     const int64_t col0 = static_cast<int64_t>(h) * N;
     const int64_t piece = static_cast<int64_t>(bh) * gridDim.y + blockIdx.y;
@@ -57,255 +64,259 @@ __global__ void __launch_bounds__(2 * N, N == 64 && L == 32 ? 3 : 1) bwd_a_kerne
     const int64_t row0 = static_cast<int64_t>(b) * T + t_begin;
     T = min(span, T - t_begin);  // from here on, the steps of this piece
 
-    // The midpoint factors live in registers only (no pwc table): 3 blocks fit on a multiprocessor.
-    fill_tables<N>(pw, nullptr, us, td, u, h);
-
-    float S[N / 8][4], D[N / 8][4];  // row i = 16 warp + g (+8), column j = 8 nt + 2q (+1)
-#pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-            const int i = 16 * warp + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
-            S[nt][e] = s_in ? s_in[(piece * N + i) * N + j] : 0.f;
-            D[nt][e] = d_in ? d_in[(piece * N + i) * N + j] : 0.f;
-        }
-    float dla[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, dua[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, dlb[2] = {0.f, 0.f};
+    fill_tables<N, LDP>(pw, pwc, us, td, u, h);
 
     // The state-only pass reads k and v alone (slots 1, 2 of each raw buffer).
     constexpr int FIRST = STATE_ONLY ? 1 : 0, NIN = STATE_ONLY ? 2 : 4;
     const bf16* srcs[4] = {r, k, v, dy};
     const int nchunks = (T + L - 1) / L;
     load_chunk<N, L, NIN>(raw + FIRST * L * LDN, srcs + FIRST, row0, min(L, T), rs, col0);
-    const int tp = tid & 15, i0 = 8 * (tid >> 4);
+    // Prep: thread (par, tp, i0) prepares step tp of the sub-blocks a = par, par + 2, ..., channels [i0, i0+8).
+    const int ptid = tid % (2 * N), par = tid / (2 * N);
+    const int tp = ptid & 15, i0 = 8 * (ptid >> 4), pwarp = ptid >> 5;
     __syncthreads();
-    // Decay factors fixed per thread: the prep's (step tp, channels i0..) and the output's (steps g, g+8).
-    float f_km[8], f_rt[8], f_kq[8], f_in[2][2][2], f_mid[2][2][2];
-#pragma unroll
-    for (int x = 0; x < 8; ++x) {
-        f_km[x] = mid_factor(-expf(td[h * N + i0 + x]), 15 - tp);
-        f_rt[x] = pw[tp * N + i0 + x];
-        f_kq[x] = pw[(15 - tp) * N + i0 + x];
-    }
-#pragma unroll
-    for (int half = 0; half < 2; ++half)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-            for (int x = 0; x < 2; ++x) {
-                const int tt = g + 8 * half, i = 16 * warp + 8 * hh + 2 * q + x;
-                f_in[half][hh][x] = pw[tt * N + i];
-                f_mid[half][hh][x] = mid_factor(-expf(td[h * N + i]), tt);
-            }
 
-    for (int c = 0; c < nchunks; ++c) {
-        const int t0 = c * L, Lc = min(L, T - t0);
-        cp_async_wait_all();
-        __syncthreads();
-        if (c + 1 < nchunks)
-            load_chunk<N, L, NIN>(raw + (((c + 1) & 1) * 4 + FIRST) * L * LDN, srcs + FIRST, row0 + t0 + L,
-                                  min(L, T - t0 - L), rs, col0);
-        const bf16* rN = raw + (c & 1) * 4 * L * LDN;
-        const bf16* kN = rN + L * LDN;
-        const bf16* vN = kN + L * LDN;
-        const bf16* dyN = vN + L * LDN;
-
+    // The two roles run the same chunk loop (same barriers) with their own state: a warp-uniform branch
+    // around the whole loop keeps D out of the S warps' registers.
+    auto sweep = [&](auto role) {
+        constexpr bool DW = decltype(role)::value;
+        float S[N / 8][4], D[DW ? N / 8 : 1][4];  // row i = 16 wr + g (+8), column j = 8 nt + 2q (+1)
 #pragma unroll
-        for (int a = 0; a < L / kSub; ++a) {
-            const int t = kSub * a + tp;
-            const bool valid = t < Lc;
-            const int le = min(kSub, Lc - kSub * a);
-            const int dq = valid ? le - 1 - tp : 0;
-            float fr[8], fk[8], fv[8], fd[8];
-            if constexpr (!STATE_ONLY) unpack8(*reinterpret_cast<const uint4*>(rN + t * LDN + i0), fr);
-            unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
-            unpack8(*reinterpret_cast<const uint4*>(vN + t * LDN + i0), fv);
-            if constexpr (!STATE_ONLY) unpack8(*reinterpret_cast<const uint4*>(dyN + t * LDN + i0), fd);
-            float vd = 0.f, o1[8], o2[8];
+        for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-            for (int x = 0; x < 8; ++x) {
-                o1[x] = fk[x] * (le == kSub ? f_kq[x] : pw[dq * N + i0 + x]);
-                o2[x] = o1[x] * static_cast<float>(dq);
+            for (int e = 0; e < 4; ++e) {
+                const int i = 16 * wr + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
+                S[nt][e] = s_in ? s_in[(piece * N + i) * N + j] : 0.f;
+                if constexpr (DW) D[nt][e] = d_in ? d_in[(piece * N + i) * N + j] : 0.f;
             }
-            *reinterpret_cast<uint4*>(kqN + t * LDN + i0) = pack8(o1);
-            *reinterpret_cast<uint4*>(kdN + t * LDN + i0) = pack8(o2);
-            if constexpr (!STATE_ONLY) {
+        float dla[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, dua[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, dlb[2] = {0.f, 0.f};
+        // The output's decay factors (steps g, g+8 of a sub-block, the warp's rows), S warps only.
+        float f_in[2][2][2], f_mid[2][2][2];
+#pragma unroll
+        for (int half = 0; half < 2; ++half)
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int x = 0; x < 2; ++x) {
+                    const int tt = g + 8 * half, i = 16 * wr + 8 * hh + 2 * q + x;
+                    f_in[half][hh][x] = DW ? 0.f : pw[tt * LDP + i];
+                    f_mid[half][hh][x] = DW ? 0.f : pwc[tt * LDP + i];  // wc^(tt-8)
+                }
+
+        for (int c = 0; c < nchunks; ++c) {
+            const int t0 = c * L, Lc = min(L, T - t0);
+            cp_async_wait_all();
+            __syncthreads();
+            if (c + 1 < nchunks)
+                load_chunk<N, L, NIN>(raw + (((c + 1) & 1) * 4 + FIRST) * L * LDN, srcs + FIRST, row0 + t0 + L,
+                                      min(L, T - t0 - L), rs, col0);
+            const bf16* rN = raw + (c & 1) * 4 * L * LDN;
+            const bf16* kN = rN + L * LDN;
+            const bf16* vN = kN + L * LDN;
+            const bf16* dyN = vN + L * LDN;
+
+            for (int a = par; a < L / kSub; a += 2) {
+                const int t = kSub * a + tp;
+                const bool valid = t < Lc;
+                const int le = min(kSub, Lc - kSub * a);
+                const int dq = valid ? le - 1 - tp : 0;
+                float fr[8], fk[8], fv[8], fd[8];
+                if constexpr (!STATE_ONLY) unpack8(*reinterpret_cast<const uint4*>(rN + t * LDN + i0), fr);
+                unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
+                if constexpr (!STATE_ONLY) unpack8(*reinterpret_cast<const uint4*>(vN + t * LDN + i0), fv);
+                if constexpr (!STATE_ONLY) unpack8(*reinterpret_cast<const uint4*>(dyN + t * LDN + i0), fd);
+                float vd = 0.f, o1[8], o2[8];
+                // Decay factors of step tp, channels i0..i0+7, read from the tables (two 16-byte loads each).
+                float f_kq[8], f_km[8], f_rt[8];
+                load8(f_kq, pw + dq * LDP + i0);
 #pragma unroll
                 for (int x = 0; x < 8; ++x) {
-                    o1[x] = fk[x] * f_km[x];
-                    o2[x] = fr[x] * f_rt[x];
-                    vd += fv[x] * fd[x];
+                    o1[x] = fk[x] * f_kq[x];
+                    o2[x] = o1[x] * static_cast<float>(dq);
                 }
-                *reinterpret_cast<uint4*>(kmN + t * LDN + i0) = pack8(o1);
-                *reinterpret_cast<uint4*>(rtN + t * LDN + i0) = pack8(o2);
-                vd += __shfl_xor_sync(0xffffffffu, vd, 16);
-                if (lane < 16) vdp[warp * L + t] = vd;
+                *reinterpret_cast<uint4*>(kqN + t * LDN + i0) = pack8(o1);
+                *reinterpret_cast<uint4*>(kdN + t * LDN + i0) = pack8(o2);
+                if constexpr (!STATE_ONLY) {
+                    load8(f_km, pwc + (15 - tp) * LDP + i0);
+                    load8(f_rt, pw + tp * LDP + i0);
+#pragma unroll
+                    for (int x = 0; x < 8; ++x) {
+                        o1[x] = fk[x] * f_km[x];
+                        o2[x] = fr[x] * f_rt[x];
+                        vd += fv[x] * fd[x];
+                    }
+                    *reinterpret_cast<uint4*>(kmN + t * LDN + i0) = pack8(o1);
+                    *reinterpret_cast<uint4*>(rtN + t * LDN + i0) = pack8(o2);
+                    vd += __shfl_xor_sync(0xffffffffu, vd, 16);
+                    if (lane < 16) vdp[pwarp * L + t] = vd;
+                }
             }
-        }
-        __syncthreads();
+            __syncthreads();
+            if (STATE_ONLY && !DW) continue;  // pass 1: the D warps carry S and D
 
-        for (int a = 0; a < L / kSub; ++a) {
-            if (kSub * a >= Lc) break;
-            const int le = min(kSub, Lc - kSub * a);
-            const int m0 = kSub * a;
-            if constexpr (!STATE_ONLY) {
-                float bd[2][4], di[2][4];
+            for (int a = 0; a < L / kSub; ++a) {
+                if (kSub * a >= Lc) break;
+                const int le = min(kSub, Lc - kSub * a);
+                const int m0 = kSub * a;
+                if constexpr (!DW) {
+                    float bd[2][4], di[2][4];  // bd[t][s] = dy_t . v_s, di[t][i] = dy_t . S_i
+                    tile_and_state<N>(bd, di, dyN, vN, LDN, m0, S, lane);
+                    // bd[t][s] = dy_t . v_s for s < t; bg weighs each pair by its gap t-1-s, the exponent that
+                    // d/dlog w brings down (summing gap-weighted pairs directly avoids cancelling large terms).
+                    float bg[2][4];
 #pragma unroll
-                for (int hh = 0; hh < 2; ++hh)
+                    for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) bd[hh][e] = di[hh][e] = 0.f;
-#pragma unroll
-                for (int kt = 0; kt < N / 16; ++kt) {
-                    uint32_t af[4], bv[4];
-                    load_a(af, dyN, LDN, m0, 16 * kt, lane);
-                    load_b2(bv, vN, LDN, m0, 16 * kt, lane);
+                        for (int e = 0; e < 4; ++e) {
+                            const int tt = g + 8 * (e >> 1), ss = 8 * hh + 2 * q + (e & 1);
+                            if (ss >= tt) bd[hh][e] = 0.f;
+                            bg[hh][e] = bd[hh][e] * static_cast<float>(max(tt - 1 - ss, 0));
+                        }
+                    uint32_t pb[4], pg[4];
+                    c_to_a(bd, pb);
+                    c_to_a(bg, pg);
+                    float dj[2][4], dgap[2][4];
+                    uint32_t bk[4];  // k wc^(7-s') [s][i] for s in the sub-block, i in the warp's 16 rows
+                    load_b2_t(bk, kmN, LDN, 16 * wr, m0, lane);
 #pragma unroll
                     for (int hh = 0; hh < 2; ++hh) {
-                        uint32_t b0, b1;
-                        mma16816(bd[hh], af, bv[2 * hh], bv[2 * hh + 1]);
-                        state_as_b<N>(S, kt, hh, b0, b1);
-                        mma16816(di[hh], af, b0, b1);
-                    }
-                }
-                // bd[t][s] = dy_t . v_s for s < t; bg weighs each pair by its gap t-1-s, the exponent that
-                // d/dlog w brings down (summing gap-weighted pairs directly avoids cancelling large terms).
-                float bg[2][4];
 #pragma unroll
-                for (int hh = 0; hh < 2; ++hh)
+                        for (int e = 0; e < 4; ++e) dj[hh][e] = dgap[hh][e] = 0.f;
+                        mma16816(dj[hh], pb, bk[2 * hh], bk[2 * hh + 1]);
+                        mma16816(dgap[hh], pg, bk[2 * hh], bk[2 * hh + 1]);
+                    }
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const int tt = g + 8 * half, t = m0 + tt;
+                        if (t >= Lc) continue;
+                        float vd = 0.f;
+#pragma unroll
+                        for (int w = 0; w < NW; ++w) vd += vdp[w * L + t];
+#pragma unroll
+                        for (int hh = 0; hh < 2; ++hh) {
+                            float out[2];
+#pragma unroll
+                            for (int x = 0; x < 2; ++x) {
+                                const int e = 2 * half + x, i = 16 * wr + 8 * hh + 2 * q + x;
+                                const float inter = f_in[half][hh][x] * di[hh][e];
+                                const float dri = inter + f_mid[half][hh][x] * dj[hh][e];
+                                const float rv = __bfloat162float(rN[t * LDN + i]);
+                                const float kv = __bfloat162float(kN[t * LDN + i]);
+                                dla[hh][x] += rv * (static_cast<float>(tt) * inter + f_mid[half][hh][x] * dgap[hh][e]);
+                                dua[hh][x] += rv * kv * vd;
+                                out[x] = dri + us[i] * kv * vd;
+                            }
+                            *reinterpret_cast<__nv_bfloat162*>(dr + (row0 + t0 + t) * rs + col0 + 16 * wr + 8 * hh + 2 * q) =
+                                __floats2bfloat162_rn(out[0], out[1]);
+                        }
+                    }
+#pragma unroll
+                    for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) S[nt][e] *= pw[le * LDP + 16 * wr + g + 8 * (e >> 1)];
+                } else {
+                    if constexpr (!STATE_ONLY) {
+                        uint32_t af[4];
+                        load_a_t(af, rtN, LDN, 16 * wr, m0, lane);
+#pragma unroll
+                        for (int np = 0; np < N / 16; ++np) {
+                            uint32_t b[4];
+                            load_b2_t(b, dyN, LDN, 16 * np, m0, lane);
+#pragma unroll
+                            for (int x = 0; x < 2; ++x) {
+                                float tmp[4] = {0.f, 0.f, 0.f, 0.f};
+                                mma16816(tmp, af, b[2 * x], b[2 * x + 1]);
+#pragma unroll
+                                for (int e = 0; e < 4; ++e) dlb[e >> 1] += D[2 * np + x][e] * tmp[e];
+                            }
+                        }
+                    }
+#pragma unroll
+                    for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const float f = pw[le * LDP + 16 * wr + g + 8 * (e >> 1)];
+                            D[nt][e] = f * (D[nt][e] + static_cast<float>(le) * S[nt][e]);
+                            S[nt][e] *= f;
+                        }
+                    state_add<N>(D, kdN, LDN, 16 * wr, vN, LDN, m0, lane);
+                }
+                state_add<N>(S, kqN, LDN, 16 * wr, vN, LDN, m0, lane);
+            }
+        }
+
+        if constexpr (STATE_ONLY) {
+            if constexpr (DW) {
+#pragma unroll
+                for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        const int tt = g + 8 * (e >> 1), ss = 8 * hh + 2 * q + (e & 1);
-                        if (ss >= tt) bd[hh][e] = 0.f;
-                        bg[hh][e] = bd[hh][e] * static_cast<float>(max(tt - 1 - ss, 0));
+                        const int i = 16 * wr + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
+                        s_end[(piece * N + i) * N + j] = S[nt][e];
+                        d_end[(piece * N + i) * N + j] = D[nt][e];
                     }
-                uint32_t pb[4], pg[4];
-                c_to_a(bd, pb);
-                c_to_a(bg, pg);
-                float dj[2][4], dgap[2][4];
-                uint32_t bk[4];  // k wc^(7-s') [s][i] for s in the sub-block, i in the warp's 16 rows
-                load_b2_t(bk, kmN, LDN, 16 * warp, m0, lane);
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) dj[hh][e] = dgap[hh][e] = 0.f;
-                    mma16816(dj[hh], pb, bk[2 * hh], bk[2 * hh + 1]);
-                    mma16816(dgap[hh], pg, bk[2 * hh], bk[2 * hh + 1]);
-                }
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const int tt = g + 8 * half, t = m0 + tt;
-                    if (t >= Lc) continue;
-                    float vd = 0.f;
-#pragma unroll
-                    for (int w = 0; w < NW; ++w) vd += vdp[w * L + t];
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) {
-                        float out[2];
-#pragma unroll
-                        for (int x = 0; x < 2; ++x) {
-                            const int e = 2 * half + x, i = 16 * warp + 8 * hh + 2 * q + x;
-                            const float inter = f_in[half][hh][x] * di[hh][e];
-                            const float dri = inter + f_mid[half][hh][x] * dj[hh][e];
-                            const float rv = __bfloat162float(rN[t * LDN + i]);
-                            const float kv = __bfloat162float(kN[t * LDN + i]);
-                            dla[hh][x] += rv * (static_cast<float>(tt) * inter + f_mid[half][hh][x] * dgap[hh][e]);
-                            dua[hh][x] += rv * kv * vd;
-                            out[x] = dri + us[i] * kv * vd;
-                        }
-                        *reinterpret_cast<__nv_bfloat162*>(dr + (row0 + t0 + t) * rs + col0 + 16 * warp + 8 * hh + 2 * q) =
-                            __floats2bfloat162_rn(out[0], out[1]);
-                    }
-                }
-                {
-                    uint32_t af[4];
-                    load_a_t(af, rtN, LDN, 16 * warp, m0, lane);
-#pragma unroll
-                    for (int np = 0; np < N / 16; ++np) {
-                        uint32_t b[4];
-                        load_b2_t(b, dyN, LDN, 16 * np, m0, lane);
-#pragma unroll
-                        for (int x = 0; x < 2; ++x) {
-                            float tmp[4] = {0.f, 0.f, 0.f, 0.f};
-                            mma16816(tmp, af, b[2 * x], b[2 * x + 1]);
-#pragma unroll
-                            for (int e = 0; e < 4; ++e) dlb[e >> 1] += D[2 * np + x][e] * tmp[e];
-                        }
-                    }
-                }
             }
-#pragma unroll
-            for (int nt = 0; nt < N / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const float f = pw[le * N + 16 * warp + g + 8 * (e >> 1)];
-                    D[nt][e] = f * (D[nt][e] + static_cast<float>(le) * S[nt][e]);
-                    S[nt][e] *= f;
-                }
-            state_add<N>(D, kdN, LDN, 16 * warp, vN, LDN, m0, lane);
-            state_add<N>(S, kqN, LDN, 16 * warp, vN, LDN, m0, lane);
+            return;
         }
-    }
-
-    if constexpr (STATE_ONLY) {
+        float* dlw_bh = dlw + static_cast<int64_t>(bh) * N;
+        if constexpr (!DW) {
 #pragma unroll
-        for (int nt = 0; nt < N / 8; ++nt)
+            for (int off = 4; off < 32; off <<= 1)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = 16 * warp + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
-                s_end[(piece * N + i) * N + j] = S[nt][e];
-                d_end[(piece * N + i) * N + j] = D[nt][e];
+                for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                    for (int x = 0; x < 2; ++x) {
+                        dla[hh][x] += __shfl_xor_sync(0xffffffffu, dla[hh][x], off);
+                        dua[hh][x] += __shfl_xor_sync(0xffffffffu, dua[hh][x], off);
+                    }
+            if (g == 0) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                    for (int x = 0; x < 2; ++x) {
+                        const int i = 16 * wr + 8 * hh + 2 * q + x;
+                        atomicAdd(dlw_bh + i, dla[hh][x]);
+                        atomicAdd(du + static_cast<int64_t>(bh) * N + i, dua[hh][x]);
+                    }
             }
-        return;
-    }
-    if (ds_out && blockIdx.y + 1 == gridDim.y) {  // the final state is the last piece's
+        } else {
+            if (ds_out && blockIdx.y + 1 == gridDim.y) {  // the final state is the last piece's
 #pragma unroll
-        for (int nt = 0; nt < N / 8; ++nt)
+                for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = 16 * warp + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
-                dlb[e >> 1] += ds_out[(static_cast<int64_t>(bh) * N + i) * N + j] * D[nt][e];
-            }
-    }
-#pragma unroll
-    for (int off = 4; off < 32; off <<= 1)
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-            for (int x = 0; x < 2; ++x) {
-                dla[hh][x] += __shfl_xor_sync(0xffffffffu, dla[hh][x], off);
-                dua[hh][x] += __shfl_xor_sync(0xffffffffu, dua[hh][x], off);
+                    for (int e = 0; e < 4; ++e) {
+                        const int i = 16 * wr + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
+                        dlb[e >> 1] += ds_out[(static_cast<int64_t>(bh) * N + i) * N + j] * D[nt][e];
+                    }
             }
 #pragma unroll
-    for (int off = 1; off < 4; off <<= 1)
+            for (int off = 1; off < 4; off <<= 1)
 #pragma unroll
-        for (int half = 0; half < 2; ++half) dlb[half] += __shfl_xor_sync(0xffffffffu, dlb[half], off);
-    float* dlw_bh = dlw + static_cast<int64_t>(bh) * N;
-    if (g == 0) {
+                for (int half = 0; half < 2; ++half) dlb[half] += __shfl_xor_sync(0xffffffffu, dlb[half], off);
+            if (q == 0) {
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-            for (int x = 0; x < 2; ++x) {
-                const int i = 16 * warp + 8 * hh + 2 * q + x;
-                atomicAdd(dlw_bh + i, dla[hh][x]);
-                atomicAdd(du + static_cast<int64_t>(bh) * N + i, dua[hh][x]);
+                for (int half = 0; half < 2; ++half) atomicAdd(dlw_bh + 16 * wr + g + 8 * half, dlb[half]);
             }
-    }
-    if (q == 0) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) atomicAdd(dlw_bh + 16 * warp + g + 8 * half, dlb[half]);
-    }
+        }
+    };
+    if (d_warp) sweep(std::true_type{});
+    else sweep(std::false_type{});
 }
 
 // Time splits: g_in holds the gradient each piece receives at its end, [B*H][pieces][N][N] (null: zeros).
 // STATE_ONLY (pass 1) runs pieces 1.. (grid row y is piece y + 1) from a zero gradient, reading r and dy alone,
 // and writes what each sends back to its start to g_end [B*H][pieces - 1][N][N]; otherwise the pass writes dk
 // and dv, and piece 0 writes the initial-state gradient ds0 [B*H][N][N].
+// 4N threads: warps [0, N/16) carry G (rows i) and write dk, warps [N/16, N/8) carry G^T (rows j) and write dv.
+// The two halves share only the chunk's prepared rows, so each warp holds one state (half the registers of a
+// warp holding both) and a multiprocessor keeps twice the warps in flight to hide latency (bench/NOTES.md, v5).
 template <int N, int L, bool STATE_ONLY>
-__global__ void __launch_bounds__(2 * N) bwd_b_kernel(
+__global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_b_kernel(
     const bf16* __restrict__ r, const bf16* __restrict__ k, const bf16* __restrict__ v, const float* __restrict__ td,
     const float* __restrict__ u, const bf16* __restrict__ dy, const float* __restrict__ g_in,
     bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ ds0, float* __restrict__ g_end, int T, int H,
     int span) {
-    constexpr int NW = N / 16, LDN = N + 8;
+    constexpr int NW = N / 16, LDN = N + 8, LDP = N + 4;  // LDP: padded table rows
     extern __shared__ __align__(16) unsigned char smem[];
     bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][4][L][LDN]: r, dy, k, v
     bf16* kqN = raw + 2 * 4 * L * LDN;          // [L][LDN] k w^(le-1-s')
@@ -313,14 +324,16 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
     bf16* rmN = kmN + L * LDN;                  // r wc^(t'-8)
     bf16* rtN = rmN + L * LDN;                  // r w^t'
     float* pw = reinterpret_cast<float*>(rtN + L * LDN);
-    float* pwc = pw + 17 * N;
-    float* us = pwc + 17 * N;
+    float* pwc = pw + 17 * LDP;
+    float* us = pwc + 17 * LDP;
     float* vdp = us + N;       // [NW][L] partials of v_t . dy_t
     float* dgp = vdp + NW * L;  // [NW][L] partials of sum_i r u k
 
     const int bh = blockIdx.x, b = bh / H, h = bh % H;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
+    const bool gt_warp = warp >= NW;  // carries G^T and writes dv
+    const int wr = warp % NW;         // its 16 state rows: [16 wr, 16 wr + 16)
     const int64_t rs = static_cast<int64_t>(H) * N;
     const int64_t col0 = static_cast<int64_t>(h) * N;
     const int piece_y = blockIdx.y + (STATE_ONLY ? 1 : 0);
@@ -329,17 +342,16 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
     const int64_t row0 = static_cast<int64_t>(b) * T + t_begin;
     T = min(span, T - t_begin);  // from here on, the steps of this piece
 
-    fill_tables<N>(pw, pwc, us, td, u, h);
+    fill_tables<N, LDP>(pw, pwc, us, td, u, h);
 
-    // G: row i = 16 warp + g (+8), column j = 8 nt + 2q (+1).  GT: row j = 16 warp + g (+8), column i.
-    float G[N / 8][4], GT[N / 8][4];
+    // X = G (row i = 16 wr + g (+8), column j = 8 nt + 2q (+1)) or, in the G^T warps, G^T (row j, column i).
+    float X[N / 8][4];
 #pragma unroll
     for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const int rr = 16 * warp + g + 8 * (e >> 1), cc = 8 * nt + 2 * q + (e & 1);
-            G[nt][e] = g_in ? g_in[(piece * N + rr) * N + cc] : 0.f;
-            GT[nt][e] = g_in ? g_in[(piece * N + cc) * N + rr] : 0.f;
+            const int rr = 16 * wr + g + 8 * (e >> 1), cc = 8 * nt + 2 * q + (e & 1);
+            X[nt][e] = g_in ? g_in[(piece * N + (gt_warp ? cc : rr)) * N + (gt_warp ? rr : cc)] : 0.f;
         }
 
     // The state-only pass reads r and dy alone (slots 0, 1 of each raw buffer).
@@ -350,25 +362,20 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
         const int cl = nchunks - 1;
         load_chunk<N, L, NIN>(raw + (cl & 1) * 4 * L * LDN, srcs, row0 + cl * L, T - cl * L, rs, col0);
     }
-    const int tp = tid & 15, i0 = 8 * (tid >> 4);
+    // Prep: thread (par, tp, i0) prepares step tp of the sub-blocks a = par, par + 2, ..., channels [i0, i0+8).
+    const int ptid = tid % (2 * N), par = tid / (2 * N);
+    const int tp = ptid & 15, i0 = 8 * (ptid >> 4), pwarp = ptid >> 5;
     __syncthreads();
-    float f_kq[8], f_km[8], f_rm[8], f_rt[8], f_mid[2][2][2], f_end[2][2][2];
-#pragma unroll
-    for (int x = 0; x < 8; ++x) {
-        f_kq[x] = pw[(15 - tp) * N + i0 + x];
-        f_km[x] = pwc[(15 - tp) * N + i0 + x];
-        f_rm[x] = pwc[tp * N + i0 + x];
-        f_rt[x] = pw[tp * N + i0 + x];
-    }
+    float f_mid[2][2][2], f_end[2][2][2];  // the dk output's factors (steps g, g+8; the warp's rows)
 #pragma unroll
     for (int half = 0; half < 2; ++half)
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
             for (int x = 0; x < 2; ++x) {
-                const int ss = g + 8 * half, i = 16 * warp + 8 * hh + 2 * q + x;
-                f_mid[half][hh][x] = pwc[(15 - ss) * N + i];
-                f_end[half][hh][x] = pw[(15 - ss) * N + i];
+                const int ss = g + 8 * half, i = 16 * wr + 8 * hh + 2 * q + x;
+                f_mid[half][hh][x] = pwc[(15 - ss) * LDP + i];
+                f_end[half][hh][x] = pw[(15 - ss) * LDP + i];
             }
 
     for (int c = nchunks - 1; c >= 0; --c) {
@@ -381,19 +388,22 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
         const bf16* kN = dyN + L * LDN;
         const bf16* vN = kN + L * LDN;
 
-#pragma unroll
-        for (int a = 0; a < L / kSub; ++a) {
+        for (int a = par; a < L / kSub; a += 2) {
             const int t = kSub * a + tp;
             const bool valid = t < Lc;
             const int le = min(kSub, Lc - kSub * a);
             const int dq = valid ? le - 1 - tp : 0;
-            float fr[8], ort[8];
+            float fr[8], ort[8], f_rt[8];  // decay factors of step tp, channels i0.., read from the tables
             unpack8(*reinterpret_cast<const uint4*>(rN + t * LDN + i0), fr);
+            load8(f_rt, pw + tp * LDP + i0);
 #pragma unroll
             for (int x = 0; x < 8; ++x) ort[x] = fr[x] * f_rt[x];
             *reinterpret_cast<uint4*>(rtN + t * LDN + i0) = pack8(ort);
             if constexpr (!STATE_ONLY) {
-                float fd[8], fk[8], fv[8], o1[8], o2[8], o3[8];
+                float fd[8], fk[8], fv[8], o1[8], o2[8], o3[8], f_kq[8], f_km[8], f_rm[8];
+                load8(f_kq, pw + dq * LDP + i0);
+                load8(f_km, pwc + (15 - tp) * LDP + i0);
+                load8(f_rm, pwc + tp * LDP + i0);
                 unpack8(*reinterpret_cast<const uint4*>(dyN + t * LDN + i0), fd);
                 unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
                 unpack8(*reinterpret_cast<const uint4*>(vN + t * LDN + i0), fv);
@@ -401,7 +411,7 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
 #pragma unroll
                 for (int x = 0; x < 8; ++x) {
                     const int i = i0 + x;
-                    o1[x] = fk[x] * (le == kSub ? f_kq[x] : pw[dq * N + i]);
+                    o1[x] = fk[x] * f_kq[x];
                     o2[x] = fk[x] * f_km[x];
                     o3[x] = fr[x] * f_rm[x];
                     vd += fv[x] * fd[x];
@@ -413,78 +423,70 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
                 vd += __shfl_xor_sync(0xffffffffu, vd, 16);
                 dg += __shfl_xor_sync(0xffffffffu, dg, 16);
                 if (lane < 16) {
-                    vdp[warp * L + t] = vd;
-                    dgp[warp * L + t] = dg;
+                    vdp[pwarp * L + t] = vd;
+                    dgp[pwarp * L + t] = dg;
                 }
             }
         }
         __syncthreads();
+        if (STATE_ONLY && gt_warp) continue;  // pass 1 carries G alone
 
         const int nsb = (Lc + kSub - 1) / kSub;
         for (int a = nsb - 1; a >= 0; --a) {
             const int le = min(kSub, Lc - kSub * a);
             const int m0 = kSub * a;
-            if constexpr (!STATE_ONLY) {
-                float bt[2][4], xc[2][4];
+            if (!gt_warp) {
+                if constexpr (!STATE_ONLY) {
+                    float bt[2][4], xc[2][4];  // bt[s][t] = v_s . dy_t, xc[s][i] = v_s . G_i
+                    tile_and_state<N>(bt, xc, vN, dyN, LDN, m0, X, lane);
+                    // bt[s][t] = v_s . dy_t, kept for t > s.
 #pragma unroll
-                for (int hh = 0; hh < 2; ++hh)
+                    for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) bt[hh][e] = xc[hh][e] = 0.f;
-#pragma unroll
-                for (int kt = 0; kt < N / 16; ++kt) {
-                    uint32_t af[4], bd[4];
-                    load_a(af, vN, LDN, m0, 16 * kt, lane);
-                    load_b2(bd, dyN, LDN, m0, 16 * kt, lane);
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) {
-                        uint32_t b0, b1;
-                        mma16816(bt[hh], af, bd[2 * hh], bd[2 * hh + 1]);
-                        state_as_b<N>(G, kt, hh, b0, b1);
-                        mma16816(xc[hh], af, b0, b1);
-                    }
-                }
-                // bt[s][t] = v_s . dy_t, kept for t > s.
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int ss = g + 8 * (e >> 1), tt = 8 * hh + 2 * q + (e & 1);
-                        if (tt <= ss) bt[hh][e] = 0.f;
-                    }
-                uint32_t pb[4];
-                c_to_a(bt, pb);
-                float yi[2][4];
-                uint32_t brm[4];  // r wc^(t'-8) [t][i] for t in the sub-block, i in the warp's 16 rows
-                load_b2_t(brm, rmN, LDN, 16 * warp, m0, lane);
-#pragma unroll
-                for (int hh = 0; hh < 2; ++hh) {
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) yi[hh][e] = 0.f;
-                    mma16816(yi[hh], pb, brm[2 * hh], brm[2 * hh + 1]);
-                }
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const int ss = g + 8 * half, s = m0 + ss;
-                    if (s >= Lc) continue;
-                    float vd = 0.f;
-#pragma unroll
-                    for (int w = 0; w < NW; ++w) vd += vdp[w * L + s];
-#pragma unroll
-                    for (int hh = 0; hh < 2; ++hh) {
-                        float out[2];
-#pragma unroll
-                        for (int x = 0; x < 2; ++x) {
-                            const int e = 2 * half + x, i = 16 * warp + 8 * hh + 2 * q + x;
-                            const float intra = f_mid[half][hh][x] * yi[hh][e];
-                            const float rv = __bfloat162float(rN[s * LDN + i]);
-                            const float decay = le == kSub ? f_end[half][hh][x] : pw[(le - 1 - ss) * N + i];
-                            out[x] = decay * xc[hh][e] + intra + us[i] * rv * vd;
+                        for (int e = 0; e < 4; ++e) {
+                            const int ss = g + 8 * (e >> 1), tt = 8 * hh + 2 * q + (e & 1);
+                            if (tt <= ss) bt[hh][e] = 0.f;
                         }
-                        *reinterpret_cast<__nv_bfloat162*>(dk + (row0 + t0 + s) * rs + col0 + 16 * warp + 8 * hh + 2 * q) =
-                            __floats2bfloat162_rn(out[0], out[1]);
+                    uint32_t pb[4];
+                    c_to_a(bt, pb);
+                    float yi[2][4];
+                    uint32_t brm[4];  // r wc^(t'-8) [t][i] for t in the sub-block, i in the warp's 16 rows
+                    load_b2_t(brm, rmN, LDN, 16 * wr, m0, lane);
+#pragma unroll
+                    for (int hh = 0; hh < 2; ++hh) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) yi[hh][e] = 0.f;
+                        mma16816(yi[hh], pb, brm[2 * hh], brm[2 * hh + 1]);
+                    }
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const int ss = g + 8 * half, s = m0 + ss;
+                        if (s >= Lc) continue;
+                        float vd = 0.f;
+#pragma unroll
+                        for (int w = 0; w < NW; ++w) vd += vdp[w * L + s];
+#pragma unroll
+                        for (int hh = 0; hh < 2; ++hh) {
+                            float out[2];
+#pragma unroll
+                            for (int x = 0; x < 2; ++x) {
+                                const int e = 2 * half + x, i = 16 * wr + 8 * hh + 2 * q + x;
+                                const float intra = f_mid[half][hh][x] * yi[hh][e];
+                                const float rv = __bfloat162float(rN[s * LDN + i]);
+                                const float decay = le == kSub ? f_end[half][hh][x] : pw[(le - 1 - ss) * LDP + i];
+                                out[x] = decay * xc[hh][e] + intra + us[i] * rv * vd;
+                            }
+                            *reinterpret_cast<__nv_bfloat162*>(dk + (row0 + t0 + s) * rs + col0 + 16 * wr + 8 * hh +
+                                                               2 * q) = __floats2bfloat162_rn(out[0], out[1]);
+                        }
                     }
                 }
-
+#pragma unroll
+                for (int nt = 0; nt < N / 8; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) X[nt][e] *= pw[le * LDP + 16 * wr + g + 8 * (e >> 1)];
+                state_add<N>(X, rtN, LDN, 16 * wr, dyN, LDN, m0, lane);
+            } else if constexpr (!STATE_ONLY) {
                 // at[s][t] = A[t][s] for t > s, with diag(u) terms on the diagonal.
                 float at[2][4];
                 tile16<N>(at, kmN, LDN, m0, rmN, LDN, m0, lane);
@@ -503,12 +505,12 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
                 uint32_t pa[4];
                 c_to_a(at, pa);
                 float z[2][4];
-                act_times_state<N>(z, kqN, LDN, m0, GT, lane);
+                act_times_state<N>(z, kqN, LDN, m0, X, lane);
                 {
-                    uint32_t b[4];  // dy[t][j] for t in the sub-block, j in the warp's 16 columns
-                    load_b2_t(b, dyN, LDN, 16 * warp, m0, lane);
-                    mma16816(z[0], pa, b[0], b[1]);
-                    mma16816(z[1], pa, b[2], b[3]);
+                    uint32_t bq[4];  // dy[t][j] for t in the sub-block, j in the warp's 16 columns
+                    load_b2_t(bq, dyN, LDN, 16 * wr, m0, lane);
+                    mma16816(z[0], pa, bq[0], bq[1]);
+                    mma16816(z[1], pa, bq[2], bq[3]);
                 }
 #pragma unroll
                 for (int hh = 0; hh < 2; ++hh)
@@ -516,35 +518,28 @@ __global__ void __launch_bounds__(2 * N) bwd_b_kernel(
                     for (int half = 0; half < 2; ++half) {
                         const int s = m0 + g + 8 * half;
                         if (s < Lc) {
-                            const int j = 16 * warp + 8 * hh + 2 * q;
+                            const int j = 16 * wr + 8 * hh + 2 * q;
                             *reinterpret_cast<__nv_bfloat162*>(dv + (row0 + t0 + s) * rs + col0 + j) =
                                 __floats2bfloat162_rn(z[hh][2 * half], z[hh][2 * half + 1]);
                         }
                     }
-            }
-#pragma unroll
-            for (int nt = 0; nt < N / 8; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) G[nt][e] *= pw[le * N + 16 * warp + g + 8 * (e >> 1)];
-            state_add<N>(G, rtN, LDN, 16 * warp, dyN, LDN, m0, lane);
-            if constexpr (!STATE_ONLY) {
 #pragma unroll
                 for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 4; ++e) GT[nt][e] *= pw[le * N + 8 * nt + 2 * q + (e & 1)];
-                state_add<N>(GT, dyN, LDN, 16 * warp, rtN, LDN, m0, lane);
+                    for (int e = 0; e < 4; ++e) X[nt][e] *= pw[le * LDP + 8 * nt + 2 * q + (e & 1)];
+                state_add<N>(X, dyN, LDN, 16 * wr, rtN, LDN, m0, lane);
             }
         }
     }
 
-    if (!STATE_ONLY && piece_y > 0) return;  // the previous piece receives this gradient through the scan
+    if (gt_warp || (!STATE_ONLY && piece_y > 0)) return;  // earlier pieces receive G through the scan
     float* const dst = STATE_ONLY ? g_end + piece * N * N : ds0 + static_cast<int64_t>(bh) * N * N;
 #pragma unroll
     for (int nt = 0; nt < N / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-            const int i = 16 * warp + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
-            dst[i * N + j] = G[nt][e];
+            const int i = 16 * wr + g + 8 * (e >> 1), j = 8 * nt + 2 * q + (e & 1);
+            dst[i * N + j] = X[nt][e];
         }
 }
 
@@ -564,6 +559,7 @@ void launch_bwd(const torch::Tensor& r, const torch::Tensor& k, const torch::Ten
     const float* tdp = td.data_ptr<float>();
     const float* up = u.data_ptr<float>();
     constexpr int smem_a = smem_bwd_a(N, L), smem_b = smem_bwd_b(N, L);
+    constexpr int threads = 4 * N;  // two roles of N/16 warps each (see the kernels)
     auto ka = bwd_a_kernel<N, L, false>;
     auto kb = bwd_b_kernel<N, L, false>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(ka, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_a));
@@ -590,7 +586,7 @@ void launch_bwd(const torch::Tensor& r, const torch::Tensor& k, const torch::Ten
         float* d_start = s_start + elems * pieces;
         auto ka1 = bwd_a_kernel<N, L, true>;
         C10_CUDA_CHECK(cudaFuncSetAttribute(ka1, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_a));
-        ka1<<<dim3(BH, pieces - 1), 2 * N, smem_a, stream>>>(rp, kp, vp, tdp, up, nullptr, nullptr, dyp, nullptr,
+        ka1<<<dim3(BH, pieces - 1), threads, smem_a, stream>>>(rp, kp, vp, tdp, up, nullptr, nullptr, dyp, nullptr,
                                                               nullptr, nullptr, nullptr, s_end, d_end, T, H, span);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         scan_starts_kernel<N><<<scan_blocks, 256, 0, stream>>>(s0, s_end, d_end, tdp, s_start, d_start, BH, H, pieces,
@@ -606,18 +602,18 @@ void launch_bwd(const torch::Tensor& r, const torch::Tensor& k, const torch::Ten
         float* g_start = g_end + elems * (pieces - 1);
         auto kb1 = bwd_b_kernel<N, L, true>;
         C10_CUDA_CHECK(cudaFuncSetAttribute(kb1, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_b));
-        kb1<<<dim3(BH, pieces - 1), 2 * N, smem_b, side>>>(rp, kp, vp, tdp, up, dyp, nullptr, nullptr, nullptr,
+        kb1<<<dim3(BH, pieces - 1), threads, smem_b, side>>>(rp, kp, vp, tdp, up, dyp, nullptr, nullptr, nullptr,
                                                             nullptr, g_end, T, H, span);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         scan_grads_kernel<N><<<scan_blocks, 256, 0, side>>>(ds_out, g_end, tdp, g_start, BH, H, pieces, span, T);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         g_in = g_start;
     }
-    ka<<<dim3(BH, pieces), 2 * N, smem_a, stream>>>(rp, kp, vp, tdp, up, s_in, d_in, dyp, ds_out,
+    ka<<<dim3(BH, pieces), threads, smem_a, stream>>>(rp, kp, vp, tdp, up, s_in, d_in, dyp, ds_out,
                                                     reinterpret_cast<bf16*>(dr.data_ptr()), dlw.data_ptr<float>(),
                                                     du.data_ptr<float>(), nullptr, nullptr, T, H, span);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    kb<<<dim3(BH, pieces), 2 * N, smem_b, side>>>(rp, kp, vp, tdp, up, dyp, g_in,
+    kb<<<dim3(BH, pieces), threads, smem_b, side>>>(rp, kp, vp, tdp, up, dyp, g_in,
                                                   reinterpret_cast<bf16*>(dk.data_ptr()),
                                                   reinterpret_cast<bf16*>(dv.data_ptr()), ds0.data_ptr<float>(),
                                                   nullptr, T, H, span);

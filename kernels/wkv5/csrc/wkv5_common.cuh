@@ -103,6 +103,31 @@ __device__ __forceinline__ void act_times_state(float out[2][4], const __nv_bflo
     }
 }
 
+// Two 16x16 products over the N channels of the chunk's rows m0..m0+15, sharing the A fragments:
+// tile[m][n] = A[m0+m] . B[m0+n]  and  xs[m][n] = A[m0+m] . X[n], X the warp's 16 state rows (C fragments).
+template <int N>
+__device__ __forceinline__ void tile_and_state(float tile[2][4], float xs[2][4], const __nv_bfloat16* a_s,
+                                               const __nv_bfloat16* b_s, int ld, int m0, const float x[N / 8][4],
+                                               int lane) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) tile[h][e] = xs[h][e] = 0.f;
+#pragma unroll
+    for (int kt = 0; kt < N / 16; ++kt) {
+        uint32_t a[4], b[4];
+        load_a(a, a_s, ld, m0, 16 * kt, lane);
+        load_b2(b, b_s, ld, m0, 16 * kt, lane);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            uint32_t b0, b1;
+            mma16816(tile[h], a, b[2 * h], b[2 * h + 1]);
+            state_as_b<N>(x, kt, h, b0, b1);
+            mma16816(xs[h], a, b0, b1);
+        }
+    }
+}
+
 // 16x16 product P[m][n] = sum_k A[m0+m][k] B[n0+n][k] over k in [0, K), both row-major with k contiguous.
 template <int K>
 __device__ __forceinline__ void tile16(float out[2][4], const __nv_bfloat16* a_s, int lda, int m0,
@@ -152,16 +177,16 @@ __device__ __forceinline__ float mid_factor(float log_w, int d) {
     return expf(fmaxf(log_w, kMidLogDecayMin) * (d - 8));
 }
 
-// Decay tables for one head: pw[d][i] = w_i^d and pwc[d][i] = wc_i^(d-8) for d in [0, 16], and us = u.
-// pwc and us may be null (kernels that keep those factors in registers).
-template <int N>
+// Decay tables for one head: pw[d][i] = w_i^d and pwc[d][i] = wc_i^(d-8) for d in [0, 16] (rows of LDP
+// floats), and us = u. pwc and us may be null (kernels that keep those factors in registers).
+template <int N, int LDP = N>
 __device__ __forceinline__ void fill_tables(float* pw, float* pwc, float* us, const float* td, const float* u,
                                             int h) {
     for (int x = threadIdx.x; x < 17 * N; x += blockDim.x) {
         const int d = x / N, i = x % N;
         const float lw = -expf(td[h * N + i]);
-        pw[x] = expf(lw * d);
-        if (pwc) pwc[x] = mid_factor(lw, d);
+        pw[d * LDP + i] = expf(lw * d);
+        if (pwc) pwc[d * LDP + i] = mid_factor(lw, d);
     }
     if (us)
         for (int i = threadIdx.x; i < N; i += blockDim.x) us[i] = u[h * N + i];
@@ -195,6 +220,12 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float f[8]) {
         f[2 * x] = v.x;
         f[2 * x + 1] = v.y;
     }
+}
+
+// Eight consecutive floats from a 16-byte aligned address (shared memory tables).
+__device__ __forceinline__ void load8(float f[8], const float* p) {
+    const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+    f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
 }
 
 __device__ __forceinline__ uint4 pack8(const float f[8]) {
@@ -267,11 +298,13 @@ __global__ void scan_grads_kernel(const float* __restrict__ ds_out, const float*
 __host__ __device__ constexpr int smem_fwd(int N, int L) {  // 46336 bytes at N 64, L 32: 4 blocks per SM
     return (3 + 5) * L * (N + 8) * 2 + 35 * N * 4 + (N / 16) * L * 4;
 }
-__host__ __device__ constexpr int smem_bwd_a(int N, int L) {  // 60416 bytes at N 64, L 32
-    return (2 * 4 + 4) * L * (N + 8) * 2 + 18 * N * 4 + (N / 16) * L * 4;
+// The backward's two decay tables have rows of N + 4 floats: the prep reads 8 channels of 16 different rows at
+// once, and N-float rows would put all 16 on the same banks.
+__host__ __device__ constexpr int smem_bwd_a(int N, int L) {  // 65312 bytes at N 64, L 32
+    return (2 * 4 + 4) * L * (N + 8) * 2 + (34 * (N + 4) + N) * 4 + (N / 16) * L * 4;
 }
-__host__ __device__ constexpr int smem_bwd_b(int N, int L) {  // 65280 bytes at N 64, L 32
-    return (2 * 4 + 4) * L * (N + 8) * 2 + 35 * N * 4 + 2 * (N / 16) * L * 4;
+__host__ __device__ constexpr int smem_bwd_b(int N, int L) {  // 65824 bytes at N 64, L 32
+    return (2 * 4 + 4) * L * (N + 8) * 2 + (34 * (N + 4) + N) * 4 + 2 * (N / 16) * L * 4;
 }
 
 }  // namespace wkv5
