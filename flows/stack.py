@@ -66,7 +66,7 @@ class StackConfig:
 
     Args:
         state_dir (Path): all state: databases, artifacts, logs, pid files. Default: $RWKV5_HOME or ./.state.
-        prefect_port, mlflow_port, ray_port, ray_dashboard_port (int): ports on 127.0.0.1.
+        prefect_port, mlflow_port, ray_port, ray_dashboard_port, ray_client_port (int): ports on 127.0.0.1.
     """
 
     state_dir: Path = field(default_factory=lambda: Path(os.environ.get("RWKV5_HOME", ".state")).resolve())
@@ -75,6 +75,7 @@ class StackConfig:
     mlflow_port: int = 5000
     ray_port: int = 6379
     ray_dashboard_port: int = 8265
+    ray_client_port: int = 10001
 
     @property
     def prefect_api_url(self) -> str:
@@ -123,6 +124,7 @@ class Service:
     url: str
     health_token: Path | None = None  # a bearer token the health check must send
     ready_line: str | None = None  # also wait for this in the service's log: its health URL answers earlier
+    settle_s: float = 0.0  # once ready, it must stay alive this long to count as started
 
 
 def _bin(name: str) -> str:
@@ -145,6 +147,7 @@ def services(cfg: StackConfig) -> list[Service]:
                 _bin("ray"), "start", "--head", "--block", f"--node-ip-address={cfg.host}",
                 f"--port={cfg.ray_port}", "--include-dashboard=true", f"--dashboard-host={cfg.host}",
                 f"--dashboard-port={cfg.ray_dashboard_port}", f"--temp-dir={cfg.state_dir / 'ray'}",
+                f"--ray-client-server-port={cfg.ray_client_port}",
             ],
             f"{cfg.ray_dashboard_url}/api/version",
             cfg.ray_port,
@@ -152,6 +155,11 @@ def services(cfg: StackConfig) -> list[Service]:
             cfg.ray_token_file,
             # The dashboard answers before the raylet has registered, which can still time out.
             "Ray runtime started.",
+            # Ray's client server gives up when the raylet has not registered within its own 30 s (counted from
+            # before the raylet starts), and `ray start --block` then stops the whole head: seen 1 s after
+            # "Ray runtime started." on a busy 2-core machine. Past that line the raylet is registered, so the
+            # client server either finds it at its next 1 s retry or has already given up.
+            settle_s=10.0,
         ),
         Service(
             "prefect-server",
@@ -254,6 +262,11 @@ def _wait_healthy(cfg: StackConfig, svc: Service, pid: int, timeout: float, log_
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _ready(cfg, svc, log_offset):
+            settled = time.monotonic() + svc.settle_s
+            while time.monotonic() < settled:
+                if _read_pid(cfg, svc.name) is None:
+                    raise ServiceExitedError(f"{svc.name} exited just after starting; see {_log_file(cfg, svc)}")
+                time.sleep(0.5)
             return
         if _read_pid(cfg, svc.name) is None:
             raise ServiceExitedError(f"{svc.name} exited during start; see {_log_file(cfg, svc)}")

@@ -30,20 +30,24 @@ def _visible_texts(driver) -> list[str]:
     return [t.strip() for t in driver.find_element("tag name", "body").text.splitlines() if t.strip()]
 
 
-def _open_tab(driver, label: str, timeout: float = 60) -> None:
+def _open_tab(driver, label: str, timeout: float = 300) -> None:
+    """Click the tab named `label`. The timeouts are long: on a loaded 2-core machine the UI took over a
+    minute to draw a run page."""
     deadline = time.monotonic() + timeout
-    xpath = f"//*[self::button or @role='tab' or self::a][normalize-space(.)='{label}']"
+    # Prefect 3's UI draws its tabs as plain elements (no button or tab role): match the innermost element
+    # whose own text is the label; a click there bubbles up to the tab's handler.
+    xpath = f"//*[normalize-space(text())='{label}']"
     while True:
         tabs = [t for t in driver.find_elements("xpath", xpath) if t.is_displayed()]
         if tabs:
-            tabs[0].click()
+            tabs[-1].click()
             return
         if time.monotonic() > deadline:
             raise AssertionError(f"no '{label}' tab on {driver.current_url}: {_visible_texts(driver)[:40]}")
         time.sleep(1)
 
 
-def _wait_for(driver, predicate, what: str, timeout: float = 90) -> list[str]:
+def _wait_for(driver, predicate, what: str, timeout: float = 300) -> list[str]:
     deadline = time.monotonic() + timeout
     while True:
         texts = _visible_texts(driver)

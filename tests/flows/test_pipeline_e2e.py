@@ -1,9 +1,12 @@
 """The whole pipeline through real services: `rwkv5 up` (Prefect server and process worker, MLflow server, Ray
-head), `prefect deployment run pretrain/tiny`, ten milestone runs started by the milestone events, a re-run
-that skips finished work, a killed worker whose run is retried to completion, and the dashboard in Chromium.
+head), `prefect deployment run pretrain/tiny`, its worker killed mid-pretraining and the run retried to
+completion, ten milestone runs started by the milestone events, a re-run that skips finished work, and the
+dashboard in Chromium.
 
-One stack and one finished run serve every test of the module (they run in file order). The token budget is
-cut to 40 steps (milestones every 4) so the module fits CI's 2 cores.
+One stack and one run serve every test of the module (they run in file order): the run that survives the
+killed worker is also the finished run the other tests inspect, so the ten milestone flow runs (each a new
+process importing Prefect, torch and DeepSpeed) happen once. The token budget is cut to 40 steps (milestones
+every 4) so the module fits CI's 2 cores.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ PERCENTS = list(range(10, 101, 10))
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     cfg = StackConfig(state_dir=tmp_path_factory.mktemp("stack"), prefect_port=_free_port(),
-                      mlflow_port=_free_port(), ray_port=_free_port(), ray_dashboard_port=_free_port())
+                      mlflow_port=_free_port(), ray_port=_free_port(), ray_dashboard_port=_free_port(),
+                      ray_client_port=_free_port())
     try:
         up(cfg, deploy=REPO / "prefect.yaml")
         yield cfg
@@ -106,14 +110,55 @@ def _tree_mtimes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
+def _start_deployment(cfg: StackConfig, name: str, params: dict) -> None:
+    """`prefect deployment run NAME` without waiting for the run."""
+    started = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "deployment", "run", name, "--params", json.dumps(params)],
+        env=_env(cfg), cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+
+
+def _wait_final(cfg: StackConfig, run: str, timeout: float):
+    """The pretrain flow run of `run` once it is final; there must only ever be one."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [r for r in _flow_runs(cfg, "pretrain") if r.parameters.get("run_name") == run]
+        assert len(runs) == 1, [r.name for r in runs]  # a retried run, never a second one
+        if runs[0].state is not None and runs[0].state.is_final():
+            return runs[0]
+        assert time.monotonic() < deadline, f"pretrain run {run} not finished: {runs[0].state}"
+        time.sleep(5)
+
+
 @pytest.fixture(scope="module")
 def finished_run(stack):
-    _run_deployment(stack, "pretrain/tiny", {"run_name": RUN, "token_budget": BUDGET}, timeout=1800)
-    return _wait_milestones(stack, RUN, timeout=1800)
+    """`pretrain/tiny` with its worker (and the flow run it started) killed mid-pretraining, a new worker from
+    `rwkv5 up`, the run retried to completion, then its ten milestone runs."""
+    trace = Layout(stack.state_dir).checkpoints / RUN / "trace.jsonl"
+    _start_deployment(stack, "pretrain/tiny", {"run_name": RUN, "token_budget": BUDGET})
+    deadline = time.monotonic() + 1500
+    while not (trace.is_file() and len(trace.read_text().splitlines()) >= 14):  # past milestones 1..3
+        assert time.monotonic() < deadline, "pretraining never got going"
+        time.sleep(1)
+    worker_pid = int((stack.state_dir / "run" / "prefect-worker.pid").read_text())
+    os.killpg(worker_pid, signal.SIGKILL)  # the worker and the flow run it started, mid-pretraining
+    time.sleep(5)
+    restarted = up(stack)  # a new worker; the orphaned run is rescheduled and picked up again
+    flow_run = _wait_final(stack, RUN, timeout=1800)
+    return {"restarted": restarted, "flow_run": flow_run, "milestones": _wait_milestones(stack, RUN, 1800)}
+
+
+def test_killed_worker_run_is_retried_without_lost_or_duplicated_milestones(stack, finished_run):
+    assert "rescheduled" in finished_run["restarted"]["prefect-worker"], finished_run["restarted"]
+    flow_run = finished_run["flow_run"]
+    assert flow_run.state.is_completed(), flow_run.state
+    assert flow_run.run_count >= 2  # the same flow run, run again
+    _assert_ten_milestones_once_in_order(finished_run["milestones"])
 
 
 def test_pretrain_deployment_fires_ten_milestones_in_order(stack, finished_run):
-    _assert_ten_milestones_once_in_order(finished_run)
+    _assert_ten_milestones_once_in_order(finished_run["milestones"])
     layout = Layout(stack.state_dir)
     for percent in PERCENTS:
         release = layout.releases(RUN) / f"m{percent:03d}"
@@ -145,41 +190,10 @@ def test_rerun_skips_data_and_resumes_training(stack, finished_run):
 def test_dashboard_shows_stages_and_artifacts(stack, finished_run):
     from tests.flows.browser import screenshot_flow_run
 
-    pretrain_run = next(r for r in _flow_runs(stack, "pretrain") if r.parameters.get("run_name") == RUN)
+    pretrain_run = finished_run["flow_run"]
     shot = REPO / "docs" / "dashboard.png"
     texts = screenshot_flow_run(f"http://{stack.host}:{stack.prefect_port}", str(pretrain_run.id), shot)
     for stage in ("download", "tokenize", "pretrain"):
         assert any(stage in t for t in texts["graph"]), (stage, texts["graph"][:20])
     assert any(artifact_key("loss-curve", RUN) in t for t in texts["artifacts"]), texts["artifacts"][:20]
     assert shot.stat().st_size > 10_000
-
-
-def test_killed_worker_run_is_retried_without_lost_or_duplicated_milestones(stack, finished_run):
-    run = "e2e-kill"
-    trace = Layout(stack.state_dir).checkpoints / run / "trace.jsonl"
-    started = subprocess.Popen(
-        [str(Path(sys.executable).parent / "prefect"), "deployment", "run", "pretrain/tiny",
-         "--params", json.dumps({"run_name": run, "token_budget": BUDGET})],
-        env=_env(stack), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    assert started.wait(timeout=120) == 0
-    deadline = time.monotonic() + 1200
-    while not (trace.is_file() and len(trace.read_text().splitlines()) >= 14):  # past milestones 1..3
-        assert time.monotonic() < deadline, "pretraining never got going"
-        time.sleep(1)
-    worker_pid = int((stack.state_dir / "run" / "prefect-worker.pid").read_text())
-    os.killpg(worker_pid, signal.SIGKILL)  # the worker and the flow run it started, mid-pretraining
-    time.sleep(5)
-    result = up(stack)  # a new worker; the orphaned run is rescheduled and picked up again
-    assert "rescheduled" in result["prefect-worker"], result
-    deadline = time.monotonic() + 1800
-    while True:
-        runs = [r for r in _flow_runs(stack, "pretrain") if r.parameters.get("run_name") == run]
-        assert len(runs) == 1  # the same flow run retried, not a new one
-        if runs[0].state.is_final():
-            break
-        assert time.monotonic() < deadline, f"retried run not finished: {runs[0].state}"
-        time.sleep(5)
-    assert runs[0].state.is_completed(), runs[0].state
-    assert runs[0].run_count >= 2
-    _assert_ten_milestones_once_in_order(_wait_milestones(stack, run, timeout=1800))
