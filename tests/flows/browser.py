@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -34,9 +35,9 @@ def _open_tab(driver, label: str, timeout: float = 300) -> None:
     """Click the tab named `label`. The timeouts are long: on a loaded 2-core machine the UI took over a
     minute to draw a run page."""
     deadline = time.monotonic() + timeout
-    # Prefect 3's UI draws its tabs as plain elements (no button or tab role): match the innermost element
-    # whose own text is the label; a click there bubbles up to the tab's handler.
-    xpath = f"//*[normalize-space(text())='{label}']"
+    # Prefect 3's UI draws its tabs as <li class="p-tab"> (no button or tab role) whose label sits between
+    # empty text nodes: match an element with any own text node equal to the label.
+    xpath = f"//*[text()[normalize-space(.)='{label}']]"
     while True:
         tabs = [t for t in driver.find_elements("xpath", xpath) if t.is_displayed()]
         if tabs:
@@ -67,7 +68,9 @@ def screenshot_flow_run(ui_url: str, flow_run_id: str, out: str | Path) -> dict[
     try:
         driver.get(f"{ui_url}/runs/flow-run/{flow_run_id}")
         _open_tab(driver, "Task Runs")
-        graph = _wait_for(driver, lambda t: any("pretrain" in line for line in t), "the task runs")
+        # Task run names are the task's name and a 3-hex suffix ("pretrain-49b"); the flow is also "pretrain".
+        graph = _wait_for(driver, lambda t: any(re.fullmatch(r"pretrain-[0-9a-f]{3}", line) for line in t),
+                          "the task runs")
         _open_tab(driver, "Artifacts")
         artifacts = _wait_for(driver, lambda t: any("loss-curve" in line for line in t), "the artifacts")
         time.sleep(2)  # let the images and the run graph finish drawing
