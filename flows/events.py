@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 from rwkv5.train.callbacks import Callback, MilestoneInfo, StepInfo
+from rwkv5.train.milestones import percent_of
 
 __all__ = ["MILESTONE_EVENT", "milestone_event_id", "run_resource_id", "PrefectMilestoneEvents",
            "PrefectProgress"]
@@ -54,7 +55,7 @@ class PrefectMilestoneEvents(Callback):
         from prefect.events import emit_event
         from prefect.events.worker import EventsWorker
 
-        percent = round(100 * info.index * self.ctx.config.milestones.fraction)
+        percent = percent_of(info.index, self.ctx.config.milestones.fraction)
         emit_event(
             event=MILESTONE_EVENT,
             resource={"prefect.resource.id": run_resource_id(self.run_name), "prefect.resource.name": self.run_name},
@@ -84,8 +85,8 @@ class PrefectProgress(Callback):
     def post_step(self, info: StepInfo, metrics: dict[str, float]) -> None:
         if self.ctx.rank != 0 or not self.artifact_id:
             return
-        total = self.ctx.config.total_steps
-        if info.step % self.every_steps and info.step < total:
+        done = info.step + 1  # steps finished, counting this one
+        if done % self.every_steps and done < self.ctx.config.total_steps:
             return
         from prefect.artifacts import update_progress_artifact
 

@@ -1,14 +1,16 @@
 """The `milestone` flow: fine-tune, evaluate and release one pretraining milestone.
 
 Triggered by the `rwkv5.pretrain.milestone` event (see prefect.yaml); the deployment's concurrency limit of 1
-with ENQUEUE keeps milestones in order. Each stage skips work that is already done, so a retried or re-sent
-milestone never releases twice.
+with ENQUEUE runs one at a time. Enqueued runs do not start strictly in order, so each run first releases any
+earlier milestone of its run that has no result yet: releases appear in percent order whatever the start
+order. Each stage skips work that is already done, so a retried or re-sent milestone never releases twice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -167,23 +169,74 @@ def milestone(
             `hf://org/name` (one branch per milestone). Default: the state directory's releases/<run>/.
         state_dir: the state directory. Default: $RWKV5_HOME or ./.state.
     """
+    layout = Layout.default(state_dir)
+    settings = _Settings(data_source, chat_data, finetune_steps, finetune_lr, finetune_max_len, finetune_workers,
+                         gpus_per_worker, lambada, eval_ctx_len, eval_limit, release_to)
+    for earlier in _unreleased_before(layout, run, percent, _local_path(checkpoint_uri)):
+        get_run_logger().info("milestone %s %d%%: releasing the unreleased earlier milestone %d%% first",
+                              run, percent, earlier["percent"])
+        _release_milestone(layout, run, earlier["percent"], earlier["step"], earlier["tokens_seen"],
+                           earlier["path"], settings)
+    return _release_milestone(layout, run, percent, step, tokens_seen, str(_local_path(checkpoint_uri)), settings)
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """The milestone flow's knobs, the same for every milestone it releases."""
+
+    data_source: str
+    chat_data: str | None
+    finetune_steps: int
+    finetune_lr: float
+    finetune_max_len: int
+    finetune_workers: int
+    gpus_per_worker: int
+    lambada: str | None
+    eval_ctx_len: int
+    eval_limit: int
+    release_to: str | None
+
+
+def _unreleased_before(layout: Layout, run: str, percent: int, checkpoint: Path) -> list[dict]:
+    """Earlier milestones of `run` whose checkpoints are complete but that have no result yet, in order.
+
+    Milestone runs of a deployment with a concurrency limit are not started strictly in order (an enqueued run
+    is retried at a later time each time the slot is taken, and a run whose worker died is rescheduled behind
+    the others), so a run first releases what came before it: releases always appear in percent order, and a
+    late run finds its milestone done and only re-verifies it."""
+    rows = []
+    for done in sorted(checkpoint.parent.parent.glob("m*/done.json")):
+        info = json.loads(done.read_text())
+        earlier = info.get("percent")
+        if earlier is not None and earlier < percent and not _result_file(layout, run, earlier).is_file():
+            rows.append(info)
+    return sorted(rows, key=lambda row: row["percent"])
+
+
+def _result_file(layout: Layout, run: str, percent: int) -> Path:
+    return layout.milestone_results(run) / f"m{percent:03d}.json"
+
+
+def _release_milestone(layout: Layout, run: str, percent: int, step: int, tokens_seen: int, base: str,
+                       settings: _Settings) -> dict:
+    """Fine-tune, evaluate and release one milestone; its row of the milestone table."""
     from rwkv5.evaluate import flat_metrics  # imports torch: kept out of the module for cheap flow discovery
 
-    layout = Layout.default(state_dir)
     logger = get_run_logger()
-    base = str(_local_path(checkpoint_uri))
     tag = f"m{percent:03d}"
     release_root = layout.releases(run) / tag
-    ft = finetune_stage(base, str(layout.finetunes), f"{run}-{tag}", chat_data, finetune_steps, finetune_lr,
-                        finetune_max_len, finetune_workers, gpus_per_worker)
-    val = str(layout.tokens_dir(data_source) / "validation")
-    lambada_file = _local_copy(lambada, layout.root / "eval-data") if lambada else None
-    evals = {"base": evaluate_stage(base, val, lambada_file, eval_ctx_len, eval_limit),
-             "finetune": evaluate_stage(ft["checkpoint"], val, lambada_file, eval_ctx_len, eval_limit)}
+    ft = finetune_stage(base, str(layout.finetunes), f"{run}-{tag}", settings.chat_data, settings.finetune_steps,
+                        settings.finetune_lr, settings.finetune_max_len, settings.finetune_workers,
+                        settings.gpus_per_worker)
+    val = str(layout.tokens_dir(settings.data_source) / "validation")
+    lambada_file = _local_copy(settings.lambada, layout.root / "eval-data") if settings.lambada else None
+    evals = {variant: evaluate_stage(checkpoint, val, lambada_file, settings.eval_ctx_len, settings.eval_limit)
+             for variant, checkpoint in (("base", base), ("finetune", ft["checkpoint"]))}
     if os.environ.get("MLFLOW_TRACKING_URI"):
         _log_evals(run, tag, evals)
     meta = {"run": run, "percent": percent, "step": step, "tokens_seen": tokens_seen}
     trace = read_trace(layout.checkpoints / run / "trace.jsonl")
+    release_to = settings.release_to
     if not release_to:
         target = str(release_root)
     elif release_to.startswith("hf://"):
@@ -196,7 +249,7 @@ def milestone(
         base, ft["checkpoint"], target, f"{run}-{tag}", card_evals,
         # The curve up to this milestone only: the release's inputs must not change while training goes on.
         meta, [(row["step"], row["loss"]) for row in trace if row["step"] < step],
-        f"rwkv5-{run}" if os.environ.get("MLFLOW_TRACKING_URI") else None,
+        _registry_name(run, target),
     )
     row = {"percent": percent, "step": step, "tokens_seen": tokens_seen,
            "val_loss_base": round(evals["base"]["validation"]["loss"], 4),
@@ -211,8 +264,19 @@ def milestone(
     results.mkdir(parents=True, exist_ok=True)
     tmp = results / f".{tag}.json.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(row))
-    os.replace(tmp, results / f"{tag}.json")
+    os.replace(tmp, _result_file(layout, run, percent))
     create_table_artifact(key=artifact_key("milestones", run), table=_milestone_table(results),
                           description=f"{run}: milestones, losses, eval scores and releases")
     logger.info("milestone %s %d%%: released %s", run, percent, released["url"])
     return row
+
+
+def _registry_name(run: str, target: str) -> str | None:
+    """The MLflow registered model of the run's releases, or None where there is no registry to use.
+
+    MLflow's server refuses a local path as a model version's source (only paths inside a run's artifact
+    folder are allowed), so releases to a local folder are not registered; the milestone's MLflow run holds
+    their eval metrics, and the milestone table holds their location."""
+    if not os.environ.get("MLFLOW_TRACKING_URI") or "://" not in target or target.startswith("file://"):
+        return None
+    return f"rwkv5-{run}"

@@ -12,7 +12,12 @@ import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_progress_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 
 from flows.events import PrefectMilestoneEvents, PrefectProgress
 from flows.paths import Layout, artifact_key
@@ -93,6 +98,9 @@ def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, work
         if result.error is not None:
             raise RuntimeError(f"pretraining {run_name} failed: {result.error}")
         metrics = dict(result.metrics or {})
+    if metrics.get("tokens_seen") is not None:  # also when a re-run found nothing left to train
+        update_progress_artifact(artifact_id=progress_id,
+                                 progress=min(100.0, 100.0 * metrics["tokens_seen"] / config.token_budget))
     publish_loss_curve(run_name, trace)
     return {"run_name": run_name, "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 

@@ -3,22 +3,31 @@
 A process worker runs each flow run as its child; when the worker dies (killed, machine rebooted) its runs
 stay "Running" on the server forever, because nothing is left to report their end. `rwkv5 up` starts a
 worker only when none of ours is alive, so at that moment every Running or Pending run of our local work
-pool is such an orphan. Scheduling it again is safe because every stage is idempotent: download and
+pool is such an orphan. So is a run that crashed after the dead worker started: killed with its worker, a
+run can still record "Crashed" on its way out (seen in the e2e: "aborted by Python system exit call"), and
+Prefect never retries a crashed run by itself. A run whose own process outlived the worker (the process
+worker starts each run in a session of its own) and still runs here is left alone. Scheduling the others again
+is safe because every stage is idempotent: download and
 tokenization skip finished files, pretraining resumes from its last checkpoint, and a milestone already
 released is not released again.
 
-    python -m flows.recovery local-process     # what `rwkv5 up` runs, with PREFECT_API_URL set
+    python -m flows.recovery local-process [SINCE]   # what `rwkv5 up` runs, with PREFECT_API_URL set
+
+SINCE (ISO 8601) is when the dead worker started; without it crashed runs are left alone.
 """
 
 from __future__ import annotations
 
 import sys
+from datetime import datetime
+from pathlib import Path
 
 __all__ = ["reschedule_orphaned_runs"]
 
 
-def reschedule_orphaned_runs(work_pool: str) -> list[str]:
-    """Crash, then reschedule, every Running or Pending flow run of `work_pool`; returns their names."""
+def reschedule_orphaned_runs(work_pool: str, crashed_since: datetime | None = None) -> list[str]:
+    """Crash, then reschedule, every Running or Pending flow run of `work_pool`, and every run that crashed at
+    or after `crashed_since`; returns their names."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -30,25 +39,47 @@ def reschedule_orphaned_runs(work_pool: str) -> list[str]:
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed, Scheduled
 
+    types = [StateType.RUNNING, StateType.PENDING] + ([StateType.CRASHED] if crashed_since else [])
     rescheduled = []
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING]))
-            ),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=types))),
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[work_pool])),
         )
+        alive = _flow_runs_alive_here()
         for run in runs:
-            # Crashed first, so the run's history shows what happened and its concurrency slot is released.
-            client.set_flow_run_state(run.id, Crashed(message="its worker died; rescheduled by `rwkv5 up`"),
-                                      force=True)
+            if str(run.id) in alive:
+                continue  # its process outlived the worker and is still running it: not an orphan
+            if run.state.type == StateType.CRASHED:
+                if run.state.timestamp < crashed_since:
+                    continue  # crashed under an earlier worker: someone has seen it, not ours to retry
+            else:
+                # Crashed first, so the run's history shows what happened and its concurrency slot is released.
+                client.set_flow_run_state(run.id, Crashed(message="its worker died; rescheduled by `rwkv5 up`"),
+                                          force=True)
             client.set_flow_run_state(run.id, Scheduled(message="rescheduled after its worker died"), force=True)
             rescheduled.append(run.name)
     return rescheduled
 
 
+def _flow_runs_alive_here() -> set[str]:
+    """Ids of the flow runs some process of this machine is running (a process worker starts each in its own
+    session with PREFECT__FLOW_RUN_ID set, so it can outlive a killed worker)."""
+    alive = set()
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            entries = environ.read_bytes().split(b"\0")
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        for entry in entries:
+            if entry.startswith(b"PREFECT__FLOW_RUN_ID="):
+                alive.add(entry.split(b"=", 1)[1].decode())
+    return alive
+
+
 def main() -> None:
-    for name in reschedule_orphaned_runs(sys.argv[1]):
+    since = datetime.fromisoformat(sys.argv[2]) if len(sys.argv) > 2 else None
+    for name in reschedule_orphaned_runs(sys.argv[1], since):
         print(name)
 
 

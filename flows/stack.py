@@ -18,9 +18,10 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["StackConfig", "Service", "services", "up", "down", "status", "offline_env", "point_prefect_profile"]
+__all__ = ["StackConfig", "StackError", "Service", "services", "up", "down", "status", "offline_env", "point_prefect_profile"]
 
 WORK_POOL = "local-process"
 
@@ -289,17 +290,32 @@ def _prefect(cfg: StackConfig, env: dict[str, str], *args: str) -> subprocess.Co
     return subprocess.run([_bin("prefect"), *args], env=env, capture_output=True, text=True, cwd=os.getcwd())
 
 
-def _reschedule_orphans(env: dict[str, str]) -> list[str]:
-    """No worker of ours is alive: runs it left Running are orphans (`flows.recovery`); schedule them again."""
-    done = subprocess.run([sys.executable, "-m", "flows.recovery", WORK_POOL], env=env, capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1])
+def _reschedule_orphans(env: dict[str, str], dead_worker_started: datetime | None) -> list[str]:
+    """No worker of ours is alive: runs it left Running, and runs that crashed since it started, are orphans
+    (`flows.recovery`); schedule them again."""
+    since = [dead_worker_started.isoformat()] if dead_worker_started else []
+    done = subprocess.run([sys.executable, "-m", "flows.recovery", WORK_POOL, *since], env=env,
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
         raise RuntimeError(f"could not reschedule orphaned flow runs: {done.stderr.strip()[-2000:]}")
     return done.stdout.split()
 
 
+class StackError(RuntimeError):
+    """Some services could not be started; `states` says what happened to each (the others were started)."""
+
+    def __init__(self, states: dict[str, str]):
+        self.states = states
+        failed = {name: state for name, state in states.items() if state.startswith(("failed", "not started"))}
+        super().__init__("; ".join(f"{name}: {state}" for name, state in failed.items()))
+
+
 def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: float = 600.0) -> dict[str, str]:
     """Start what is not running yet; returns {service: state} where state is 'started' or 'running'.
+
+    A service that cannot be started does not keep the others down (a dead Ray head must not leave the
+    Prefect worker unstarted): every service is tried, then `StackError` lists the failures with the states
+    of all of them.
 
     Args:
         cfg (StackConfig, optional): where and on which ports. Default: StackConfig().
@@ -312,39 +328,62 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
     env = {**os.environ, **cfg.env(), **SERVICE_ENV}
     result: dict[str, str] = {}
     for svc in services(cfg):
-        if svc.name == "prefect-worker":
-            if _read_pid(cfg, svc.name) is not None:
-                result[svc.name] = "running"
-                continue
-            created = _prefect(cfg, env, "work-pool", "create", WORK_POOL, "--type", "process")
-            if created.returncode != 0 and "already exists" not in (created.stdout + created.stderr):
-                raise RuntimeError(f"could not create work pool {WORK_POOL}: {created.stderr.strip()}")
-            orphans = _reschedule_orphans(env)
-            _start(cfg, svc, env)
-            result[svc.name] = "started" + (f" (rescheduled {', '.join(orphans)})" if orphans else "")
-            continue
-        if _healthy(svc.health_url, token=svc.health_token) or (svc.name == "ray-head" and _port_open(cfg.host, cfg.ray_port)):
-            result[svc.name] = "running"
-            continue
-        for attempt in range(1, START_ATTEMPTS + 1):
-            log_offset = _log_file(cfg, svc).stat().st_size if _log_file(cfg, svc).is_file() else 0
-            pid = _start(cfg, svc, env)
-            try:
-                _wait_healthy(cfg, svc, pid, timeout, log_offset)
-                break
-            except ServiceExitedError:
-                _kill_group(pid)  # what the failed start left behind (Ray's GCS server) must not hold the port
-                if attempt == START_ATTEMPTS:
-                    raise
-        result[svc.name] = "started"
-    if deploy is not None:
+        try:
+            if svc.name == "prefect-worker":
+                server_ok = not result.get("prefect-server", "").startswith("failed")
+                result[svc.name] = _up_worker(cfg, svc, env, prefect_ok=server_ok)
+            else:
+                result[svc.name] = _up_service(cfg, svc, env, timeout)
+        except (RuntimeError, OSError) as exc:
+            result[svc.name] = f"failed: {exc}"
+    if deploy is not None and not result.get("prefect-server", "").startswith("failed"):
         done = _prefect(cfg, env, "--no-prompt", "deploy", "--all", "--prefect-file", str(deploy))
         if done.returncode != 0:
-            raise RuntimeError(f"prefect deploy failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+            result["deployments"] = f"failed: prefect deploy:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        else:
+            result["deployments"] = "applied"
     (cfg.state_dir / "stack.json").write_text(json.dumps(
         {"prefect": cfg.prefect_api_url, "mlflow": cfg.mlflow_url, "ray": cfg.ray_address,
          "ray_dashboard": cfg.ray_dashboard_url}, indent=2))
+    if any(state.startswith(("failed", "not started")) for state in result.values()):
+        raise StackError(result)
     return result
+
+
+def _up_service(cfg: StackConfig, svc: Service, env: dict[str, str], timeout: float) -> str:
+    if _healthy(svc.health_url, token=svc.health_token) or (svc.name == "ray-head" and _port_open(cfg.host, cfg.ray_port)):
+        return "running"
+    for attempt in range(1, START_ATTEMPTS + 1):
+        log_offset = _log_file(cfg, svc).stat().st_size if _log_file(cfg, svc).is_file() else 0
+        pid = _start(cfg, svc, env)
+        try:
+            _wait_healthy(cfg, svc, pid, timeout, log_offset)
+            return "started"
+        except ServiceExitedError:
+            _kill_group(pid)  # what the failed start left behind (Ray's GCS server) must not hold the port
+            if attempt == START_ATTEMPTS:
+                raise
+        except RuntimeError:
+            _kill_group(pid)  # not healthy in time: stop it, or `down` and the next `up` would meet a zombie
+            raise
+    raise AssertionError("unreachable")
+
+
+def _up_worker(cfg: StackConfig, svc: Service, env: dict[str, str], prefect_ok: bool) -> str:
+    """The process worker, after rescheduling the runs a dead worker of ours left Running."""
+    if _read_pid(cfg, svc.name) is not None:
+        return "running"
+    if not prefect_ok:
+        return "not started: the Prefect server is down"
+    created = _prefect(cfg, env, "work-pool", "create", WORK_POOL, "--type", "process")
+    if created.returncode != 0 and "already exists" not in (created.stdout + created.stderr):
+        raise RuntimeError(f"could not create work pool {WORK_POOL}: {created.stderr.strip()}")
+    # The pid file of a dead worker of ours is still there: its time is when that worker started.
+    stale = _pid_file(cfg, svc.name)
+    started = datetime.fromtimestamp(stale.stat().st_mtime, timezone.utc) if stale.is_file() else None
+    orphans = _reschedule_orphans(env, started)
+    _start(cfg, svc, env)
+    return "started" + (f" (rescheduled {', '.join(orphans)})" if orphans else "")
 
 
 def point_prefect_profile(cfg: StackConfig) -> str:

@@ -83,11 +83,16 @@ def up(
     """Start the local stack (Prefect server + worker, MLflow, Ray head) where not already running."""
     from pathlib import Path
 
-    from flows.stack import StackConfig, point_prefect_profile, up as stack_up
+    from flows.stack import StackConfig, StackError, point_prefect_profile, up as stack_up
 
     cfg = StackConfig(state_dir=Path(state_dir).resolve()) if state_dir else StackConfig()
     prefect_yaml = Path("prefect.yaml")
-    started = stack_up(cfg, deploy=prefect_yaml if deploy and prefect_yaml.exists() else None)
+    try:
+        started = stack_up(cfg, deploy=prefect_yaml if deploy and prefect_yaml.exists() else None)
+    except StackError as exc:
+        for name, state in exc.states.items():
+            typer.echo(f"{name:16s} {state}", err=state.startswith(("failed", "not started")))
+        raise typer.Exit(1) from None
     for name, state in started.items():
         typer.echo(f"{name:16s} {state}")
     if set_profile:

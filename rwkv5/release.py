@@ -333,6 +333,8 @@ def release(
         PublishReport: target URL, the files uploaded (empty when the release was already complete).
     """
     target = _target(to, target_options)
+    if register_as:
+        _check_registrable(target.url, register_as)  # before uploading anything
     evals = _nested_evals(evals)
     checkpoints, vocab = _sources(checkpoint, finetune, vocab_path)
     inputs = _inputs(checkpoints, name, evals, loss_history, extra_meta or {}, vocab)
@@ -361,6 +363,12 @@ def release_local(
     return Path(out_dir)
 
 
+def _check_registrable(uri: str, model_name: str) -> None:
+    if "://" not in uri or uri.startswith("file://"):
+        raise ReleaseError(f"MLflow registry: cannot register {uri} as {model_name!r}: MLflow's server takes no "
+                           "local path as a model version source; release to object storage or the Hub to register")
+
+
 def register_release(uri: str, model_name: str, *, tracking_uri: str | None = None, run_id: str | None = None,
                      tags: Mapping[str, str] | None = None, description: str | None = None):
     """Make `uri` a version of registered model `model_name` (created if needed); returns the ModelVersion.
@@ -371,6 +379,7 @@ def register_release(uri: str, model_name: str, *, tracking_uri: str | None = No
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    _check_registrable(uri, model_name)
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     try:
         client.create_registered_model(model_name, description="RWKV v5.2 releases of rwkv5-pipeline")

@@ -17,13 +17,18 @@ import torch
 
 from rwkv5.config import ModelConfig
 
-__all__ = ["crossed", "milestone_dir", "is_done", "mark_done", "write_consolidated"]
+__all__ = ["crossed", "percent_of", "milestone_dir", "is_done", "mark_done", "write_consolidated"]
 
 
 def crossed(tokens_seen: int, token_budget: int, fraction: float) -> list[int]:
     """1-based indices of the milestones passed at `tokens_seen` (milestone i at i * fraction * budget)."""
     count = int(math.floor(1.0 / fraction + 1e-9))
     return [i for i in range(1, count + 1) if tokens_seen >= round(i * fraction * token_budget)]
+
+
+def percent_of(index: int, fraction: float) -> int:
+    """Milestone `index` in whole percent of the token budget: the name the milestone flows and releases use."""
+    return round(100 * index * fraction)
 
 
 def milestone_dir(run_dir: str | Path, index: int) -> Path:

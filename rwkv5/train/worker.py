@@ -241,7 +241,7 @@ class _Loop:
             elif self.state.step % cfg.checkpoint.every_steps == 0:
                 self._save(metrics)
         if self.saved_step != self.state.step:
-            self._save({"step": self.state.step})
+            self._save({"step": self.state.step, "tokens_seen": self.state.tokens_seen})
 
     def _train_step(self) -> StepInfo:
         cfg, engine, state = self.cfg, self.engine, self.state
@@ -333,7 +333,8 @@ class _Loop:
     def _write_milestone(self, index: int, ckpt: Path | None) -> None:
         if ckpt is None:
             raise CheckpointError(f"milestone {index}: no checkpoint to consolidate under {self.job.run_dir}")
-        meta = {"run_name": self.job.run_name, "milestone": index, "step": self.state.step,
+        meta = {"run_name": self.job.run_name, "milestone": index,
+                "percent": milestones.percent_of(index, self.cfg.milestones.fraction), "step": self.state.step,
                 "tokens_seen": self.state.tokens_seen}
         path = milestones.write_consolidated(ckpt, TAG, milestones.milestone_dir(self.job.run_dir, index),
                                              self.cfg.model, meta)

@@ -61,3 +61,35 @@ def test_evaluate_stage_reports_validation_per_source_and_lambada(tmp_path, base
     assert set(val["by_source"]) == {"RedPajamaWikipedia"} and val["tokens"] > 0
     assert val["loss"] == pytest.approx(val["by_source"]["RedPajamaWikipedia"]["loss"])
     json.dumps(report)  # goes into MLflow and the milestone table as JSON
+
+
+def test_earlier_unreleased_milestones_come_first_in_order(tmp_path):
+    """Enqueued milestone runs may start out of order; a run releases the earlier ones that lack a result."""
+    from flows.milestone import _unreleased_before, _result_file
+    from flows.paths import Layout
+
+    layout = Layout(tmp_path)
+    milestones = tmp_path / "checkpoints" / "demo" / "milestones"
+    for index in (1, 2, 3, 4):
+        folder = milestones / f"m{index:03d}"
+        folder.mkdir(parents=True)
+        (folder / "done.json").write_text(json.dumps(
+            {"milestone": index, "percent": 10 * index, "step": 4 * index, "tokens_seen": 4096 * index,
+             "path": str(folder / "model.safetensors")}))
+    _result_file(layout, "demo", 10).parent.mkdir(parents=True)
+    _result_file(layout, "demo", 10).write_text("{}")  # 10% is released already
+
+    pending = _unreleased_before(layout, "demo", 40, milestones / "m004" / "model.safetensors")
+    assert [(row["percent"], row["step"]) for row in pending] == [(20, 8), (30, 12)]
+    assert _unreleased_before(layout, "demo", 20, milestones / "m002" / "model.safetensors") == []
+
+
+def test_only_remote_releases_go_to_the_mlflow_registry(monkeypatch):
+    from flows.milestone import _registry_name
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert _registry_name("demo", "/state/releases/demo/m010") is None
+    assert _registry_name("demo", "file:///state/releases/demo/m010") is None
+    assert _registry_name("demo", "s3://bucket/releases/m010") == "rwkv5-demo"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert _registry_name("demo", "s3://bucket/releases/m010") is None

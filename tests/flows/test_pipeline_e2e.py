@@ -11,6 +11,7 @@ every 4) so the module fits CI's 2 cores.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -92,10 +93,14 @@ def _wait_milestones(cfg: StackConfig, run: str, timeout: float) -> list:
         time.sleep(5)
 
 
-def _assert_ten_milestones_once_in_order(runs: list) -> None:
-    states = [(r.parameters["percent"], r.state.type.value if r.state else None) for r in runs]
-    assert all(state == "COMPLETED" for _, state in states), states
-    assert [p for p, _ in states] == PERCENTS, states  # each once, in start order (ENQUEUE keeps the order)
+def _assert_ten_milestones_once_in_order(runs: list, layout: Layout) -> None:
+    """One completed run per milestone, and the releases made in percent order (enqueued runs may start in
+    any order: a run first releases the earlier milestones that have none yet)."""
+    states = sorted((r.parameters["percent"], r.state.type.value if r.state else None) for r in runs)
+    assert states == [(percent, "COMPLETED") for percent in PERCENTS], states
+    manifests = [layout.releases(RUN) / f"m{percent:03d}" / "manifest.json" for percent in PERCENTS]
+    made = [path.stat().st_mtime_ns for path in manifests]
+    assert made == sorted(made), list(zip(PERCENTS, made))
 
 
 def _artifact(cfg: StackConfig, key: str):
@@ -131,6 +136,12 @@ def _wait_final(cfg: StackConfig, run: str, timeout: float):
         time.sleep(5)
 
 
+def _descendants(pid: int) -> list[int]:
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    found = [int(child) for child in children.split()]
+    return found + [grandchild for child in found for grandchild in _descendants(child)]
+
+
 @pytest.fixture(scope="module")
 def finished_run(stack):
     """`pretrain/tiny` with its worker (and the flow run it started) killed mid-pretraining, a new worker from
@@ -142,7 +153,13 @@ def finished_run(stack):
         assert time.monotonic() < deadline, "pretraining never got going"
         time.sleep(1)
     worker_pid = int((stack.state_dir / "run" / "prefect-worker.pid").read_text())
-    os.killpg(worker_pid, signal.SIGKILL)  # the worker and the flow run it started, mid-pretraining
+    # The worker and the flow runs it started (each in a session of its own), as when their machine dies.
+    groups = set()
+    for pid in [worker_pid, *_descendants(worker_pid)]:
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            groups.add(os.getpgid(pid))
+    for group in groups:
+        os.killpg(group, signal.SIGKILL)
     time.sleep(5)
     restarted = up(stack)  # a new worker; the orphaned run is rescheduled and picked up again
     flow_run = _wait_final(stack, RUN, timeout=1800)
@@ -154,12 +171,12 @@ def test_killed_worker_run_is_retried_without_lost_or_duplicated_milestones(stac
     flow_run = finished_run["flow_run"]
     assert flow_run.state.is_completed(), flow_run.state
     assert flow_run.run_count >= 2  # the same flow run, run again
-    _assert_ten_milestones_once_in_order(finished_run["milestones"])
+    _assert_ten_milestones_once_in_order(finished_run["milestones"], Layout(stack.state_dir))
 
 
 def test_pretrain_deployment_fires_ten_milestones_in_order(stack, finished_run):
-    _assert_ten_milestones_once_in_order(finished_run["milestones"])
     layout = Layout(stack.state_dir)
+    _assert_ten_milestones_once_in_order(finished_run["milestones"], layout)
     for percent in PERCENTS:
         release = layout.releases(RUN) / f"m{percent:03d}"
         manifest = json.loads((release / "manifest.json").read_text())
@@ -184,7 +201,7 @@ def test_rerun_skips_data_and_resumes_training(stack, finished_run):
     assert _tree_mtimes(layout.root / "data") == data_before  # nothing downloaded or tokenized again
     assert len(trace.read_text().splitlines()) == steps_before  # resumed at the end: no step trained again
     time.sleep(10)
-    _assert_ten_milestones_once_in_order(_milestone_runs(stack, RUN))
+    _assert_ten_milestones_once_in_order(_milestone_runs(stack, RUN), layout)
 
 
 def test_dashboard_shows_stages_and_artifacts(stack, finished_run):

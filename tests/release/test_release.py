@@ -170,6 +170,15 @@ def test_registered_in_mlflow_by_uri(checkpoints, s3, s3_server, mlflow_server):
     assert {v.tags["release_name"] for v in versions} == {"tiny-m010", "tiny-m020"}
 
 
+def test_local_release_is_not_registered_and_nothing_is_written(checkpoints, tmp_path):
+    """MLflow's server refuses local paths as model version sources: say so before uploading anything."""
+    base, _ = checkpoints
+    with pytest.raises(ReleaseError, match="local path as a model version source"):
+        release(base, LocalTarget(tmp_path / "rel"), name="tiny-m010", register_as="tiny-base",
+                tracking_uri="http://127.0.0.1:9")
+    assert not (tmp_path / "rel").exists()
+
+
 @pytest.mark.parametrize("kind", ["local", "s3", "hub"])
 def test_interrupted_upload_resumes(kind, checkpoints, tmp_path, s3, hub, monkeypatch):
     target = make_target(kind, tmp_path, s3, hub)

@@ -1,0 +1,63 @@
+"""`rwkv5 up|down|status` mechanics with small stand-in processes (the real services run in the e2e module):
+a service that cannot start is reported with its log while the others still start, and `down` stops exactly
+what `up` started."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from flows import stack
+from flows.stack import Service, StackConfig, StackError
+from tests.conftest import _free_port
+
+
+def _http_service(name: str, port: int) -> Service:
+    url = f"http://127.0.0.1:{port}/"
+    return Service(name, [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], url, port, url)
+
+
+def _crashing_service(name: str) -> Service:
+    return Service(name, [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"],
+                   "http://127.0.0.1:9/", 9, "http://127.0.0.1:9/")
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return StackConfig(state_dir=tmp_path / "stack")
+
+
+def test_a_failed_service_does_not_keep_the_others_down(cfg, monkeypatch):
+    before, after = _free_port(), _free_port()
+    monkeypatch.setattr(stack, "services", lambda _cfg: [
+        _http_service("first", before), _crashing_service("broken"), _http_service("last", after)])
+    with pytest.raises(StackError) as raised:
+        stack.up(cfg, timeout=60)
+    states = raised.value.states
+    assert states["first"] == "started" and states["last"] == "started", states
+    assert states["broken"].startswith("failed") and "broken.log" in states["broken"], states
+    assert "boom" in (cfg.state_dir / "logs" / "broken.log").read_text()
+    assert str(raised.value).startswith("broken: failed")
+    try:
+        rows = {row["service"]: row["healthy"] for row in stack.status(cfg)}
+        assert rows == {"first": True, "broken": False, "last": True}
+        # A second `up` leaves the running ones alone.
+        with pytest.raises(StackError) as again:
+            stack.up(cfg, timeout=60)
+        assert again.value.states["first"] == again.value.states["last"] == "running"
+    finally:
+        stopped = stack.down(cfg)
+    assert stopped == {"last": "stopped", "broken": "not started by us", "first": "stopped"}
+    assert not any(row["healthy"] for row in stack.status(cfg))
+
+
+def test_up_returns_states_when_everything_starts(cfg, monkeypatch):
+    port = _free_port()
+    monkeypatch.setattr(stack, "services", lambda _cfg: [_http_service("only", port)])
+    try:
+        assert stack.up(cfg, timeout=60) == {"only": "started"}
+        assert stack.up(cfg, timeout=60) == {"only": "running"}
+    finally:
+        assert stack.down(cfg) == {"only": "stopped"}
+
