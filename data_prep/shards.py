@@ -376,9 +376,18 @@ def write_manifest(
     shards: Iterable[ShardInfo],
     extra: dict | None = None,
 ) -> Path:
-    """Write `manifest.json` atomically, after the shards it lists exist. Returns its path."""
+    """Write `manifest.json` atomically, after the shards it lists exist. Returns its path.
+
+    An identical manifest already there is left untouched: a re-run that found nothing to do changes no file
+    (the pipeline's re-run check, and anything syncing the dataset, goes by modification times)."""
     manifest = DatasetManifest(Path(out_dir), tokenizer_fingerprint, tuple(shards), extra=dict(extra or {}))
-    atomic_write_text(manifest.path, json.dumps(manifest.to_json(), indent=1) + "\n")
+    text = json.dumps(manifest.to_json(), indent=1) + "\n"
+    try:
+        unchanged = manifest.path.read_text(encoding="utf-8") == text
+    except (FileNotFoundError, UnicodeDecodeError):
+        unchanged = False
+    if not unchanged:
+        atomic_write_text(manifest.path, text)
     return manifest.path
 
 

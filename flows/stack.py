@@ -58,6 +58,10 @@ SERVICE_ENV = {
     "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
+    # A milestone run that finds the milestone deployment's one slot taken is told to try again this much later
+    # (Prefect's default: 30 s). The e2e's ten enqueued milestone runs spent minutes waiting on the default
+    # while the slot was free; a try costs the server one state transition.
+    "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "10",
 }
 
 

@@ -124,8 +124,10 @@ def test_resume_after_stop_is_byte_identical(corpus, clean_run, tmp_path):
     rest = tokenize(corpus, tmp_path, TokenizeConfig(workers=1, shard_tokens=1000, progress=False))
     assert (rest.skipped, rest.processed, rest.pending) == (2, 3, 0)
     assert _outputs(tmp_path) == _outputs(clean_run[0])
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     again = tokenize(corpus, tmp_path, TokenizeConfig(workers=1, shard_tokens=1000, progress=False))
     assert again.processed == 0 and again.tokens == rest.tokens
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == mtimes  # nothing rewritten
 
 
 def test_killed_run_completes_byte_identical(corpus, clean_run, tmp_path):
