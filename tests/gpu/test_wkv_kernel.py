@@ -177,6 +177,15 @@ def test_chunk_64(N, error_table, monkeypatch):
     check(f"chunk64 B2 T150 H2 N{N} mixed", error_table, naive_wkv5, 2, 150, 2, N, "mixed", True)
 
 
+@pytest.mark.parametrize("N", [32, 64])
+def test_chunk_64_split(N, error_table, monkeypatch):
+    """Chunks of 64 steps with time splits: the state-only pass 1 (its own block shape) at that chunk length."""
+    monkeypatch.setenv("RWKV5_WKV_CHUNK", "64")
+    monkeypatch.setenv("RWKV5_WKV_BWD_CHUNK", "64")
+    monkeypatch.setenv("RWKV5_WKV_SPLITS", "3")
+    check(f"chunk64 split3 B1 T300 H2 N{N} mixed", error_table, naive_wkv5, 1, 300, 2, N, "mixed", True)
+
+
 def test_dispatch_default_and_compile():
     """rwkv5.wkv picks the kernel on CUDA, and torch.compile traces the custom op without a graph break."""
     from kernels.wkv5.cuda import cuda_wkv5

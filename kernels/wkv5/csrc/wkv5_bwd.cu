@@ -32,30 +32,33 @@ using bf16 = __nv_bfloat16;
 // zeros). STATE_ONLY (pass 1, pieces 0..P-2) runs a piece from zeros and writes its end S and D to s_end,
 // d_end [B*H][P - 1][N][N], reading k and v alone; otherwise the pass writes dr and adds its dlog w and du partials.
 // 4N threads: warps [0, N/16) carry S (rows i) and write dr and the in-sub-block part of dlog w; warps
-// [N/16, N/8) carry S and D = dS/dlog w and add the sum_j D_ij dG_ij part. The decay-scaled operands are stored
-// as the chunk's rows [step][channel]; ldmatrix.trans reads their transposes.
+// [N/16, N/8) carry S and D = dS/dlog w and add the sum_j D_ij dG_ij part. Pass 1 runs the D warps alone (2N
+// threads, bwd_threads) with only the arrays it reads (smem_bwd_a), so four of its blocks share a
+// multiprocessor at N = 64. The decay-scaled operands are stored as the chunk's rows [step][channel];
+// ldmatrix.trans reads their transposes.
 template <int N, int L, bool STATE_ONLY>
-__global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_a_kernel(
+__global__ void __launch_bounds__(bwd_threads(N, STATE_ONLY), bwd_min_blocks(N, L, STATE_ONLY)) bwd_a_kernel(
     const bf16* __restrict__ r, const bf16* __restrict__ k, const bf16* __restrict__ v, const float* __restrict__ td,
     const float* __restrict__ u, const float* __restrict__ s_in, const float* __restrict__ d_in,
     const bf16* __restrict__ dy, const float* __restrict__ ds_out, bf16* __restrict__ dr, float* __restrict__ dlw,
     float* __restrict__ du, float* __restrict__ s_end, float* __restrict__ d_end, int T, int H, int span) {
     constexpr int NW = N / 16, LDN = N + 8, LDP = N + 4;  // LDP: padded table rows
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][4][L][LDN]: r, k, v, dy
-    bf16* kmN = raw + 2 * 4 * L * LDN;          // [L][LDN] k wc^(7-s')
-    bf16* rtN = kmN + L * LDN;                  // r w^t'
-    bf16* kqN = rtN + L * LDN;                  // k w^(le-1-s')
+    // Each raw buffer holds the NIN input arrays this pass reads: r, k, v, dy (pass 1: k, v).
+    constexpr int NIN = STATE_ONLY ? 2 : 4;
+    bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][NIN][L][LDN]
+    bf16* kqN = raw + 2 * NIN * L * LDN;        // [L][LDN] k w^(le-1-s')
     bf16* kdN = kqN + L * LDN;                  // (le-1-s') k w^(le-1-s')
-    float* pw = reinterpret_cast<float*>(kdN + L * LDN);
+    bf16* kmN = kdN + L * LDN;                  // k wc^(7-s') (pass 2 only, as rtN)
+    bf16* rtN = kmN + L * LDN;                  // r w^t'
+    float* pw = reinterpret_cast<float*>(kqN + (STATE_ONLY ? 2 : 4) * L * LDN);
     float* pwc = pw + 17 * LDP;
     float* us = pwc + 17 * LDP;
-    float* vdp = us + N;  // [NW][L] partials of v_t . dy_t
 
     const int bh = blockIdx.x, b = bh / H, h = bh % H;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int g = lane >> 2, q = lane & 3;
-    const bool d_warp = warp >= NW;  // carries D as well and adds the D . dG part of dlog w
+    const bool d_warp = STATE_ONLY || warp >= NW;  // carries D as well and adds the D . dG part of dlog w
     const int wr = warp % NW;        // its 16 state rows i: [16 wr, 16 wr + 16)
     const int64_t rs = static_cast<int64_t>(H) * N;
     const int64_t col0 = static_cast<int64_t>(h) * N;
@@ -66,14 +69,15 @@ __global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_a_kerne
 
     fill_tables<N, LDP>(pw, pwc, us, td, u, h);
 
-    // The state-only pass reads k and v alone (slots 1, 2 of each raw buffer).
-    constexpr int FIRST = STATE_ONLY ? 1 : 0, NIN = STATE_ONLY ? 2 : 4;
+    // The state-only pass reads k and v alone.
+    constexpr int FIRST = STATE_ONLY ? 1 : 0;
     const bf16* srcs[4] = {r, k, v, dy};
     const int nchunks = (T + L - 1) / L;
-    load_chunk<N, L, NIN>(raw + FIRST * L * LDN, srcs + FIRST, row0, min(L, T), rs, col0);
-    // Prep: thread (par, tp, i0) prepares step tp of the sub-blocks a = par, par + 2, ..., channels [i0, i0+8).
+    load_chunk<N, L, NIN>(raw, srcs + FIRST, row0, min(L, T), rs, col0);
+    // Prep: thread (par, tp, i0) prepares step tp of the sub-blocks a = par, par + NPAR, ..., channels [i0, i0+8).
+    constexpr int NPAR = STATE_ONLY ? 1 : 2;
     const int ptid = tid % (2 * N), par = tid / (2 * N);
-    const int tp = ptid & 15, i0 = 8 * (ptid >> 4), pwarp = ptid >> 5;
+    const int tp = ptid & 15, i0 = 8 * (ptid >> 4);
     __syncthreads();
 
     // The two roles run the same chunk loop (same barriers) with their own state: a warp-uniform branch
@@ -108,24 +112,22 @@ __global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_a_kerne
             cp_async_wait_all();
             __syncthreads();
             if (c + 1 < nchunks)
-                load_chunk<N, L, NIN>(raw + (((c + 1) & 1) * 4 + FIRST) * L * LDN, srcs + FIRST, row0 + t0 + L,
+                load_chunk<N, L, NIN>(raw + ((c + 1) & 1) * NIN * L * LDN, srcs + FIRST, row0 + t0 + L,
                                       min(L, T - t0 - L), rs, col0);
-            const bf16* rN = raw + (c & 1) * 4 * L * LDN;
-            const bf16* kN = rN + L * LDN;
+            const bf16* kN = raw + ((c & 1) * NIN + 1 - FIRST) * L * LDN;
+            const bf16* rN = kN - L * LDN;  // pass 2 only (pass 1 loads no r)
             const bf16* vN = kN + L * LDN;
             const bf16* dyN = vN + L * LDN;
 
-            for (int a = par; a < L / kSub; a += 2) {
+            for (int a = par; a < L / kSub; a += NPAR) {
                 const int t = kSub * a + tp;
                 const bool valid = t < Lc;
                 const int le = min(kSub, Lc - kSub * a);
                 const int dq = valid ? le - 1 - tp : 0;
-                float fr[8], fk[8], fv[8], fd[8];
+                float fr[8], fk[8];
                 if constexpr (!STATE_ONLY) unpack8(*reinterpret_cast<const uint4*>(rN + t * LDN + i0), fr);
                 unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
-                if constexpr (!STATE_ONLY) unpack8(*reinterpret_cast<const uint4*>(vN + t * LDN + i0), fv);
-                if constexpr (!STATE_ONLY) unpack8(*reinterpret_cast<const uint4*>(dyN + t * LDN + i0), fd);
-                float vd = 0.f, o1[8], o2[8];
+                float o1[8], o2[8];
                 // Decay factors of step tp, channels i0..i0+7, read from the tables (two 16-byte loads each).
                 float f_kq[8], f_km[8], f_rt[8];
                 load8(f_kq, pw + dq * LDP + i0);
@@ -143,12 +145,9 @@ __global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_a_kerne
                     for (int x = 0; x < 8; ++x) {
                         o1[x] = fk[x] * f_km[x];
                         o2[x] = fr[x] * f_rt[x];
-                        vd += fv[x] * fd[x];
                     }
                     *reinterpret_cast<uint4*>(kmN + t * LDN + i0) = pack8(o1);
                     *reinterpret_cast<uint4*>(rtN + t * LDN + i0) = pack8(o2);
-                    vd += __shfl_xor_sync(0xffffffffu, vd, 16);
-                    if (lane < 16) vdp[pwarp * L + t] = vd;
                 }
             }
             __syncthreads();
@@ -161,6 +160,8 @@ __global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_a_kerne
                 if constexpr (!DW) {
                     float bd[2][4], di[2][4];  // bd[t][s] = dy_t . v_s, di[t][i] = dy_t . S_i
                     tile_and_state<N>(bd, di, dyN, vN, LDN, m0, S, lane);
+                    float vdh[2];  // v_t . dy_t for the rows t = g, g + 8: the tile's diagonal
+                    diagonal_rows(bd, vdh, g);
                     // bd[t][s] = dy_t . v_s for s < t; bg weighs each pair by its gap t-1-s, the exponent that
                     // d/dlog w brings down (summing gap-weighted pairs directly avoids cancelling large terms).
                     float bg[2][4];
@@ -189,22 +190,22 @@ __global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_a_kerne
                     for (int half = 0; half < 2; ++half) {
                         const int tt = g + 8 * half, t = m0 + tt;
                         if (t >= Lc) continue;
-                        float vd = 0.f;
-#pragma unroll
-                        for (int w = 0; w < NW; ++w) vd += vdp[w * L + t];
+                        const float vd = vdh[half];
 #pragma unroll
                         for (int hh = 0; hh < 2; ++hh) {
                             float out[2];
+                            const int c0 = 16 * wr + 8 * hh + 2 * q;
+                            const float2 rv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rN + t * LDN + c0));
+                            const float2 kv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(kN + t * LDN + c0));
 #pragma unroll
                             for (int x = 0; x < 2; ++x) {
-                                const int e = 2 * half + x, i = 16 * wr + 8 * hh + 2 * q + x;
+                                const int e = 2 * half + x;
                                 const float inter = f_in[half][hh][x] * di[hh][e];
                                 const float dri = inter + f_mid[half][hh][x] * dj[hh][e];
-                                const float rv = __bfloat162float(rN[t * LDN + i]);
-                                const float kv = __bfloat162float(kN[t * LDN + i]);
-                                dla[hh][x] += rv * (static_cast<float>(tt) * inter + f_mid[half][hh][x] * dgap[hh][e]);
-                                dua[hh][x] += rv * kv * vd;
-                                out[x] = dri + us[i] * kv * vd;
+                                const float rvx = x ? rv.y : rv.x, kvx = x ? kv.y : kv.x;
+                                dla[hh][x] += rvx * (static_cast<float>(tt) * inter + f_mid[half][hh][x] * dgap[hh][e]);
+                                dua[hh][x] += rvx * kvx * vd;
+                                out[x] = dri + us[c0 + x] * kvx * vd;
                             }
                             *reinterpret_cast<__nv_bfloat162*>(dr + (row0 + t0 + t) * rs + col0 + 16 * wr + 8 * hh + 2 * q) =
                                 __floats2bfloat162_rn(out[0], out[1]);
@@ -299,7 +300,8 @@ __global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_a_kerne
             }
         }
     };
-    if (d_warp) sweep(std::true_type{});
+    if constexpr (STATE_ONLY) sweep(std::true_type{});
+    else if (d_warp) sweep(std::true_type{});
     else sweep(std::false_type{});
 }
 
@@ -310,24 +312,26 @@ __global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_a_kerne
 // 4N threads: warps [0, N/16) carry G (rows i) and write dk, warps [N/16, N/8) carry G^T (rows j) and write dv.
 // The two halves share only the chunk's prepared rows, so each warp holds one state (half the registers of a
 // warp holding both) and a multiprocessor keeps twice the warps in flight to hide latency (bench/NOTES.md, v5).
+// Pass 1 runs the G warps alone (2N threads) with only the arrays it reads, as in sweep A.
 template <int N, int L, bool STATE_ONLY>
-__global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_b_kernel(
+__global__ void __launch_bounds__(bwd_threads(N, STATE_ONLY), bwd_min_blocks(N, L, STATE_ONLY)) bwd_b_kernel(
     const bf16* __restrict__ r, const bf16* __restrict__ k, const bf16* __restrict__ v, const float* __restrict__ td,
     const float* __restrict__ u, const bf16* __restrict__ dy, const float* __restrict__ g_in,
     bf16* __restrict__ dk, bf16* __restrict__ dv, float* __restrict__ ds0, float* __restrict__ g_end, int T, int H,
     int span) {
     constexpr int NW = N / 16, LDN = N + 8, LDP = N + 4;  // LDP: padded table rows
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][4][L][LDN]: r, dy, k, v
-    bf16* kqN = raw + 2 * 4 * L * LDN;          // [L][LDN] k w^(le-1-s')
+    // Each raw buffer holds the NIN input arrays this pass reads: r, dy, k, v (pass 1: r, dy).
+    constexpr int NIN = STATE_ONLY ? 2 : 4;
+    bf16* raw = reinterpret_cast<bf16*>(smem);  // [2][NIN][L][LDN]
+    bf16* rtN = raw + 2 * NIN * L * LDN;        // [L][LDN] r w^t'
+    bf16* kqN = rtN + L * LDN;                  // k w^(le-1-s') (pass 2 only, as kmN and rmN)
     bf16* kmN = kqN + L * LDN;                  // k wc^(7-s')
     bf16* rmN = kmN + L * LDN;                  // r wc^(t'-8)
-    bf16* rtN = rmN + L * LDN;                  // r w^t'
-    float* pw = reinterpret_cast<float*>(rtN + L * LDN);
+    float* pw = reinterpret_cast<float*>(rtN + (STATE_ONLY ? 1 : 4) * L * LDN);
     float* pwc = pw + 17 * LDP;
     float* us = pwc + 17 * LDP;
-    float* vdp = us + N;       // [NW][L] partials of v_t . dy_t
-    float* dgp = vdp + NW * L;  // [NW][L] partials of sum_i r u k
+    float* dgp = us + N;  // [NW][L] partials of sum_i r u k
 
     const int bh = blockIdx.x, b = bh / H, h = bh % H;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -354,15 +358,14 @@ __global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_b_kerne
             X[nt][e] = g_in ? g_in[(piece * N + (gt_warp ? cc : rr)) * N + (gt_warp ? rr : cc)] : 0.f;
         }
 
-    // The state-only pass reads r and dy alone (slots 0, 1 of each raw buffer).
-    constexpr int NIN = STATE_ONLY ? 2 : 4;
     const bf16* srcs[4] = {r, dy, k, v};
     const int nchunks = (T + L - 1) / L;
     {
         const int cl = nchunks - 1;
-        load_chunk<N, L, NIN>(raw + (cl & 1) * 4 * L * LDN, srcs, row0 + cl * L, T - cl * L, rs, col0);
+        load_chunk<N, L, NIN>(raw + (cl & 1) * NIN * L * LDN, srcs, row0 + cl * L, T - cl * L, rs, col0);
     }
-    // Prep: thread (par, tp, i0) prepares step tp of the sub-blocks a = par, par + 2, ..., channels [i0, i0+8).
+    // Prep: thread (par, tp, i0) prepares step tp of the sub-blocks a = par, par + NPAR, ..., channels [i0, i0+8).
+    constexpr int NPAR = STATE_ONLY ? 1 : 2;
     const int ptid = tid % (2 * N), par = tid / (2 * N);
     const int tp = ptid & 15, i0 = 8 * (ptid >> 4), pwarp = ptid >> 5;
     __syncthreads();
@@ -382,13 +385,13 @@ __global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_b_kerne
         const int t0 = c * L, Lc = min(L, T - t0);
         cp_async_wait_all();
         __syncthreads();
-        if (c > 0) load_chunk<N, L, NIN>(raw + ((c - 1) & 1) * 4 * L * LDN, srcs, row0 + t0 - L, L, rs, col0);
-        const bf16* rN = raw + (c & 1) * 4 * L * LDN;
+        if (c > 0) load_chunk<N, L, NIN>(raw + ((c - 1) & 1) * NIN * L * LDN, srcs, row0 + t0 - L, L, rs, col0);
+        const bf16* rN = raw + (c & 1) * NIN * L * LDN;
         const bf16* dyN = rN + L * LDN;
         const bf16* kN = dyN + L * LDN;
         const bf16* vN = kN + L * LDN;
 
-        for (int a = par; a < L / kSub; a += 2) {
+        for (int a = par; a < L / kSub; a += NPAR) {
             const int t = kSub * a + tp;
             const bool valid = t < Lc;
             const int le = min(kSub, Lc - kSub * a);
@@ -400,32 +403,25 @@ __global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_b_kerne
             for (int x = 0; x < 8; ++x) ort[x] = fr[x] * f_rt[x];
             *reinterpret_cast<uint4*>(rtN + t * LDN + i0) = pack8(ort);
             if constexpr (!STATE_ONLY) {
-                float fd[8], fk[8], fv[8], o1[8], o2[8], o3[8], f_kq[8], f_km[8], f_rm[8];
+                float fk[8], o1[8], o2[8], o3[8], f_kq[8], f_km[8], f_rm[8];
                 load8(f_kq, pw + dq * LDP + i0);
                 load8(f_km, pwc + (15 - tp) * LDP + i0);
                 load8(f_rm, pwc + tp * LDP + i0);
-                unpack8(*reinterpret_cast<const uint4*>(dyN + t * LDN + i0), fd);
                 unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
-                unpack8(*reinterpret_cast<const uint4*>(vN + t * LDN + i0), fv);
-                float vd = 0.f, dg = 0.f;
+                float dg = 0.f;
 #pragma unroll
                 for (int x = 0; x < 8; ++x) {
                     const int i = i0 + x;
                     o1[x] = fk[x] * f_kq[x];
                     o2[x] = fk[x] * f_km[x];
                     o3[x] = fr[x] * f_rm[x];
-                    vd += fv[x] * fd[x];
                     dg += fr[x] * us[i] * fk[x];
                 }
                 *reinterpret_cast<uint4*>(kqN + t * LDN + i0) = pack8(o1);
                 *reinterpret_cast<uint4*>(kmN + t * LDN + i0) = pack8(o2);
                 *reinterpret_cast<uint4*>(rmN + t * LDN + i0) = pack8(o3);
-                vd += __shfl_xor_sync(0xffffffffu, vd, 16);
                 dg += __shfl_xor_sync(0xffffffffu, dg, 16);
-                if (lane < 16) {
-                    vdp[pwarp * L + t] = vd;
-                    dgp[pwarp * L + t] = dg;
-                }
+                if (lane < 16) dgp[pwarp * L + t] = dg;
             }
         }
         __syncthreads();
@@ -439,6 +435,8 @@ __global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_b_kerne
                 if constexpr (!STATE_ONLY) {
                     float bt[2][4], xc[2][4];  // bt[s][t] = v_s . dy_t, xc[s][i] = v_s . G_i
                     tile_and_state<N>(bt, xc, vN, dyN, LDN, m0, X, lane);
+                    float vdh[2];  // v_s . dy_s for the rows s = g, g + 8: the tile's diagonal
+                    diagonal_rows(bt, vdh, g);
                     // bt[s][t] = v_s . dy_t, kept for t > s.
 #pragma unroll
                     for (int hh = 0; hh < 2; ++hh)
@@ -462,19 +460,18 @@ __global__ void __launch_bounds__(4 * N, N == 64 && L == 32 ? 2 : 1) bwd_b_kerne
                     for (int half = 0; half < 2; ++half) {
                         const int ss = g + 8 * half, s = m0 + ss;
                         if (s >= Lc) continue;
-                        float vd = 0.f;
-#pragma unroll
-                        for (int w = 0; w < NW; ++w) vd += vdp[w * L + s];
+                        const float vd = vdh[half];
 #pragma unroll
                         for (int hh = 0; hh < 2; ++hh) {
                             float out[2];
+                            const int c0 = 16 * wr + 8 * hh + 2 * q;
+                            const float2 rv = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rN + s * LDN + c0));
 #pragma unroll
                             for (int x = 0; x < 2; ++x) {
-                                const int e = 2 * half + x, i = 16 * wr + 8 * hh + 2 * q + x;
+                                const int e = 2 * half + x, i = c0 + x;
                                 const float intra = f_mid[half][hh][x] * yi[hh][e];
-                                const float rv = __bfloat162float(rN[s * LDN + i]);
                                 const float decay = le == kSub ? f_end[half][hh][x] : pw[(le - 1 - ss) * LDP + i];
-                                out[x] = decay * xc[hh][e] + intra + us[i] * rv * vd;
+                                out[x] = decay * xc[hh][e] + intra + us[i] * (x ? rv.y : rv.x) * vd;
                             }
                             *reinterpret_cast<__nv_bfloat162*>(dk + (row0 + t0 + s) * rs + col0 + 16 * wr + 8 * hh +
                                                                2 * q) = __floats2bfloat162_rn(out[0], out[1]);
@@ -558,8 +555,9 @@ void launch_bwd(const torch::Tensor& r, const torch::Tensor& k, const torch::Ten
     const auto* dyp = reinterpret_cast<const bf16*>(dy.data_ptr());
     const float* tdp = td.data_ptr<float>();
     const float* up = u.data_ptr<float>();
-    constexpr int smem_a = smem_bwd_a(N, L), smem_b = smem_bwd_b(N, L);
-    constexpr int threads = 4 * N;  // two roles of N/16 warps each (see the kernels)
+    constexpr int smem_a = smem_bwd_a(N, L, false), smem_b = smem_bwd_b(N, L, false);
+    constexpr int smem_a1 = smem_bwd_a(N, L, true), smem_b1 = smem_bwd_b(N, L, true);
+    constexpr int threads = bwd_threads(N, false), threads1 = bwd_threads(N, true);
     auto ka = bwd_a_kernel<N, L, false>;
     auto kb = bwd_b_kernel<N, L, false>;
     C10_CUDA_CHECK(cudaFuncSetAttribute(ka, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_a));
@@ -585,8 +583,8 @@ void launch_bwd(const torch::Tensor& r, const torch::Tensor& k, const torch::Ten
         float* s_start = d_end + elems * (pieces - 1);
         float* d_start = s_start + elems * pieces;
         auto ka1 = bwd_a_kernel<N, L, true>;
-        C10_CUDA_CHECK(cudaFuncSetAttribute(ka1, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_a));
-        ka1<<<dim3(BH, pieces - 1), threads, smem_a, stream>>>(rp, kp, vp, tdp, up, nullptr, nullptr, dyp, nullptr,
+        C10_CUDA_CHECK(cudaFuncSetAttribute(ka1, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_a1));
+        ka1<<<dim3(BH, pieces - 1), threads1, smem_a1, stream>>>(rp, kp, vp, tdp, up, nullptr, nullptr, dyp, nullptr,
                                                               nullptr, nullptr, nullptr, s_end, d_end, T, H, span);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         scan_starts_kernel<N><<<scan_blocks, 256, 0, stream>>>(s0, s_end, d_end, tdp, s_start, d_start, BH, H, pieces,
@@ -601,8 +599,8 @@ void launch_bwd(const torch::Tensor& r, const torch::Tensor& k, const torch::Ten
         float* g_end = b_bufs.data_ptr<float>();
         float* g_start = g_end + elems * (pieces - 1);
         auto kb1 = bwd_b_kernel<N, L, true>;
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kb1, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_b));
-        kb1<<<dim3(BH, pieces - 1), threads, smem_b, side>>>(rp, kp, vp, tdp, up, dyp, nullptr, nullptr, nullptr,
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kb1, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_b1));
+        kb1<<<dim3(BH, pieces - 1), threads1, smem_b1, side>>>(rp, kp, vp, tdp, up, dyp, nullptr, nullptr, nullptr,
                                                             nullptr, g_end, T, H, span);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         scan_grads_kernel<N><<<scan_blocks, 256, 0, side>>>(ds_out, g_end, tdp, g_start, BH, H, pieces, span, T);

@@ -296,15 +296,33 @@ __global__ void scan_grads_kernel(const float* __restrict__ ds_out, const float*
 // Shared-memory bytes of each kernel, used by the kernels' carving and by the launchers. Every array is a
 // chunk's rows [L][N + 8] (bf16; the 8 pad elements put ldmatrix's 8 rows on distinct banks) or a table.
 __host__ __device__ constexpr int smem_fwd(int N, int L) {  // 46336 bytes at N 64, L 32: 4 blocks per SM
-    return (3 + 5) * L * (N + 8) * 2 + 35 * N * 4 + (N / 16) * L * 4;
+    return (4 + 4) * L * (N + 8) * 2 + 35 * N * 4 + (N / 16) * L * 4;
 }
 // The backward's two decay tables have rows of N + 4 floats: the prep reads 8 channels of 16 different rows at
-// once, and N-float rows would put all 16 on the same banks.
-__host__ __device__ constexpr int smem_bwd_a(int N, int L) {  // 65312 bytes at N 64, L 32
-    return (2 * 4 + 4) * L * (N + 8) * 2 + (34 * (N + 4) + N) * 4 + (N / 16) * L * 4;
+// once, and N-float rows would put all 16 on the same banks. Pass 2 keeps 4 input arrays double-buffered and 4
+// prepared ones; pass 1 (state only) keeps the 2 inputs it reads and its 2 (sweep A) or 1 (sweep B) prepared.
+__host__ __device__ constexpr int smem_bwd_a(int N, int L, bool state_only) {  // N 64, L 32: 64800 / 37152 bytes
+    return (state_only ? 2 * 2 + 2 : 2 * 4 + 4) * L * (N + 8) * 2 + (34 * (N + 4) + N) * 4;
 }
-__host__ __device__ constexpr int smem_bwd_b(int N, int L) {  // 65824 bytes at N 64, L 32
-    return (2 * 4 + 4) * L * (N + 8) * 2 + (34 * (N + 4) + N) * 4 + 2 * (N / 16) * L * 4;
+__host__ __device__ constexpr int smem_bwd_b(int N, int L, bool state_only) {  // N 64, L 32: 65312 / 33056 bytes
+    return (state_only ? 2 * 2 + 1 : 2 * 4 + 4) * L * (N + 8) * 2 + (34 * (N + 4) + N) * 4 + (N / 16) * L * 4;
+}
+// Threads of a backward block: two roles of N/16 warps in pass 2, one in pass 1 (state only).
+__host__ __device__ constexpr int bwd_threads(int N, bool state_only) { return (state_only ? 2 : 4) * N; }
+// Blocks per multiprocessor the compiler must fit registers for (128 registers a thread at N = 64, L = 32).
+__host__ __device__ constexpr int bwd_min_blocks(int N, int L, bool state_only) {
+    return N == 64 && L == 32 ? (state_only ? 4 : 2) : 1;
+}
+
+// x . y over the N channels of rows m0 + m and m0 + n, given a 16x16 product tile (two C fragments, rows
+// m = g + 8 half, columns n = 8 hh + 2q (+1)): the diagonal element of row g + 8 half sits in half hh = half,
+// element 2 half + (g & 1), of the lane with q = g / 2. Every lane gets the diagonal of its two rows.
+__device__ __forceinline__ void diagonal_rows(const float tile[2][4], float diag[2], int g) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const float mine = (g & 1) ? tile[half][2 * half + 1] : tile[half][2 * half];
+        diag[half] = __shfl_sync(0xffffffffu, mine, 4 * g + (g >> 1));
+    }
 }
 
 }  // namespace wkv5

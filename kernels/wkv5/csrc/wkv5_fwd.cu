@@ -35,12 +35,13 @@ __global__ void __launch_bounds__(2 * N) fwd_kernel(const bf16* __restrict__ r, 
                                                     int span) {
     constexpr int NW = N / 16, LDN = N + 8;
     extern __shared__ __align__(16) unsigned char smem[];
-    bf16* raw = reinterpret_cast<bf16*>(smem);  // [3][L][LDN]: r, k, v (the next chunk loads during the sub-blocks)
-    bf16* rq = raw + 3 * L * LDN;               // [L][LDN] r w^t'
+    // [4][L][LDN]: r, k, then v of even and odd chunks (the next chunk loads during the sub-blocks, which read
+    // only v of the raw rows: r and k are free once the prep is done, v is double-buffered).
+    bf16* raw = reinterpret_cast<bf16*>(smem);
+    bf16* rq = raw + 4 * L * LDN;               // [L][LDN] r w^t'
     bf16* rm = rq + L * LDN;                    // [L][LDN] r wc^(t'-8)
     bf16* km = rm + L * LDN;                    // [L][LDN] k wc^(7-t')
-    bf16* vs = km + L * LDN;                    // [L][LDN] v (copied: raw is reloaded during the sub-blocks)
-    bf16* kq = vs + L * LDN;                    // [L][LDN] k w^(le-1-t')
+    bf16* kq = km + L * LDN;                    // [L][LDN] k w^(le-1-t')
     float* pw = reinterpret_cast<float*>(kq + L * LDN);
     float* pwc = pw + 17 * N;
     float* us = pwc + 17 * N;
@@ -67,13 +68,14 @@ __global__ void __launch_bounds__(2 * N) fwd_kernel(const bf16* __restrict__ r, 
             st[nt][e] = s_in ? s_in[(piece * N + i) * N + j] : 0.f;
         }
 
-    // The state-only pass reads k and v alone (slots 1, 2 of raw).
-    constexpr int NIN = STATE_ONLY ? 2 : 3;
+    // The state-only pass reads k and v alone (slots 1 and 2 or 3 of raw).
+    constexpr int NRK = STATE_ONLY ? 1 : 2;  // r and k, or k alone
     const bf16* srcs[3] = {r, k, v};
-    bf16* const in_slots = raw + (3 - NIN) * L * LDN;
-    const bf16* const* in_srcs = srcs + (3 - NIN);
+    bf16* const rk_slots = raw + (2 - NRK) * L * LDN;
+    const bf16* const* rk_srcs = srcs + (2 - NRK);
     const int nchunks = (T + L - 1) / L;
-    load_chunk<N, L, NIN>(in_slots, in_srcs, row0, min(L, T), rs, col0);
+    load_chunk<N, L, NRK>(rk_slots, rk_srcs, row0, min(L, T), rs, col0);
+    load_chunk<N, L, 1>(raw + 2 * L * LDN, srcs + 2, row0, min(L, T), rs, col0);
     // Thread (tp, i0) prepares step tp of every sub-block, channels [i0, i0+8): its decay factors are fixed.
     const int tp = tid & 15, i0 = 8 * (tid >> 4);
     __syncthreads();
@@ -92,7 +94,7 @@ __global__ void __launch_bounds__(2 * N) fwd_kernel(const bf16* __restrict__ r, 
         __syncthreads();
         const bf16* rr = raw;
         const bf16* kk = rr + L * LDN;
-        const bf16* vv = kk + L * LDN;
+        const bf16* vs = raw + (2 + (c & 1)) * L * LDN;  // this chunk's v
 
 #pragma unroll
         for (int a = 0; a < L / kSub; ++a) {
@@ -102,7 +104,6 @@ __global__ void __launch_bounds__(2 * N) fwd_kernel(const bf16* __restrict__ r, 
             const int dq = valid ? le - 1 - tp : 0;
             float fk[8], fkq[8];
             unpack8(*reinterpret_cast<const uint4*>(kk + t * LDN + i0), fk);
-            *reinterpret_cast<uint4*>(vs + t * LDN + i0) = *reinterpret_cast<const uint4*>(vv + t * LDN + i0);
 #pragma unroll
             for (int x = 0; x < 8; ++x) fkq[x] = fk[x] * (le == kSub ? f_kq[x] : pw[dq * N + i0 + x]);
             *reinterpret_cast<uint4*>(kq + t * LDN + i0) = pack8(fkq);
@@ -125,7 +126,10 @@ __global__ void __launch_bounds__(2 * N) fwd_kernel(const bf16* __restrict__ r, 
             }
         }
         __syncthreads();
-        if (c + 1 < nchunks) load_chunk<N, L, NIN>(in_slots, in_srcs, row0 + t0 + L, min(L, T - t0 - L), rs, col0);
+        if (c + 1 < nchunks) {
+            load_chunk<N, L, NRK>(rk_slots, rk_srcs, row0 + t0 + L, min(L, T - t0 - L), rs, col0);
+            load_chunk<N, L, 1>(raw + (2 + ((c + 1) & 1)) * L * LDN, srcs + 2, row0 + t0 + L, min(L, T - t0 - L), rs, col0);
+        }
 
         for (int a = 0; a < L / kSub; ++a) {
             if (kSub * a >= Lc) break;
