@@ -74,10 +74,10 @@ __global__ void __launch_bounds__(bwd_threads(N, STATE_ONLY), bwd_min_blocks(N, 
     const bf16* srcs[4] = {r, k, v, dy};
     const int nchunks = (T + L - 1) / L;
     load_chunk<N, L, NIN>(raw, srcs + FIRST, row0, min(L, T), rs, col0);
-    // Prep: thread (par, tp, i0) prepares step tp of the sub-blocks a = par, par + NPAR, ..., channels [i0, i0+8).
-    constexpr int NPAR = STATE_ONLY ? 1 : 2;
-    const int ptid = tid % (2 * N), par = tid / (2 * N);
-    const int tp = ptid & 15, i0 = 8 * (ptid >> 4);
+    // Prep: thread (tp, i0) prepares step tp of every sub-block, channels [i0, i0 + CW); the factors that depend
+    // on tp alone are read once per chunk.
+    constexpr int CW = bwd_prep_width(STATE_ONLY), NG = N / CW;
+    const int tp = tid / NG, i0 = CW * (tid % NG);
     __syncthreads();
 
     // The two roles run the same chunk loop (same barriers) with their own state: a warp-uniform branch
@@ -119,35 +119,39 @@ __global__ void __launch_bounds__(bwd_threads(N, STATE_ONLY), bwd_min_blocks(N, 
             const bf16* vN = kN + L * LDN;
             const bf16* dyN = vN + L * LDN;
 
-            for (int a = par; a < L / kSub; a += NPAR) {
-                const int t = kSub * a + tp;
-                const bool valid = t < Lc;
-                const int le = min(kSub, Lc - kSub * a);
-                const int dq = valid ? le - 1 - tp : 0;
-                float fr[8], fk[8];
-                if constexpr (!STATE_ONLY) unpack8(*reinterpret_cast<const uint4*>(rN + t * LDN + i0), fr);
-                unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
-                float o1[8], o2[8];
-                // Decay factors of step tp, channels i0..i0+7, read from the tables (two 16-byte loads each).
-                float f_kq[8], f_km[8], f_rt[8];
-                load8(f_kq, pw + dq * LDP + i0);
-#pragma unroll
-                for (int x = 0; x < 8; ++x) {
-                    o1[x] = fk[x] * f_kq[x];
-                    o2[x] = o1[x] * static_cast<float>(dq);
-                }
-                *reinterpret_cast<uint4*>(kqN + t * LDN + i0) = pack8(o1);
-                *reinterpret_cast<uint4*>(kdN + t * LDN + i0) = pack8(o2);
+            {
+                float f_km[CW], f_rt[CW];  // wc^(7-tp), w^tp of channels i0..
                 if constexpr (!STATE_ONLY) {
-                    load8(f_km, pwc + (15 - tp) * LDP + i0);
-                    load8(f_rt, pw + tp * LDP + i0);
+                    load_tab<CW>(f_km, pwc + (15 - tp) * LDP + i0);
+                    load_tab<CW>(f_rt, pw + tp * LDP + i0);
+                }
 #pragma unroll
-                    for (int x = 0; x < 8; ++x) {
-                        o1[x] = fk[x] * f_km[x];
-                        o2[x] = fr[x] * f_rt[x];
+                for (int a = 0; a < L / kSub; ++a) {
+                    const int t = kSub * a + tp;
+                    const bool valid = t < Lc;
+                    const int le = min(kSub, Lc - kSub * a);
+                    const int dq = valid ? le - 1 - tp : 0;
+                    float fk[CW], f_kq[CW], o1[CW], o2[CW];
+                    load_rowf<CW>(fk, kN + t * LDN + i0);
+                    load_tab<CW>(f_kq, pw + dq * LDP + i0);
+#pragma unroll
+                    for (int x = 0; x < CW; ++x) {
+                        o1[x] = fk[x] * f_kq[x];
+                        o2[x] = o1[x] * static_cast<float>(dq);
                     }
-                    *reinterpret_cast<uint4*>(kmN + t * LDN + i0) = pack8(o1);
-                    *reinterpret_cast<uint4*>(rtN + t * LDN + i0) = pack8(o2);
+                    store_row<CW>(kqN + t * LDN + i0, o1);
+                    store_row<CW>(kdN + t * LDN + i0, o2);
+                    if constexpr (!STATE_ONLY) {
+                        float fr[CW];
+                        load_rowf<CW>(fr, rN + t * LDN + i0);
+#pragma unroll
+                        for (int x = 0; x < CW; ++x) {
+                            o1[x] = fk[x] * f_km[x];
+                            o2[x] = fr[x] * f_rt[x];
+                        }
+                        store_row<CW>(kmN + t * LDN + i0, o1);
+                        store_row<CW>(rtN + t * LDN + i0, o2);
+                    }
                 }
             }
             __syncthreads();
@@ -331,7 +335,7 @@ __global__ void __launch_bounds__(bwd_threads(N, STATE_ONLY), bwd_min_blocks(N, 
     float* pw = reinterpret_cast<float*>(rtN + (STATE_ONLY ? 1 : 4) * L * LDN);
     float* pwc = pw + 17 * LDP;
     float* us = pwc + 17 * LDP;
-    float* dgp = us + N;  // [NW][L] partials of sum_i r u k
+    float* dgs = us + N;  // [L] sum_i r u k of each step
 
     const int bh = blockIdx.x, b = bh / H, h = bh % H;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -364,10 +368,10 @@ __global__ void __launch_bounds__(bwd_threads(N, STATE_ONLY), bwd_min_blocks(N, 
         const int cl = nchunks - 1;
         load_chunk<N, L, NIN>(raw + (cl & 1) * NIN * L * LDN, srcs, row0 + cl * L, T - cl * L, rs, col0);
     }
-    // Prep: thread (par, tp, i0) prepares step tp of the sub-blocks a = par, par + NPAR, ..., channels [i0, i0+8).
-    constexpr int NPAR = STATE_ONLY ? 1 : 2;
-    const int ptid = tid % (2 * N), par = tid / (2 * N);
-    const int tp = ptid & 15, i0 = 8 * (ptid >> 4), pwarp = ptid >> 5;
+    // Prep: thread (tp, i0) prepares step tp of every sub-block, channels [i0, i0 + CW); the factors that depend
+    // on tp alone are read once per chunk.
+    constexpr int CW = bwd_prep_width(STATE_ONLY), NG = N / CW;
+    const int tp = tid / NG, i0 = CW * (tid % NG);
     __syncthreads();
     float f_mid[2][2][2], f_end[2][2][2];  // the dk output's factors (steps g, g+8; the warp's rows)
 #pragma unroll
@@ -391,37 +395,46 @@ __global__ void __launch_bounds__(bwd_threads(N, STATE_ONLY), bwd_min_blocks(N, 
         const bf16* kN = dyN + L * LDN;
         const bf16* vN = kN + L * LDN;
 
-        for (int a = par; a < L / kSub; a += NPAR) {
-            const int t = kSub * a + tp;
-            const bool valid = t < Lc;
-            const int le = min(kSub, Lc - kSub * a);
-            const int dq = valid ? le - 1 - tp : 0;
-            float fr[8], ort[8], f_rt[8];  // decay factors of step tp, channels i0.., read from the tables
-            unpack8(*reinterpret_cast<const uint4*>(rN + t * LDN + i0), fr);
-            load8(f_rt, pw + tp * LDP + i0);
-#pragma unroll
-            for (int x = 0; x < 8; ++x) ort[x] = fr[x] * f_rt[x];
-            *reinterpret_cast<uint4*>(rtN + t * LDN + i0) = pack8(ort);
+        {
+            // Decay factors of step tp that depend on tp alone (channels i0..), and u.
+            float f_rt[CW], f_km[CW], f_rm[CW], uu[CW];
+            load_tab<CW>(f_rt, pw + tp * LDP + i0);
             if constexpr (!STATE_ONLY) {
-                float fk[8], o1[8], o2[8], o3[8], f_kq[8], f_km[8], f_rm[8];
-                load8(f_kq, pw + dq * LDP + i0);
-                load8(f_km, pwc + (15 - tp) * LDP + i0);
-                load8(f_rm, pwc + tp * LDP + i0);
-                unpack8(*reinterpret_cast<const uint4*>(kN + t * LDN + i0), fk);
-                float dg = 0.f;
+                load_tab<CW>(f_km, pwc + (15 - tp) * LDP + i0);
+                load_tab<CW>(f_rm, pwc + tp * LDP + i0);
+                load_tab<CW>(uu, us + i0);
+            }
 #pragma unroll
-                for (int x = 0; x < 8; ++x) {
-                    const int i = i0 + x;
-                    o1[x] = fk[x] * f_kq[x];
-                    o2[x] = fk[x] * f_km[x];
-                    o3[x] = fr[x] * f_rm[x];
-                    dg += fr[x] * us[i] * fk[x];
+            for (int a = 0; a < L / kSub; ++a) {
+                const int t = kSub * a + tp;
+                const bool valid = t < Lc;
+                const int le = min(kSub, Lc - kSub * a);
+                const int dq = valid ? le - 1 - tp : 0;
+                float fr[CW], ort[CW];
+                load_rowf<CW>(fr, rN + t * LDN + i0);
+#pragma unroll
+                for (int x = 0; x < CW; ++x) ort[x] = fr[x] * f_rt[x];
+                store_row<CW>(rtN + t * LDN + i0, ort);
+                if constexpr (!STATE_ONLY) {
+                    float fk[CW], o1[CW], o2[CW], o3[CW], f_kq[CW];
+                    load_tab<CW>(f_kq, pw + dq * LDP + i0);
+                    load_rowf<CW>(fk, kN + t * LDN + i0);
+                    float dg = 0.f;
+#pragma unroll
+                    for (int x = 0; x < CW; ++x) {
+                        o1[x] = fk[x] * f_kq[x];
+                        o2[x] = fk[x] * f_km[x];
+                        o3[x] = fr[x] * f_rm[x];
+                        dg += fr[x] * uu[x] * fk[x];
+                    }
+                    store_row<CW>(kqN + t * LDN + i0, o1);
+                    store_row<CW>(kmN + t * LDN + i0, o2);
+                    store_row<CW>(rmN + t * LDN + i0, o3);
+                    // The NG threads of step t are consecutive lanes of one warp.
+#pragma unroll
+                    for (int off = 1; off < NG; off <<= 1) dg += __shfl_xor_sync(0xffffffffu, dg, off);
+                    if (i0 == 0) dgs[t] = dg;
                 }
-                *reinterpret_cast<uint4*>(kqN + t * LDN + i0) = pack8(o1);
-                *reinterpret_cast<uint4*>(kmN + t * LDN + i0) = pack8(o2);
-                *reinterpret_cast<uint4*>(rmN + t * LDN + i0) = pack8(o3);
-                dg += __shfl_xor_sync(0xffffffffu, dg, 16);
-                if (lane < 16) dgp[pwarp * L + t] = dg;
             }
         }
         __syncthreads();
@@ -492,12 +505,7 @@ __global__ void __launch_bounds__(bwd_threads(N, STATE_ONLY), bwd_min_blocks(N, 
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int ss = g + 8 * (e >> 1), tt = 8 * hh + 2 * q + (e & 1);
-                        float dsum = 0.f;
-                        if (tt == ss) {
-#pragma unroll
-                            for (int w = 0; w < NW; ++w) dsum += dgp[w * L + m0 + ss];
-                        }
-                        at[hh][e] = tt > ss ? at[hh][e] : dsum;
+                        at[hh][e] = tt > ss ? at[hh][e] : (tt == ss ? dgs[m0 + ss] : 0.f);
                     }
                 uint32_t pa[4];
                 c_to_a(at, pa);

@@ -228,6 +228,31 @@ __device__ __forceinline__ void load8(float f[8], const float* p) {
     f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
 }
 
+// CW = 4 or 8 consecutive values from shared memory (bf16 rows or float tables; 8- or 16-byte aligned), and CW
+// floats stored as bf16: the backward's prep works on groups of CW channels.
+template <int CW>
+__device__ __forceinline__ void load_rowf(float f[CW], const __nv_bfloat16* p) {
+    if constexpr (CW == 8) {
+        unpack8(*reinterpret_cast<const uint4*>(p), f);
+    } else {
+        const uint2 raw = *reinterpret_cast<const uint2*>(p);
+        const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+        const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+        f[0] = a.x, f[1] = a.y, f[2] = b.x, f[3] = b.y;
+    }
+}
+template <int CW>
+__device__ __forceinline__ void load_tab(float f[CW], const float* p) {
+    if constexpr (CW == 8) {
+        load8(f, p);
+    } else {
+        const float4 a = *reinterpret_cast<const float4*>(p);
+        f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w;
+    }
+}
+template <int CW>
+__device__ __forceinline__ void store_row(__nv_bfloat16* p, const float f[CW]);
+
 __device__ __forceinline__ uint4 pack8(const float f[8]) {
     uint4 u;
     u.x = pack_bf16(f[0], f[1]);
@@ -235,6 +260,15 @@ __device__ __forceinline__ uint4 pack8(const float f[8]) {
     u.z = pack_bf16(f[4], f[5]);
     u.w = pack_bf16(f[6], f[7]);
     return u;
+}
+
+template <int CW>
+__device__ __forceinline__ void store_row(__nv_bfloat16* p, const float f[CW]) {
+    if constexpr (CW == 8) {
+        *reinterpret_cast<uint4*>(p) = pack8(f);
+    } else {
+        *reinterpret_cast<uint2*>(p) = make_uint2(pack_bf16(f[0], f[1]), pack_bf16(f[2], f[3]));
+    }
 }
 
 // Steps per piece when a sequence of T steps is cut into about `splits` pieces: a multiple of 64 (so every
@@ -304,9 +338,12 @@ __host__ __device__ constexpr int smem_fwd(int N, int L) {  // 46336 bytes at N 
 __host__ __device__ constexpr int smem_bwd_a(int N, int L, bool state_only) {  // N 64, L 32: 64800 / 37152 bytes
     return (state_only ? 2 * 2 + 2 : 2 * 4 + 4) * L * (N + 8) * 2 + (34 * (N + 4) + N) * 4;
 }
-__host__ __device__ constexpr int smem_bwd_b(int N, int L, bool state_only) {  // N 64, L 32: 65312 / 33056 bytes
-    return (state_only ? 2 * 2 + 1 : 2 * 4 + 4) * L * (N + 8) * 2 + (34 * (N + 4) + N) * 4 + (N / 16) * L * 4;
+__host__ __device__ constexpr int smem_bwd_b(int N, int L, bool state_only) {  // N 64, L 32: 64928 / 32544 bytes
+    return (state_only ? 2 * 2 + 1 : 2 * 4 + 4) * L * (N + 8) * 2 + (34 * (N + 4) + N) * 4 + L * 4;
 }
+// Channels per thread in the backward's prep: a block's threads cover 16 steps x N channels once, so 4 in pass 2
+// (4N threads) and 8 in pass 1 (2N threads). The NG = N / CW threads of one step are consecutive lanes.
+__host__ __device__ constexpr int bwd_prep_width(bool state_only) { return state_only ? 8 : 4; }
 // Threads of a backward block: two roles of N/16 warps in pass 2, one in pass 1 (state only).
 __host__ __device__ constexpr int bwd_threads(int N, bool state_only) { return (state_only ? 2 : 4) * N; }
 // Blocks per multiprocessor the compiler must fit registers for (128 registers a thread at N = 64, L = 32).
