@@ -338,7 +338,7 @@ __host__ __device__ constexpr int smem_fwd(int N, int L) {  // 46336 bytes at N 
 __host__ __device__ constexpr int smem_bwd_a(int N, int L, bool state_only) {  // N 64, L 32: 64800 / 37152 bytes
     return (state_only ? 2 * 2 + 2 : 2 * 4 + 4) * L * (N + 8) * 2 + (34 * (N + 4) + N) * 4;
 }
-__host__ __device__ constexpr int smem_bwd_b(int N, int L, bool state_only) {  // N 64, L 32: 64928 / 32544 bytes
+__host__ __device__ constexpr int smem_bwd_b(int N, int L, bool state_only) {  // N 64, L 32: 64928 / 32672 bytes
     return (state_only ? 2 * 2 + 1 : 2 * 4 + 4) * L * (N + 8) * 2 + (34 * (N + 4) + N) * 4 + L * 4;
 }
 // Channels per thread in the backward's prep: a block's threads cover 16 steps x N channels once, so 4 in pass 2
