@@ -65,6 +65,17 @@ SERVICE_ENV = {
 }
 
 
+# torch.distributed's rendezvous variables. A shell or process that ran a distributed job keeps them; a flow
+# run that inherited them through the worker would join that stale group (seen in the test suite: the one-process
+# pretraining of the e2e tried to listen on a port an earlier test's process group still held).
+RENDEZVOUS_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+                  "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "TORCHELASTIC_RUN_ID")
+
+
+def _without_rendezvous(env) -> dict[str, str]:
+    return {key: value for key, value in env.items() if key not in RENDEZVOUS_ENV}
+
+
 @dataclass
 class StackConfig:
     """Where the local stack lives and listens.
@@ -329,7 +340,7 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
     cfg = cfg or StackConfig()
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     _ensure_token(cfg.ray_token_file)
-    env = {**os.environ, **cfg.env(), **SERVICE_ENV}
+    env = {**_without_rendezvous(os.environ), **cfg.env(), **SERVICE_ENV}
     result: dict[str, str] = {}
     for svc in services(cfg):
         try:

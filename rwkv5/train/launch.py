@@ -167,6 +167,13 @@ def train_here(
     check_resume(storage, run_name, resume)
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        # One process by definition: a rendezvous left in the environment (a torchrun shell, an earlier run in
+        # this process) must not be joined; the worker picks a free port for its own group of one.
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
     return train(TrainJob(config=config, run_name=run_name, data_dir=_location(data_dir), storage_path=storage,
                           callbacks=list(callbacks or []), use_gpu=use_gpu))
 

@@ -61,3 +61,23 @@ def test_up_returns_states_when_everything_starts(cfg, monkeypatch):
     finally:
         assert stack.down(cfg) == {"only": "stopped"}
 
+
+
+def test_services_do_not_inherit_a_distributed_rendezvous(cfg, monkeypatch):
+    """A shell that ran torch.distributed keeps MASTER_PORT and friends; flow runs started through the worker
+    must not join that stale group (the e2e's one-process pretraining once tried to listen on such a port)."""
+    port = _free_port()
+    script = ("import os, runpy, sys; "
+              "print('rendezvous:', sorted(k for k in ('MASTER_PORT', 'WORLD_SIZE', 'RANK') if k in os.environ), "
+              "flush=True); "
+              f"sys.argv = ['http.server', '{port}', '--bind', '127.0.0.1']; "
+              "runpy.run_module('http.server', run_name='__main__')")
+    url = f"http://127.0.0.1:{port}/"
+    monkeypatch.setattr(stack, "services", lambda _cfg: [Service("env", [sys.executable, "-c", script], url, port, url)])
+    for key, value in {"MASTER_PORT": "29500", "WORLD_SIZE": "2", "RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    try:
+        assert stack.up(cfg, timeout=60) == {"env": "started"}
+    finally:
+        stack.down(cfg)
+    assert "rendezvous: []" in (cfg.state_dir / "logs" / "env.log").read_text()
