@@ -1,9 +1,11 @@
 """The `milestone` flow: fine-tune, evaluate and release one pretraining milestone.
 
 Triggered by the `rwkv5.pretrain.milestone` event (see prefect.yaml); the deployment's concurrency limit of 1
-with ENQUEUE runs one at a time. Enqueued runs do not start strictly in order, so each run first releases any
-earlier milestone of its run that has no result yet: releases appear in percent order whatever the start
-order. Each stage skips work that is already done, so a retried or re-sent milestone never releases twice.
+with ENQUEUE runs one at a time. Enqueued runs do not start strictly in order, so the run holding the slot
+releases every milestone of its run that is ready and has no release yet, in percent order around its own, and
+ends those milestones' still-waiting runs as complete: milestones are released, and their runs complete, in
+percent order whatever the start order. Each stage skips work that is already done, so a retried or re-sent
+milestone never releases twice.
 """
 
 from __future__ import annotations
@@ -172,12 +174,27 @@ def milestone(
     layout = Layout.default(state_dir)
     settings = _Settings(data_source, chat_data, finetune_steps, finetune_lr, finetune_max_len, finetune_workers,
                          gpus_per_worker, lambada, eval_ctx_len, eval_limit, release_to)
-    for earlier in _unreleased_before(layout, run, percent, _local_path(checkpoint_uri)):
-        get_run_logger().info("milestone %s %d%%: releasing the unreleased earlier milestone %d%% first",
-                              run, percent, earlier["percent"])
-        _release_milestone(layout, run, earlier["percent"], earlier["step"], earlier["tokens_seen"],
-                           earlier["path"], settings)
-    return _release_milestone(layout, run, percent, step, tokens_seen, str(_local_path(checkpoint_uri)), settings)
+    checkpoint = _local_path(checkpoint_uri)
+    pending = _unreleased(layout, run, checkpoint.parent.parent)
+    for other in [info for info in pending if info["percent"] < percent]:
+        _release_other(layout, run, percent, other, settings)
+    own = _result_file(layout, run, percent)
+    if own.is_file():  # released by another milestone's run while this one was starting
+        row = json.loads(own.read_text())
+    else:
+        row = _release_milestone(layout, run, percent, step, tokens_seen, str(checkpoint), settings)
+    for other in [info for info in pending if info["percent"] > percent]:
+        _release_other(layout, run, percent, other, settings)
+    return row
+
+
+def _release_other(layout: Layout, run: str, percent: int, other: dict, settings: _Settings) -> None:
+    """Release another milestone of the run and end its run if that is still waiting to start."""
+    logger = get_run_logger()
+    logger.info("milestone %s %d%%: releasing milestone %d%%, which has no release yet", run, percent, other["percent"])
+    _release_milestone(layout, run, other["percent"], other["step"], other["tokens_seen"], other["path"], settings)
+    for name in complete_waiting_runs(run, other["percent"]):
+        logger.info("milestone %s %d%%: its waiting run %s is complete", run, other["percent"], name)
 
 
 @dataclass(frozen=True)
@@ -197,20 +214,55 @@ class _Settings:
     release_to: str | None
 
 
-def _unreleased_before(layout: Layout, run: str, percent: int, checkpoint: Path) -> list[dict]:
-    """Earlier milestones of `run` whose checkpoints are complete but that have no result yet, in order.
+def _unreleased(layout: Layout, run: str, milestones_dir: Path) -> list[dict]:
+    """The run's milestones whose checkpoints are complete (`done.json`) but that have no result yet, in order.
 
     Milestone runs of a deployment with a concurrency limit are not started strictly in order (an enqueued run
     is retried at a later time each time the slot is taken, and a run whose worker died is rescheduled behind
-    the others), so a run first releases what came before it: releases always appear in percent order, and a
-    late run finds its milestone done and only re-verifies it."""
+    the others), and on a small machine they fall behind pretraining. So the run that holds the slot releases
+    every such milestone, earlier ones before its own and later ones after it, and ends their waiting runs:
+    releases and run completions follow percent order, and the waiting runs start no process at all."""
     rows = []
-    for done in sorted(checkpoint.parent.parent.glob("m*/done.json")):
+    for done in sorted(milestones_dir.glob("m*/done.json")):
         info = json.loads(done.read_text())
-        earlier = info.get("percent")
-        if earlier is not None and earlier < percent and not _result_file(layout, run, earlier).is_file():
+        if info.get("percent") is not None and not _result_file(layout, run, info["percent"]).is_file():
             rows.append(info)
     return sorted(rows, key=lambda row: row["percent"])
+
+
+def complete_waiting_runs(run: str, percent: int) -> list[str]:
+    """End the runs of this deployment for milestone `percent` of `run` that still wait to start (their work was
+    just done by a later milestone's run): each milestone run then completes exactly once, in percent order.
+
+    Only Scheduled runs (waiting for their time or for the concurrency slot, which this run holds) are ended; a
+    run a worker is already starting is left to find its milestone released. Returns their names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.runtime import deployment, flow_run
+    from prefect.states import Completed
+
+    if deployment.get_id() is None:  # called outside a deployment run (tests, a direct flow call)
+        return []
+    ended = []
+    with get_client(sync_client=True) as client:
+        waiting = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.get_id()])),
+        )
+        for other in waiting:
+            if other.parameters.get("run") == run and int(other.parameters.get("percent", -1)) == percent:
+                client.set_flow_run_state(
+                    other.id, Completed(message=f"milestone released by flow run {flow_run.get_name()}"), force=True)
+                ended.append(other.name)
+    return ended
 
 
 def _result_file(layout: Layout, run: str, percent: int) -> Path:

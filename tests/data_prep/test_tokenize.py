@@ -131,11 +131,19 @@ def test_resume_after_stop_is_byte_identical(corpus, clean_run, tmp_path):
 
 
 def test_killed_run_completes_byte_identical(corpus, clean_run, tmp_path):
-    # The slow reference tokenizer (same fingerprint, same ids) keeps the run busy long enough to kill it.
+    # After its first file the run waits before each next one, so it is killed mid-run on a machine of any speed.
     script = textwrap.dedent(f"""
-        from data_prep.tokenize import TokenizeConfig, tokenize
-        tokenize({str(corpus)!r}, {str(tmp_path)!r},
-                 TokenizeConfig(workers=1, shard_tokens=1000, progress=False, tokenizer_impl="reference"))
+        import time
+        import data_prep.tokenize as stage
+        original, started = stage.tokenize_file, []
+        def paced(task):
+            if started:
+                time.sleep(60)
+            started.append(task)
+            return original(task)
+        stage.tokenize_file = paced
+        stage.tokenize({str(corpus)!r}, {str(tmp_path)!r},
+                       stage.TokenizeConfig(workers=1, shard_tokens=1000, progress=False))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[2])
     deadline = time.monotonic() + 120

@@ -63,25 +63,28 @@ def test_evaluate_stage_reports_validation_per_source_and_lambada(tmp_path, base
     json.dumps(report)  # goes into MLflow and the milestone table as JSON
 
 
-def test_earlier_unreleased_milestones_come_first_in_order(tmp_path):
-    """Enqueued milestone runs may start out of order; a run releases the earlier ones that lack a result."""
-    from flows.milestone import _unreleased_before, _result_file
+def test_unreleased_milestones_are_found_in_order(tmp_path):
+    """Enqueued milestone runs may start out of order; the run holding the slot releases every ready one."""
+    from flows.milestone import _result_file, _unreleased
     from flows.paths import Layout
 
     layout = Layout(tmp_path)
     milestones = tmp_path / "checkpoints" / "demo" / "milestones"
-    for index in (1, 2, 3, 4):
+    for index in (4, 2, 1, 3):
         folder = milestones / f"m{index:03d}"
         folder.mkdir(parents=True)
         (folder / "done.json").write_text(json.dumps(
             {"milestone": index, "percent": 10 * index, "step": 4 * index, "tokens_seen": 4096 * index,
              "path": str(folder / "model.safetensors")}))
+    (milestones / "m005").mkdir()  # consolidating: no done.json yet
     _result_file(layout, "demo", 10).parent.mkdir(parents=True)
     _result_file(layout, "demo", 10).write_text("{}")  # 10% is released already
 
-    pending = _unreleased_before(layout, "demo", 40, milestones / "m004" / "model.safetensors")
-    assert [(row["percent"], row["step"]) for row in pending] == [(20, 8), (30, 12)]
-    assert _unreleased_before(layout, "demo", 20, milestones / "m002" / "model.safetensors") == []
+    pending = _unreleased(layout, "demo", milestones)
+    assert [(row["percent"], row["step"]) for row in pending] == [(20, 8), (30, 12), (40, 16)]
+    for percent in (20, 30, 40):
+        _result_file(layout, "demo", percent).write_text("{}")
+    assert _unreleased(layout, "demo", milestones) == []
 
 
 def test_only_remote_releases_go_to_the_mlflow_registry(monkeypatch):
