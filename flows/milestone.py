@@ -130,7 +130,17 @@ def _milestone_table(results_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["percent"])
 
 
-@flow(name="milestone", log_prints=True)
+def _end_waiting_later_runs(flow, flow_run, state) -> None:
+    """On completion: the runs of later milestones this run released end now, after it, keeping the order."""
+    params = flow_run.parameters
+    layout, run, percent = Layout.default(params.get("state_dir")), params["run"], int(params["percent"])
+    for result in sorted(layout.milestone_results(run).glob("m*.json")):
+        later = json.loads(result.read_text()).get("percent", -1)
+        if later > percent:
+            complete_waiting_runs(run, later)
+
+
+@flow(name="milestone", log_prints=True, on_completion=[_end_waiting_later_runs])
 def milestone(
     run: str,
     percent: int,
@@ -184,17 +194,19 @@ def milestone(
     else:
         row = _release_milestone(layout, run, percent, step, tokens_seen, str(checkpoint), settings)
     for other in [info for info in pending if info["percent"] > percent]:
-        _release_other(layout, run, percent, other, settings)
+        _release_other(layout, run, percent, other, settings, end_waiting_run=False)  # ended after this run
     return row
 
 
-def _release_other(layout: Layout, run: str, percent: int, other: dict, settings: _Settings) -> None:
+def _release_other(layout: Layout, run: str, percent: int, other: dict, settings: _Settings,
+                   end_waiting_run: bool = True) -> None:
     """Release another milestone of the run and end its run if that is still waiting to start."""
     logger = get_run_logger()
     logger.info("milestone %s %d%%: releasing milestone %d%%, which has no release yet", run, percent, other["percent"])
     _release_milestone(layout, run, other["percent"], other["step"], other["tokens_seen"], other["path"], settings)
-    for name in complete_waiting_runs(run, other["percent"]):
-        logger.info("milestone %s %d%%: its waiting run %s is complete", run, other["percent"], name)
+    if end_waiting_run:
+        for name in complete_waiting_runs(run, other["percent"]):
+            logger.info("milestone %s %d%%: its waiting run %s is complete", run, other["percent"], name)
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,27 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import random  # noqa: E402
+import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)  # in case torch was imported before this file (by a plugin)
+
+
+_SESSION_STARTED = time.monotonic()
+
+
+def session_elapsed() -> float:
+    """Seconds since the test session started."""
+    return time.monotonic() - _SESSION_STARTED
+
+
+def pytest_collection_modifyitems(config, items):
+    """The whole-pipeline e2e runs last: it wants the machine to itself (no session servers, Ray or MLflow of
+    other tests still starting), and its time check (tests/flows/test_pipeline_e2e.py) needs the rest's time."""
+    items.sort(key=lambda item: item.get_closest_marker("pipeline_e2e") is not None)  # stable: order kept
 
 
 @pytest.fixture(autouse=True)
