@@ -28,10 +28,32 @@ def session_elapsed() -> float:
     return time.monotonic() - _SESSION_STARTED
 
 
+# The two tests that run last, in this order, and only in a quick session (see `skip_unless_quick_session`).
+LATE_MARKERS = ("multinode", "pipeline_e2e")
+QUICK_SESSION_S = float(os.environ.get("RWKV5_E2E_START_BUDGET_S", "1500"))
+
+
 def pytest_collection_modifyitems(config, items):
-    """The whole-pipeline e2e runs last: it wants the machine to itself (no session servers, Ray or MLflow of
-    other tests still starting), and its time check (tests/flows/test_pipeline_e2e.py) needs the rest's time."""
-    items.sort(key=lambda item: item.get_closest_marker("pipeline_e2e") is not None)  # stable: order kept
+    """The two-node Ray test and the whole-pipeline e2e run last: the first shuts down the session's Ray
+    cluster to build its own, the second wants the machine to itself, and both check the rest's time."""
+
+    def lateness(item) -> int:
+        return next((i + 1 for i, name in enumerate(LATE_MARKERS) if item.get_closest_marker(name)), 0)
+
+    items.sort(key=lateness)  # stable: the order within each group is kept
+
+
+def skip_unless_quick_session(what: str) -> None:
+    """Skip `what` when the session so far took over RWKV5_E2E_START_BUDGET_S (default 1500 s).
+
+    On 2026-12-06 the rest of the suite took ~270 s on the 2-core development machine, the two-node test 42 s
+    and the pipeline e2e 6-10 min (~400 CPU s); CI has taken 4111-4718 s for the rest, a machine on which these
+    two would not fit CI's 90 minutes. Run alone (`python -m pytest -m pipeline_e2e` / `-m multinode`), they
+    always run."""
+    if session_elapsed() > QUICK_SESSION_S:
+        pytest.skip(f"the rest of the suite took {session_elapsed():.0f} s, over RWKV5_E2E_START_BUDGET_S="
+                    f"{QUICK_SESSION_S:.0f}: on a machine this slow {what} would not fit CI's 90 minutes; "
+                    f"run it alone with `python -m pytest -m {what}`")
 
 
 @pytest.fixture(autouse=True)

@@ -37,21 +37,12 @@ RUN = "e2e"
 PERCENTS = list(range(10, 101, 10))
 
 
-# The e2e runs last in the suite (tests/conftest.py). On 2026-12-06 it used ~400 CPU seconds of the 2-core
-# development machine (6-10 min alone) while the rest of the suite took ~270 s there; CI has taken 4111-4718 s for
-# the rest, a machine on which the e2e would need well over CI's remaining time. So it runs only when the rest of
-# the session took at most this long; alone (`python -m pytest -m pipeline_e2e`) it always runs.
-START_BUDGET_S = float(os.environ.get("RWKV5_E2E_START_BUDGET_S", "1500"))
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _time_to_run():
-    from tests.conftest import session_elapsed
+    """Last in the suite, and only when the rest was quick enough to leave it CI time (tests/conftest.py)."""
+    from tests.conftest import skip_unless_quick_session
 
-    if session_elapsed() > START_BUDGET_S:
-        pytest.skip(f"the rest of the suite took {session_elapsed():.0f} s, over RWKV5_E2E_START_BUDGET_S="
-                    f"{START_BUDGET_S:.0f}: on a machine this slow the pipeline e2e would not fit CI's 90 minutes; "
-                    "run it alone with `python -m pytest -m pipeline_e2e`")
+    skip_unless_quick_session("pipeline_e2e")
 
 
 @pytest.fixture(scope="module")
