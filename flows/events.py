@@ -14,7 +14,7 @@ from rwkv5.train.callbacks import Callback, MilestoneInfo, StepInfo
 from rwkv5.train.milestones import percent_of
 
 __all__ = ["MILESTONE_EVENT", "milestone_event_id", "run_resource_id", "PrefectMilestoneEvents",
-           "PrefectProgress"]
+           "PrefectProgress", "budget_percent"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,11 @@ class PrefectMilestoneEvents(Callback):
         logger.info("emitted %s for %s at %d%%", MILESTONE_EVENT, self.run_name, percent)
 
 
+def budget_percent(tokens_seen: int, token_budget: int) -> float:
+    """The token-budget progress bar's value."""
+    return min(100.0, 100.0 * tokens_seen / token_budget)
+
+
 @dataclass
 class PrefectProgress(Callback):
     """Updates the token-budget progress artifact in place (created by the flow, passed by id)."""
@@ -90,7 +95,7 @@ class PrefectProgress(Callback):
             return
         from prefect.artifacts import update_progress_artifact
 
-        progress = min(100.0, 100.0 * info.tokens_seen / self.ctx.config.token_budget)
+        progress = budget_percent(info.tokens_seen, self.ctx.config.token_budget)
         try:
             update_progress_artifact(artifact_id=uuid.UUID(self.artifact_id), progress=progress)
         except Exception as exc:  # the dashboard must never stop training

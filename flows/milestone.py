@@ -294,6 +294,8 @@ def _registry_name(run: str, target: str) -> str | None:
     MLflow's server refuses a local path as a model version's source (only paths inside a run's artifact
     folder are allowed), so releases to a local folder are not registered; the milestone's MLflow run holds
     their eval metrics, and the milestone table holds their location."""
-    if not os.environ.get("MLFLOW_TRACKING_URI") or "://" not in target or target.startswith("file://"):
+    from rwkv5.release import registrable
+
+    if not os.environ.get("MLFLOW_TRACKING_URI") or not registrable(target):
         return None
     return f"rwkv5-{run}"

@@ -19,7 +19,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from flows.events import PrefectMilestoneEvents, PrefectProgress
+from flows.events import PrefectMilestoneEvents, PrefectProgress, budget_percent
 from flows.paths import Layout, artifact_key
 from flows.plots import image_markdown, loss_curve_png, read_trace
 
@@ -100,7 +100,7 @@ def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, work
         metrics = dict(result.metrics or {})
     if metrics.get("tokens_seen") is not None:  # also when a re-run found nothing left to train
         update_progress_artifact(artifact_id=progress_id,
-                                 progress=min(100.0, 100.0 * metrics["tokens_seen"] / config.token_budget))
+                                 progress=budget_percent(metrics["tokens_seen"], config.token_budget))
     publish_loss_curve(run_name, trace)
     return {"run_name": run_name, "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
 

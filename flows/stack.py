@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["StackConfig", "StackError", "Service", "services", "up", "down", "status", "offline_env", "point_prefect_profile"]
+__all__ = ["StackConfig", "StackError", "is_failure", "Service", "services", "up", "down", "status", "offline_env", "point_prefect_profile"]
 
 WORK_POOL = "local-process"
 
@@ -316,13 +316,17 @@ def _reschedule_orphans(env: dict[str, str], dead_worker_started: datetime | Non
     return done.stdout.split()
 
 
+def is_failure(state: str) -> bool:
+    """Whether a state `up` reports means the service is not up."""
+    return state.startswith(("failed", "not started"))
+
+
 class StackError(RuntimeError):
     """Some services could not be started; `states` says what happened to each (the others were started)."""
 
     def __init__(self, states: dict[str, str]):
         self.states = states
-        failed = {name: state for name, state in states.items() if state.startswith(("failed", "not started"))}
-        super().__init__("; ".join(f"{name}: {state}" for name, state in failed.items()))
+        super().__init__("; ".join(f"{name}: {state}" for name, state in states.items() if is_failure(state)))
 
 
 def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: float = 600.0) -> dict[str, str]:
@@ -345,13 +349,13 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
     for svc in services(cfg):
         try:
             if svc.name == "prefect-worker":
-                server_ok = not result.get("prefect-server", "").startswith("failed")
+                server_ok = not is_failure(result.get("prefect-server", ""))
                 result[svc.name] = _up_worker(cfg, svc, env, prefect_ok=server_ok)
             else:
                 result[svc.name] = _up_service(cfg, svc, env, timeout)
         except (RuntimeError, OSError) as exc:
             result[svc.name] = f"failed: {exc}"
-    if deploy is not None and not result.get("prefect-server", "").startswith("failed"):
+    if deploy is not None and not is_failure(result.get("prefect-server", "")):
         done = _prefect(cfg, env, "--no-prompt", "deploy", "--all", "--prefect-file", str(deploy))
         if done.returncode != 0:
             result["deployments"] = f"failed: prefect deploy:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
@@ -360,7 +364,7 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
     (cfg.state_dir / "stack.json").write_text(json.dumps(
         {"prefect": cfg.prefect_api_url, "mlflow": cfg.mlflow_url, "ray": cfg.ray_address,
          "ray_dashboard": cfg.ray_dashboard_url}, indent=2))
-    if any(state.startswith(("failed", "not started")) for state in result.values()):
+    if any(map(is_failure, result.values())):
         raise StackError(result)
     return result
 
@@ -368,20 +372,19 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
 def _up_service(cfg: StackConfig, svc: Service, env: dict[str, str], timeout: float) -> str:
     if _healthy(svc.health_url, token=svc.health_token) or (svc.name == "ray-head" and _port_open(cfg.host, cfg.ray_port)):
         return "running"
-    for attempt in range(1, START_ATTEMPTS + 1):
+    attempt = 1
+    while True:
         log_offset = _log_file(cfg, svc).stat().st_size if _log_file(cfg, svc).is_file() else 0
         pid = _start(cfg, svc, env)
         try:
             _wait_healthy(cfg, svc, pid, timeout, log_offset)
             return "started"
-        except ServiceExitedError:
-            _kill_group(pid)  # what the failed start left behind (Ray's GCS server) must not hold the port
-            if attempt == START_ATTEMPTS:
+        except RuntimeError as exc:  # exited while starting (retried), or not healthy in time
+            # What a failed start left behind (Ray's GCS server) must not hold the port or outlive `down`.
+            _kill_group(pid)
+            if not isinstance(exc, ServiceExitedError) or attempt == START_ATTEMPTS:
                 raise
-        except RuntimeError:
-            _kill_group(pid)  # not healthy in time: stop it, or `down` and the next `up` would meet a zombie
-            raise
-    raise AssertionError("unreachable")
+        attempt += 1
 
 
 def _up_worker(cfg: StackConfig, svc: Service, env: dict[str, str], prefect_ok: bool) -> str:

@@ -83,7 +83,7 @@ def up(
     """Start the local stack (Prefect server + worker, MLflow, Ray head) where not already running."""
     from pathlib import Path
 
-    from flows.stack import StackConfig, StackError, point_prefect_profile, up as stack_up
+    from flows.stack import StackConfig, StackError, is_failure, point_prefect_profile, up as stack_up
 
     cfg = StackConfig(state_dir=Path(state_dir).resolve()) if state_dir else StackConfig()
     prefect_yaml = Path("prefect.yaml")
@@ -91,7 +91,7 @@ def up(
         started = stack_up(cfg, deploy=prefect_yaml if deploy and prefect_yaml.exists() else None)
     except StackError as exc:
         for name, state in exc.states.items():
-            typer.echo(f"{name:16s} {state}", err=state.startswith(("failed", "not started")))
+            typer.echo(f"{name:16s} {state}", err=is_failure(state))
         raise typer.Exit(1) from None
     for name, state in started.items():
         typer.echo(f"{name:16s} {state}")

@@ -363,8 +363,13 @@ def release_local(
     return Path(out_dir)
 
 
+def registrable(uri: str) -> bool:
+    """Whether MLflow's server takes `uri` as a model version source: it refuses local paths."""
+    return "://" in uri and not uri.startswith("file://")
+
+
 def _check_registrable(uri: str, model_name: str) -> None:
-    if "://" not in uri or uri.startswith("file://"):
+    if not registrable(uri):
         raise ReleaseError(f"MLflow registry: cannot register {uri} as {model_name!r}: MLflow's server takes no "
                            "local path as a model version source; release to object storage or the Hub to register")
 
