@@ -144,7 +144,9 @@ class MLflowCallback(Callback):
     Args:
         tracking_uri (str, optional): MLflow server. Default: MLFLOW_TRACKING_URI.
         experiment (str): experiment name. Default: "rwkv5-pretrain".
-        system_metrics (bool): sample CPU/GPU/memory in the background. Default: True.
+        system_metrics (bool): sample CPU/GPU/memory in the background (every
+            MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds, 10 by default) and once more at the end, so a run
+            shorter than the interval still records the machine it ran on. Default: True.
     """
 
     TAG = "rwkv5.run_name"
@@ -156,6 +158,7 @@ class MLflowCallback(Callback):
         self.system_metrics = system_metrics
         self.run_id: str | None = None
         self._active = False
+        self._monitor = None
 
     def pre_train(self, ctx: TrainContext) -> None:
         super().pre_train(ctx)
@@ -180,10 +183,15 @@ class MLflowCallback(Callback):
             run_id=self.run_id,
             run_name=ctx.run_name if fresh else None,
             tags={self.TAG: ctx.run_name} if fresh else None,
-            log_system_metrics=self.system_metrics,
+            log_system_metrics=False,  # our own monitor below, so that `_end` can take a closing sample
         )
         self.run_id = run.info.run_id
         self._active = True
+        if self.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=not fresh)
+            self._monitor.start()
         if fresh:
             mlflow.log_params(_flatten(ctx.config.model_dump()) | {"world_size": ctx.world_size})
 
@@ -203,8 +211,19 @@ class MLflowCallback(Callback):
         if self._active:
             import mlflow
 
+            self._stop_monitor()
             mlflow.end_run(status=status)
             self._active = False
+
+    def _stop_monitor(self) -> None:
+        """Stop the sampler, then log one closing sample (MLflow's own loop logs only after a full interval)."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        monitor.finish()
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
 
     def state_dict(self) -> dict:
         return {"run_id": self.run_id}

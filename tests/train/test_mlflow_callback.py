@@ -1,0 +1,40 @@
+"""MLflowCallback against the session's MLflow server: one run per run name, system metrics even when short."""
+
+from __future__ import annotations
+
+import torch
+
+from rwkv5.train.callbacks import MLflowCallback, TrainContext
+from rwkv5.train.config import run_preset
+
+
+def _context(run_name: str, tmp_path) -> TrainContext:
+    return TrainContext(run_name=run_name, rank=0, world_size=1, device=torch.device("cpu"),
+                        config=run_preset("tiny"), matmul_params=0, run_dir=tmp_path)
+
+
+def _open_and_close(server: str, run_name: str, tmp_path) -> str:
+    callback = MLflowCallback(server, experiment="callback-test", system_metrics=True)
+    callback.pre_train(_context(run_name, tmp_path))
+    callback.log_metrics(0, {"loss": 1.0})
+    callback.close()
+    return callback.run_id
+
+
+def test_a_run_shorter_than_the_sampling_interval_still_logs_system_metrics(mlflow_server, tmp_path, monkeypatch):
+    """MLflow's own sampler logs only after a full interval (10 s by default); a short run or a short resume
+    still gets one sample per session, at consecutive steps, in the one run of its name."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "600")
+    first = _open_and_close(mlflow_server, "short", tmp_path)
+    second = _open_and_close(mlflow_server, "short", tmp_path)
+    assert first == second
+
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(first)
+    assert run.info.status == "FINISHED"
+    system = sorted(k for k in run.data.metrics if k.startswith("system/"))
+    assert "system/cpu_utilization_percentage" in system
+    history = client.get_metric_history(first, "system/cpu_utilization_percentage")
+    assert sorted(m.step for m in history) == [0, 1]
