@@ -1,10 +1,12 @@
 """The `milestone` flow: fine-tune, evaluate and release one pretraining milestone.
 
-Triggered by the `rwkv5.pretrain.milestone` event (see prefect.yaml); the deployment's concurrency limit of 1
-with ENQUEUE runs one at a time. Enqueued runs do not start strictly in order, so the run holding the slot
-releases every milestone of its run that is ready and has no release yet, in percent order around its own:
-milestones are released in percent order whatever order their runs start in. Each stage skips work that is
-already done, so a retried or re-sent milestone never releases twice.
+Triggered by the `rwkv5.pretrain.milestone` event (see prefect.yaml). Runs go one at a time, in the order the
+events created them: the deployment's concurrency limit of 1 (ENQUEUE) guards the slot, and the work queue
+`milestones`, limited to 1 by `rwkv5 up`, makes the worker take the earliest waiting run (the deployment limit
+alone hands refused runs a later start time each, which reorders them). As a safety net for runs that start
+out of order anyway (events processed out of order, a stack without the queue limit), the run holding the slot
+also releases every earlier milestone that is ready and has no release yet, so releases follow percent order.
+Each stage skips work that is already done, so a retried or re-sent milestone never releases twice.
 """
 
 from __future__ import annotations
@@ -214,11 +216,11 @@ class _Settings:
 def _unreleased(layout: Layout, run: str, milestones_dir: Path) -> list[dict]:
     """The run's milestones whose checkpoints are complete (`done.json`) but that have no result yet, in order.
 
-    Milestone runs of a deployment with a concurrency limit are not started strictly in order (an enqueued run
-    is retried at a later time each time the slot is taken, and a run whose worker died is rescheduled behind
-    the others), and on a small machine they fall behind pretraining. So the run that holds the slot releases
-    every such milestone, earlier ones before its own and later ones after it: releases follow percent order
-    whatever order the runs start in, and a run that starts late finds its milestone released.
+    Milestone runs normally start in percent order (see the module docstring), but one may not (the server
+    processes events two at a time, so two milestones reached within moments may create their runs in either
+    order), and on a small machine they fall behind pretraining. So the run that holds the slot releases every
+    such milestone, earlier ones before its own and later ones after it: releases follow percent order whatever
+    order the runs start in, and a run that starts late finds its milestone released.
 
     Its waiting runs are not ended early: a state forced on a Scheduled run races the worker, whose refused
     submission sets it back to AwaitingConcurrencySlot (seen in the e2e: such a run started minutes later)."""

@@ -57,7 +57,9 @@ def reschedule_orphaned_runs(work_pool: str, crashed_since: datetime | None = No
                 # Crashed first, so the run's history shows what happened and its concurrency slot is released.
                 client.set_flow_run_state(run.id, Crashed(message="its worker died; rescheduled by `rwkv5 up`"),
                                           force=True)
-            client.set_flow_run_state(run.id, Scheduled(message="rescheduled after its worker died"), force=True)
+            # At its first expected start, so it keeps its place before runs created after it (milestones).
+            client.set_flow_run_state(run.id, Scheduled(scheduled_time=run.expected_start_time or run.created,
+                                                        message="rescheduled after its worker died"), force=True)
             rescheduled.append(run.name)
     return rescheduled
 

@@ -24,6 +24,10 @@ from pathlib import Path
 __all__ = ["StackConfig", "StackError", "is_failure", "Service", "services", "up", "down", "status", "offline_env", "point_prefect_profile"]
 
 WORK_POOL = "local-process"
+MILESTONE_QUEUE = "milestones"
+"""The milestone deployment's work queue. Its limit of one makes the worker take only the earliest waiting
+milestone run, so runs start in the order the milestone events created them. The deployment's own ENQUEUE
+limit alone refuses the others with a new, later start time each, which reorders them (seen in the e2e)."""
 
 
 def offline_env() -> dict[str, str]:
@@ -396,12 +400,22 @@ def _up_worker(cfg: StackConfig, svc: Service, env: dict[str, str], prefect_ok: 
     created = _prefect(cfg, env, "work-pool", "create", WORK_POOL, "--type", "process")
     if created.returncode != 0 and "already exists" not in (created.stdout + created.stderr):
         raise RuntimeError(f"could not create work pool {WORK_POOL}: {created.stderr.strip()}")
+    _limit_milestone_queue(cfg, env)
     # The pid file of a dead worker of ours is still there: its time is when that worker started.
     stale = _pid_file(cfg, svc.name)
     started = datetime.fromtimestamp(stale.stat().st_mtime, timezone.utc) if stale.is_file() else None
     orphans = _reschedule_orphans(env, started)
     _start(cfg, svc, env)
     return "started" + (f" (rescheduled {', '.join(orphans)})" if orphans else "")
+
+
+def _limit_milestone_queue(cfg: StackConfig, env: dict[str, str]) -> None:
+    """The milestone queue with a concurrency limit of 1, whether `prefect deploy` made it already or not."""
+    done = _prefect(cfg, env, "work-queue", "create", MILESTONE_QUEUE, "--pool", WORK_POOL, "--limit", "1")
+    if done.returncode != 0 and "already exists" in (done.stdout + done.stderr):
+        done = _prefect(cfg, env, "work-queue", "set-concurrency-limit", MILESTONE_QUEUE, "1", "--pool", WORK_POOL)
+    if done.returncode != 0:
+        raise RuntimeError(f"could not limit work queue {MILESTONE_QUEUE}: {(done.stdout + done.stderr).strip()}")
 
 
 def point_prefect_profile(cfg: StackConfig) -> str:

@@ -102,10 +102,12 @@ def _wait_milestones(cfg: StackConfig, run: str, timeout: float) -> list:
 
 
 def _assert_ten_milestones_once_in_order(runs: list, layout: Layout) -> None:
-    """One completed run per milestone, and the milestones released in percent order (enqueued runs may start
-    in any order: the run holding the slot releases every ready milestone that has none yet, in order)."""
+    """One completed run per milestone, the runs ending in percent order, and the milestones released in
+    percent order."""
     states = sorted((int(r.parameters["percent"]), r.state.type.value if r.state else None) for r in runs)
     assert states == [(percent, "COMPLETED") for percent in PERCENTS], states
+    ends = [r.end_time for r in sorted(runs, key=lambda r: int(r.parameters["percent"]))]
+    assert ends == sorted(ends), [(r.parameters["percent"], r.start_time, r.end_time) for r in runs]
     manifests = [layout.releases(RUN) / f"m{percent:03d}" / "manifest.json" for percent in PERCENTS]
     made = [path.stat().st_mtime_ns for path in manifests]
     assert made == sorted(made), list(zip(PERCENTS, made))
@@ -172,6 +174,13 @@ def finished_run(stack):
     restarted = up(stack)  # a new worker; the orphaned run is rescheduled and picked up again
     flow_run = _wait_final(stack, RUN, timeout=1800)
     return {"restarted": restarted, "flow_run": flow_run, "milestones": _wait_milestones(stack, RUN, 1800)}
+
+
+def test_milestone_queue_takes_one_run_at_a_time(stack):
+    from flows.stack import MILESTONE_QUEUE, WORK_POOL
+
+    with _client(stack) as client:
+        assert client.read_work_queue_by_name(MILESTONE_QUEUE, work_pool_name=WORK_POOL).concurrency_limit == 1
 
 
 def test_killed_worker_run_is_retried_without_lost_or_duplicated_milestones(stack, finished_run):

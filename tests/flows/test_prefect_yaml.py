@@ -47,8 +47,13 @@ def test_tiny_is_complete_and_7b_needs_a_run_name(deployments):
 def test_milestone_deployment_is_triggered_in_order_by_the_event(deployments):
     from flows.events import MILESTONE_EVENT
 
+    from flows.stack import MILESTONE_QUEUE, WORK_POOL
+
     auto = deployments["auto"]
     assert auto["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    # A queue of its own, which `rwkv5 up` limits to one run: the worker takes the waiting runs in order.
+    assert auto["work_pool"] == {"name": WORK_POOL, "work_queue_name": MILESTONE_QUEUE}
+    assert all(d["work_pool"]["work_queue_name"] != MILESTONE_QUEUE for n, d in deployments.items() if n != "auto")
     (trigger,) = auto["triggers"]
     assert trigger["expect"] == [MILESTONE_EVENT]
     sig = _signature(auto)
