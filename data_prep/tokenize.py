@@ -3,10 +3,13 @@
     rwkv5 data tokenize --src DIR --out DIR [--workers N]
 
 The unit of work is one input file (`FileTask` -> `tokenize_file` -> `FileResult`): it streams the file, encodes
-each document with the RWKV World tokenizer, appends the end-of-document id 0, writes the file's shards and
-finally its completion record `_done/<prefix>.json`. Everything it needs is in the picklable task and
-everything it produced is in the record, so the same function runs in a `spawn` process pool here and could
-run as a Ray task on other nodes. The Rust tokenizer hangs in forked children, hence `spawn`.
+its documents with the RWKV World tokenizer, appends the end-of-document id 0 to each, writes the file's shards
+and finally its completion record `_done/<prefix>.json`. Documents are encoded in batches of about
+`BATCH_CHARS` characters by one `WorldTokenizer.encode_flat` call each (with the native tokenizer, one C call
+that returns a uint16 array: no Python list per document); the shards do not depend on the batching. Everything
+it needs is in the picklable task and everything it produced is in the record, so the same function runs in a
+`spawn` process pool here and could run as a Ray task on other nodes. The Rust tokenizer (impl "fast") hangs in
+forked children, hence `spawn`.
 
 Output, per split (`train`, `validation`, `test`; files outside such a folder count as `train`):
 
@@ -30,7 +33,6 @@ the summary lists it, and a re-run tries it again (e.g. after a re-download). Th
 
 from __future__ import annotations
 
-import itertools
 import json
 import multiprocessing
 import os
@@ -41,10 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import ErrorBudgetExceeded, InputReadError, SourceError, TokenizationError
-from data_prep.jsonl import BAD_LINE_KINDS, BadLine, iter_documents
+from data_prep.errors import ErrorBudgetExceeded, InputReadError, SourceError
+from data_prep.jsonl import BAD_LINE_KINDS, BadLine, Document, iter_documents
 from data_prep.shards import DEFAULT_SHARD_TOKENS, ShardInfo, ShardWriter, atomic_write_text, write_manifest
-from data_prep.tokenizer import WorldTokenizer, load_tokenizer
+from data_prep.tokenizer import FlatIds, WorldTokenizer, default_impl, load_tokenizer
 
 __all__ = [
     "FileResult",
@@ -62,6 +64,9 @@ DONE_DIR = "_done"
 QUARANTINE_DIR = "_quarantine"
 # Line numbers kept per file and kind; counts are always complete.
 MAX_LINES_LISTED = 50
+# Characters of text per `encode_flat` call: large enough that per-call costs vanish, small enough to stay cheap
+# in memory (the documents and their ids, a few MB).
+BATCH_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,8 @@ class TokenizeConfig:
         workers: processes; 0 means one per core. Default: 0.
         shard_tokens: target shard size in tokens. Default: `DEFAULT_SHARD_TOKENS` (32 Mi tokens, 64 MiB).
         vocab_path: tokenizer vocabulary. Default: None (the shipped rwkv_vocab_v20230424).
-        tokenizer_impl: "fast" (Rust) or "reference" (pure Python, slow). Default: "fast".
+        tokenizer_impl: "native" (C extension), "fast" (Rust) or "reference" (pure Python, slow); None for
+            `data_prep.tokenizer.default_impl()` (native when built, else fast). Default: None.
         max_bad_line_fraction: most bad lines (all kinds) per line read before the stage fails. Default: 0.001.
         max_quarantined_fraction: most quarantined files per input file before the stage fails. Default: 0.001
             (a few dozen of SlimPajama's 59k files; none of a small corpus).
@@ -84,7 +90,7 @@ class TokenizeConfig:
     workers: int = 0
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     vocab_path: str | None = None
-    tokenizer_impl: str = "fast"
+    tokenizer_impl: str | None = None
     max_bad_line_fraction: float = 0.001
     max_quarantined_fraction: float = 0.001
     max_files: int | None = None
@@ -110,7 +116,7 @@ class FileTask:
         out_dir: the split's dataset directory.
         prefix: shard name prefix inside `out_dir`, e.g. `chunk1/example_train_0`.
         vocab_path: tokenizer vocabulary, None for the default.
-        tokenizer_impl: "fast" or "reference".
+        tokenizer_impl: "native", "fast" or "reference"; None for the default.
         shard_tokens: target shard size in tokens.
     """
 
@@ -119,7 +125,7 @@ class FileTask:
     out_dir: str
     prefix: str
     vocab_path: str | None = None
-    tokenizer_impl: str = "fast"
+    tokenizer_impl: str | None = None
     shard_tokens: int = DEFAULT_SHARD_TOKENS
 
     @property
@@ -181,10 +187,10 @@ class FileResult:
         return cls(**obj)
 
 
-_TOKENIZERS: dict[tuple[str | None, str], WorldTokenizer] = {}
+_TOKENIZERS: dict[tuple[str | None, str | None], WorldTokenizer] = {}
 
 
-def _tokenizer(vocab_path: str | None, impl: str) -> WorldTokenizer:
+def _tokenizer(vocab_path: str | None, impl: str | None) -> WorldTokenizer:
     # Built once per worker process and reused for every file it gets.
     key = (vocab_path, impl)
     if key not in _TOKENIZERS:
@@ -192,15 +198,12 @@ def _tokenizer(vocab_path: str | None, impl: str) -> WorldTokenizer:
     return _TOKENIZERS[key]
 
 
-_EOD = (0,)
-
-
 class _SourceBuffer:
     """Ids of the current shard's documents of one source, each followed by the end-of-document id.
 
-    Each document's ids become a uint16 array at once. Holding the tokenizer's Python lists until a larger
-    conversion looked cheaper, but the cyclic garbage collector then walks every held list on each pass:
-    28% of the stage's time on the bench corpus (bench/NOTES.md, "Tokenize stage").
+    Each document's ids are a uint16 view into its batch's `FlatIds.ids`. (Holding Python lists of ids instead
+    made the cyclic garbage collector walk every held list on each pass: 28% of the stage's time on the bench
+    corpus, bench/NOTES.md, "Tokenize stage".)
     """
 
     __slots__ = ("chunks", "documents")
@@ -209,8 +212,9 @@ class _SourceBuffer:
         self.chunks: list[np.ndarray] = []
         self.documents = 0
 
-    def add(self, ids: list[int]) -> None:
-        self.chunks.append(np.fromiter(itertools.chain(ids, _EOD), dtype=np.uint16, count=len(ids) + 1))
+    def add(self, ids: np.ndarray) -> None:
+        """One document's ids, end-of-document id included."""
+        self.chunks.append(ids)
         self.documents += 1
 
     def tokens(self) -> np.ndarray:
@@ -252,8 +256,40 @@ def tokenize_file(task: FileTask) -> FileResult:
         if len(bad_numbers[kind]) < MAX_LINES_LISTED:
             bad_numbers[kind].append(line)
 
+    def encode(docs: list[Document]) -> FlatIds:
+        flat = tok.encode_flat([doc.text for doc in docs])
+        result.text_bytes += flat.text_bytes
+        for index, _position in flat.errors:
+            count_bad("unencodable", docs[index].line)
+        return flat
+
     buffers: dict[str, _SourceBuffer] = {}
     shard_fill = 0  # tokens since the last cut, in input order: cuts do not depend on how sources interleave
+
+    def add_batch(docs: list[Document], writer: ShardWriter) -> None:
+        # Documents in input order, as if one at a time: the shards do not depend on the batching.
+        nonlocal shard_fill
+        flat = encode(docs)
+        ids, offsets = flat.ids, flat.offsets.tolist()
+        unencodable = {index for index, _position in flat.errors}  # counted by encode()
+        for index, doc in enumerate(docs):
+            if index in unencodable:
+                continue
+            start, end = offsets[index], offsets[index + 1]
+            buf = buffers.get(doc.source)
+            if buf is None:
+                buf = buffers[doc.source] = _SourceBuffer()
+            buf.add(ids[start:end])
+            counts = result.by_source.setdefault(doc.source, {"documents": 0, "tokens": 0})
+            counts["documents"] += 1
+            counts["tokens"] += end - start
+            shard_fill += end - start
+            if shard_fill >= task.shard_tokens:
+                _cut_shard(buffers, writer)
+                shard_fill = 0
+
+    pending: list[Document] = []
+    pending_chars = 0
     try:
         with ShardWriter(task.out_dir, task.prefix, tok.fingerprint, None, [task.rel]) as writer:
             for item in iter_documents(task.src):
@@ -262,30 +298,23 @@ def tokenize_file(task: FileTask) -> FileResult:
                 if isinstance(item, BadLine):
                     count_bad(item.kind, item.line)
                     continue
-                try:
-                    ids = tok.encode(item.text)
-                except TokenizationError:
-                    count_bad("unencodable", item.line)
-                    continue
-                # isascii() is O(1) on CPython strings, so only non-ASCII text pays for an encode to count.
-                result.text_bytes += len(item.text) if item.text.isascii() else len(item.text.encode("utf-8"))
-                buf = buffers.get(item.source)
-                if buf is None:
-                    buf = buffers[item.source] = _SourceBuffer()
-                buf.add(ids)
-                counts = result.by_source.setdefault(item.source, {"documents": 0, "tokens": 0})
-                counts["documents"] += 1
-                counts["tokens"] += len(ids) + 1
-                shard_fill += len(ids) + 1
-                if shard_fill >= task.shard_tokens:
-                    _cut_shard(buffers, writer)
-                    shard_fill = 0
+                pending.append(item)
+                pending_chars += len(item.text)
+                if pending_chars >= BATCH_CHARS:
+                    add_batch(pending, writer)
+                    pending, pending_chars = [], 0
+            if pending:
+                add_batch(pending, writer)
+                pending = []
             if buffers:
                 _cut_shard(buffers, writer)
         shards = writer.commit()
     except InputReadError as exc:
         result.status, result.reason = "quarantined", str(exc)
         shards = []
+        if pending:
+            # The documents read before the damage count (text bytes, unencodable lines) as if encoded one by one.
+            encode(pending)
     # A quarantined file contributes nothing but its bad-line counts.
     result.by_source = dict(sorted(result.by_source.items())) if result.status == "done" else {}
     result.documents = sum(c["documents"] for c in result.by_source.values())
@@ -322,6 +351,8 @@ def plan_tasks(src: str | os.PathLike, out: str | os.PathLike, config: TokenizeC
     )
     if not paths:
         raise SourceError(f"{src}: no {INPUT_SUFFIX} files found")
+    # Resolved here, once: every worker then runs the same implementation (and logs no fallback of its own).
+    impl = config.tokenizer_impl or default_impl()
     tasks = []
     for path in paths:
         rel = path.relative_to(src_root).as_posix()
@@ -333,7 +364,7 @@ def plan_tasks(src: str | os.PathLike, out: str | os.PathLike, config: TokenizeC
                 out_dir=str(out_root / split),
                 prefix=prefix,
                 vocab_path=config.vocab_path,
-                tokenizer_impl=config.tokenizer_impl,
+                tokenizer_impl=impl,
                 shard_tokens=config.shard_tokens,
             )
         )
@@ -472,7 +503,7 @@ def tokenize(src: str | os.PathLike, out: str | os.PathLike, config: TokenizeCon
     config = config or TokenizeConfig()
     started = time.perf_counter()
     tasks = plan_tasks(src, out, config)
-    fingerprint = _tokenizer(config.vocab_path, config.tokenizer_impl).fingerprint
+    fingerprint = _tokenizer(config.vocab_path, config.tokenizer_impl or default_impl()).fingerprint
     out_root = Path(out).resolve()
     for stale in out_root.rglob(".*.tmp*"):  # leftovers of a killed run; never referenced by any record
         stale.unlink(missing_ok=True)

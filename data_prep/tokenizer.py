@@ -1,27 +1,49 @@
 """The RWKV World tokenizer (vocabulary rwkv_vocab_v20230424): greedy longest match over UTF-8 bytes.
 
-Two implementations share one interface (`WorldTokenizer`) and one vocabulary file:
+Three implementations share one interface (`WorldTokenizer`) and one vocabulary file:
 
-- `impl="reference"`: pure Python, written here from the vocabulary file's definition. A byte trie finds the
-  longest vocabulary entry (at most 128 bytes) at each position. Slow (0.65 MB/s per core measured here,
-  about 3x the `rwkv` package's pure-Python tokenizer), but obviously right: tests check the fast one
-  against it.
-- `impl="fast"` (the default): the Rust package `pyrwkv-tokenizer` 0.9.1. Both maintained Rust packages,
-  `pyrwkv-tokenizer` 0.9.1 and `rwkv-tokenizer` 0.5.2, give ids identical to the reference on our test text
-  and run at the same speed, 38-39 MB/s per core (`bench/tokenizer.py`, `bench/results/tokenizer.json`). We use
+- `impl="native"` (the default when built): our C extension `data_prep._world_tokenizer`
+  (``data_prep/_world_tokenizer.c``, built in place by ``pip install -e .`` through ``setup.py``). The vocabulary,
+  parsed here, becomes a double-array trie of 8-byte slots (~1 MB, built in ~15 ms); encoding walks it from each
+  position, one load per byte, and emits the last id seen. `encode_flat` encodes a whole batch in one call,
+  without the GIL, into one uint16 array with offsets: the tokenize stage's hot path, with no Python list per
+  document. The extension starts no threads, so it is safe in forked children.
+- `impl="fast"`: the Rust package `pyrwkv-tokenizer` 0.9.1, used when the extension is not built (no C compiler;
+  one log line says so, `default_impl`). Both maintained Rust packages, `pyrwkv-tokenizer` 0.9.1 and
+  `rwkv-tokenizer` 0.5.2, give ids identical to the reference and run at the same speed; we wrap
   `pyrwkv-tokenizer` because it is the newer release of the same author's code, is Apache-2.0 licensed, and
-  also offers a multi-threaded `encode_batch` (the other has none).
+  has a multi-threaded `encode_batch`.
+- `impl="reference"`: pure Python, written here from the vocabulary file's definition. A byte trie finds the
+  longest vocabulary entry (at most 128 bytes) at each position. Slow, but obviously right: tests check the
+  others against it.
+
+Why we wrote our own. Issue 3 asks for 35 MB/s of text per core through the whole tokenize stage (read zstd and
+JSON, tokenize, write shards) at 1 and 2 processes. The maintained Rust packages encode at 38-39 MB/s per core on
+their own (`bench/tokenizer.py` of 2026-11-29 on the then Intel Xeon VM), and the stage around them reached
+24.7 MB/s per core in one process and 33.8 per process in two: the tokenizer was ~80% of the stage's time, so
+even a wrapper with no overhead would have given ~31 MB/s. A faster tokenizer was the only way to the target;
+the packages offer no faster path (their batch call only adds threads), so we wrote one.
+
+Measured (2026-12-06, a 2-core AMD EPYC VM, load average 2.0 from other work; figures of one run compare, runs
+on this VM differ by up to 2x). `bench/tokenizer.py` (`bench/results/tokenizer.json`), MB/s of text per core:
+reference 8.0, `rwkv` 0.8's pure-Python TRIE_TOKENIZER 5.7, pyrwkv-tokenizer `encode` 68.1 (63.4 through
+`impl="fast"`), native `encode` 130.5 (it returns Python lists, like the others), native `encode_flat` 229.6
+(3.4x the Rust package). `bench/data_pipeline.py` (`bench/results/data_pipeline.json`), with the native
+tokenizer: tokenize step 211 MB/s (fast in the same rounds 45.7), **end to end 103.7 MB/s per core in one
+process and 102.6 per process in two** (fast, same rounds: 36.1 and 34.5), i.e. 2.9x and 3.0x, with shards
+byte-identical to the fast implementation's. A repeat minutes later gave 108.3 and 121.8 (fast 38.5 and 43.9).
 
 Gotchas of the Rust package, and what this module does about them:
 
 - Its `encode_batch` starts a thread pool; a child forked after that hangs on its next batch call. Processes
-  that tokenize in parallel must use the ``spawn`` start method. As a safety net, `encode_batch` notices that it
-  runs in a forked child of a process that used the pool and encodes one text at a time instead.
+  that tokenize in parallel with it must use the ``spawn`` start method. As a safety net, `encode_batch` notices
+  that it runs in a forked child of a process that used the pool and encodes one text at a time instead.
 - Its `decode` panics (`BaseException`) on ids whose bytes are not valid UTF-8 on their own, and on ids past
   the vocabulary. We never call it: decoding is a join over our own byte table, with invalid UTF-8 replaced.
-- A lone surrogate (e.g. ``"\\ud800"``, which JSON may carry) has no UTF-8 encoding, so no implementation can
-  tokenize it. Both raise `TokenizationError` with the character position, so the tokenization stage can count
-  such documents and go on.
+
+A lone surrogate (e.g. ``"\\ud800"``, which JSON may carry) has no UTF-8 encoding, so no implementation can
+tokenize it. All raise `TokenizationError` with the character position (`encode_flat` lists the text and goes
+on), so the tokenization stage can count such documents and go on.
 
 Token ids: 1..65529 are vocabulary entries (1..256 are the single bytes 0x00..0xFF), 0 is end of document
 (`eod_id`), 65530..65535 are unused padding up to `vocab_size` (65536 ids fit uint16 exactly).
@@ -32,10 +54,16 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import importlib
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from data_prep.errors import TokenizationError, TokenizerError
 
@@ -48,15 +76,21 @@ __all__ = [
     "WorldTokenizer",
     "ReferenceTokenizer",
     "FastTokenizer",
+    "NativeTokenizer",
+    "FlatIds",
+    "default_impl",
     "load_tokenizer",
     "read_vocab",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_VOCAB_PATH = Path(__file__).parent / "assets" / "rwkv_vocab_v20230424.txt"
 VOCAB_SIZE = 65536
 EOD_ID = 0
 MAX_TOKEN_BYTES = 128
-IMPLEMENTATIONS = ("fast", "reference")
+IMPLEMENTATIONS = ("native", "fast", "reference")
+NATIVE_MODULE = "data_prep._world_tokenizer"
 
 
 @dataclass(frozen=True)
@@ -170,8 +204,26 @@ def _encode_error(exc: UnicodeEncodeError, index: int | None = None) -> Tokeniza
     )
 
 
+class FlatIds(NamedTuple):
+    """Token ids of a batch of texts in one array (`WorldTokenizer.encode_flat`).
+
+    Args:
+        ids: ``(tokens,)`` uint16, every encodable text's ids in order, each followed by the end-of-document id
+            when asked for.
+        offsets: ``(len(texts) + 1,)`` int64; text i is ``ids[offsets[i]:offsets[i + 1]]`` (empty for a text
+            that could not be encoded).
+        errors: ``(index, character position)`` of each text holding a lone surrogate, in order.
+        text_bytes: UTF-8 bytes of the texts encoded (those in `errors` not counted).
+    """
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    errors: list[tuple[int, int]]
+    text_bytes: int
+
+
 class WorldTokenizer:
-    """Common interface and decoding of both implementations; use `load_tokenizer` to get one.
+    """Common interface and decoding of the implementations; use `load_tokenizer` to get one.
 
     Instances pickle as (vocabulary path, implementation), so they can be handed to ``spawn`` workers, which
     rebuild them.
@@ -228,6 +280,33 @@ class WorldTokenizer:
             except TokenizationError as exc:
                 raise TokenizationError(f"{exc} (text {index} in the batch)", exc.position, index) from None
         return out
+
+    def encode_flat(self, texts: Sequence[str], eod: bool = True) -> FlatIds:
+        """Ids of every text in one uint16 array, for bulk work (the tokenize stage): no list per text.
+
+        A text that cannot be encoded (lone surrogate) is listed in `FlatIds.errors` and skipped; the others
+        are still encoded.
+
+        Args:
+            texts: the texts.
+            eod: append the end-of-document id 0 after each encoded text. Default: True.
+        """
+        import numpy as np
+
+        tail = [EOD_ID] if eod else []
+        chunks, offsets, errors, total, text_bytes = [], [0], [], 0, 0
+        for index, text in enumerate(texts):
+            try:
+                ids = self.encode(text) + tail
+            except TokenizationError as exc:
+                errors.append((index, exc.position))
+            else:
+                chunks.append(np.array(ids, dtype=np.uint16))
+                total += len(ids)
+                text_bytes += len(text) if text.isascii() else len(text.encode("utf-8"))
+            offsets.append(total)
+        ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint16)
+        return FlatIds(ids, np.array(offsets, dtype=np.int64), errors, text_bytes)
 
     def decode_bytes(self, ids: Sequence[int]) -> bytes:
         """The bytes that `ids` stand for.
@@ -371,20 +450,79 @@ class FastTokenizer(WorldTokenizer):
             return super().encode_batch(texts)
 
 
-def load_tokenizer(vocab_path: str | Path | None = None, impl: str = "fast") -> WorldTokenizer:
+class NativeTokenizer(WorldTokenizer):
+    """Our C extension `data_prep._world_tokenizer` (``data_prep/_world_tokenizer.c``): a double-array trie over
+    the vocabulary parsed here, built in ~15 ms; decoding through the shared byte table.
+
+    `encode_flat` is one C call for the whole batch, without the GIL, and returns the ids as one uint16 array.
+    The extension starts no threads, so forked children are safe.
+    """
+
+    impl = "native"
+
+    def __init__(self, vocab: Vocab) -> None:
+        super().__init__(vocab)
+        try:
+            module = importlib.import_module(NATIVE_MODULE)
+        except ImportError as exc:
+            raise TokenizerError(
+                f"impl='native' needs the C extension {NATIVE_MODULE}, which is not built here ({exc}); build it "
+                "with `pip install -e . --no-deps` (needs a C compiler), or use impl='fast'"
+            ) from exc
+        self._encoder = _native_encoder(module, vocab)
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self._encoder.encode(text)
+        except UnicodeEncodeError as exc:
+            raise _encode_error(exc) from None
+
+    def encode_flat(self, texts: Sequence[str], eod: bool = True) -> FlatIds:
+        import numpy as np
+
+        ids, offsets, errors, text_bytes = self._encoder.encode_batch(texts, EOD_ID if eod else -1)
+        return FlatIds(np.frombuffer(ids, dtype=np.uint16), np.frombuffer(offsets, dtype=np.int64), errors,
+                       text_bytes)
+
+
+@functools.lru_cache(maxsize=4)
+def _native_encoder(module, vocab: Vocab):
+    try:
+        return module.Encoder(vocab.tokens)
+    except ValueError as exc:
+        raise TokenizerError(f"vocabulary file {vocab.path}: {exc}") from exc
+
+
+@functools.cache
+def default_impl() -> str:
+    """``"native"`` when the C extension is importable, else ``"fast"`` (said once per process in a log line)."""
+    try:
+        importlib.import_module(NATIVE_MODULE)
+    except ImportError as exc:
+        logger.warning("tokenizer: the C extension %s is not built (%s); using impl='fast' (pyrwkv-tokenizer, "
+                       "slower); `pip install -e . --no-deps` builds it", NATIVE_MODULE, exc)
+        return "fast"
+    return "native"
+
+
+def load_tokenizer(vocab_path: str | Path | None = None, impl: str | None = None) -> WorldTokenizer:
     """Build the RWKV World tokenizer.
 
     Args:
         vocab_path: vocabulary file. Default: ``data_prep/assets/rwkv_vocab_v20230424.txt`` (shipped).
-        impl: ``"fast"`` (Rust, for real work) or ``"reference"`` (pure Python, for checking). Default: "fast".
+        impl: ``"native"`` (our C extension, for real work), ``"fast"`` (the Rust package pyrwkv-tokenizer) or
+            ``"reference"`` (pure Python, for checking). Default: None, meaning `default_impl()`: native when
+            the extension is built, else fast.
 
     Returns:
-        A `WorldTokenizer`; both implementations give identical ids and the same `fingerprint`.
+        A `WorldTokenizer`; all implementations give identical ids and the same `fingerprint`.
 
     Raises:
-        TokenizerError: unknown `impl`, unreadable or malformed vocabulary, missing Rust package.
+        TokenizerError: unknown `impl`, unreadable or malformed vocabulary, missing extension or Rust package.
     """
+    impl = default_impl() if impl is None else impl
     if impl not in IMPLEMENTATIONS:
         raise TokenizerError(f"tokenizer impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     vocab = read_vocab(Path(vocab_path) if vocab_path is not None else DEFAULT_VOCAB_PATH)
-    return FastTokenizer(vocab) if impl == "fast" else ReferenceTokenizer(vocab)
+    classes = {"native": NativeTokenizer, "fast": FastTokenizer, "reference": ReferenceTokenizer}
+    return classes[impl](vocab)

@@ -116,6 +116,53 @@ def test_spawned_workers_write_identical_bytes(corpus, clean_run, tmp_path):
     assert _outputs(tmp_path) == _outputs(clean_run[0])
 
 
+def test_clean_run_uses_the_native_tokenizer_by_default(corpus):
+    from data_prep.tokenize import plan_tasks
+
+    tasks = plan_tasks(corpus, corpus.parent / "unused", TokenizeConfig())
+    assert {t.tokenizer_impl for t in tasks} == {"native"}
+
+
+@pytest.mark.parametrize("batch_chars", [1 << 20, 700])
+def test_native_and_fast_tokenizers_write_identical_bytes(batch_chars, monkeypatch, tmp_path):
+    # The native tokenizer encodes batches of documents in one call (`encode_flat`); the Rust one goes through
+    # the base class, one document at a time. Small batches put batch ends between every few documents, next to
+    # bad lines, unencodable documents and the damage of a truncated file.
+    import data_prep.tokenize as stage
+
+    monkeypatch.setattr(stage, "BATCH_CHARS", batch_chars)
+    src = tmp_path / "src"
+    texts = _texts()
+    lines = []
+    for i, text in enumerate(texts):
+        lines.append(_line(text, SOURCES[i % len(SOURCES)]))
+        if i % 9 == 4:
+            lines.append(b'{"text": "lone \\ud800 surrogate", "meta": {"redpajama_set_name": "RedPajamaC4"}}')
+        if i % 13 == 6:
+            lines.append(b'{"text": "broken')
+    _write(src / "train" / "chunk1" / "mixed.jsonl.zst", lines, frames=3)
+    truncated = src / "train" / "chunk1" / "truncated.jsonl.zst"
+    _write(truncated, lines * 2)
+    truncated.write_bytes(truncated.read_bytes()[:-50])
+    outputs = {}
+    for impl in ("fast", "native"):
+        out = tmp_path / impl
+        summary = tokenize(src, out, TokenizeConfig(workers=1, shard_tokens=700, progress=False, tokenizer_impl=impl,
+                                                    max_bad_line_fraction=1.0, max_quarantined_fraction=1.0))
+        records = {p.relative_to(out).as_posix(): json.loads(p.read_text())
+                   for p in sorted(out.rglob("_*/**/*.json"))}
+        for record in records.values():
+            record.pop("seconds")
+        outputs[impl] = (_outputs(out), records, summary)
+    (fast_files, fast_records, fast), (native_files, native_records, native) = outputs["fast"], outputs["native"]
+    assert native_files == fast_files and native_records == fast_records
+    assert len(native_records) == 2 and list(native.quarantined) == ["train/chunk1/truncated.jsonl.zst"]
+    quarantined = native_records["train/_quarantine/chunk1/truncated.json"]
+    assert quarantined["bad_lines"]["unencodable"] > len(texts) // 9 and quarantined["text_bytes"] > 0
+    assert native.bad_lines == fast.bad_lines and native.bad_lines["unencodable"] > 0
+    assert (native.documents, native.tokens, native.text_bytes) == (fast.documents, fast.tokens, fast.text_bytes)
+
+
 def test_resume_after_stop_is_byte_identical(corpus, clean_run, tmp_path):
     config = TokenizeConfig(workers=1, shard_tokens=1000, progress=False, max_files=2)
     first = tokenize(corpus, tmp_path, config)

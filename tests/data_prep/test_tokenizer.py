@@ -34,16 +34,6 @@ VARIED_TEXTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def reference():
-    return load_tokenizer(impl="reference")
-
-
-@pytest.fixture(scope="module")
-def fast():
-    return load_tokenizer(impl="fast")
-
-
 def _vocab_entries(path: Path) -> dict[bytes, int]:
     """The vocabulary as {bytes: id}, parsed here independently of data_prep.tokenizer."""
     entries = {}
