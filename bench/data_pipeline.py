@@ -7,12 +7,19 @@ with its train documents written `--copies` times into larger `.jsonl.zst` files
 so that per-file work dominates as it does on SlimPajama's ~60 MB files. Steps, each on one core:
 
 - read: zstd decompression and JSON parsing (`iter_documents`), MB/s of JSON input;
-- tokenize: `WorldTokenizer.encode` plus the uint16 conversion the stage does, MB/s of UTF-8 text;
+- tokenize: `WorldTokenizer.encode_flat` of each file's documents and the per-document uint16 views the stage
+  takes of its result, MB/s of UTF-8 text;
 - write: Arrow shards of those ids (`ShardWriter`, sha256 included), MB/s of the text they came from;
 - end to end: `tokenize_file` over every file in 1 process and in a warmed `spawn` pool of 2 (pool start-up
   excluded, as it is once per hours-long run), MB/s of text per process and the scaling efficiency; the whole
   `tokenize()` stage at 2 workers (start-up included) for reference;
 - loader: `PackedDataset.batch` of random positions (ctx 4096, batch 8), tokens/s.
+
+Everything runs with the default tokenizer implementation (`data_prep.tokenizer.default_impl()`: the native C
+extension when it is built, else the Rust package); the run prints which one and records it. When the default
+is not the Rust package ("fast"), the tokenize step and the 1- and 2-process end-to-end figures are also taken
+with it, interleaved with the default's in the same rounds, as the baseline ("(fast, comparison)" rows and
+`comparison`): on this VM only ratios within one run mean much.
 
 Also projects the hours for all of SlimPajama (~2.4 TB of text) on 64 cores from the per-process end-to-end
 rate and the measured 2-process efficiency.
@@ -27,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import json
 import multiprocessing
 import os
@@ -47,11 +53,12 @@ from data_prep.loader import PackedDataset
 from data_prep.sample import SampleSpec, build_sample
 from data_prep.shards import ShardWriter
 from data_prep.tokenize import FileTask, TokenizeConfig, tokenize, tokenize_file
-from data_prep.tokenizer import load_tokenizer
+from data_prep.tokenizer import default_impl, load_tokenizer
 
 SLIMPAJAMA_TEXT_BYTES = 2.4e12
 PROJECTION_CORES = 64
 TARGET_MB_S_PER_CORE = 35.0
+FAST = "(fast, comparison)"
 
 
 class _Timer:
@@ -94,11 +101,11 @@ def build_corpus(root: Path, megabytes: float, copies: int) -> list[Path]:
     return files
 
 
-def _warm(_: int) -> int:
+def _warm(impl: str) -> int:
     # Loads the tokenizer in a pool worker, so the timed map measures work, not start-up.
     from data_prep.tokenize import _tokenizer
 
-    return len(_tokenizer(None, "fast").fingerprint)
+    return len(_tokenizer(None, impl).fingerprint)
 
 
 def _best(fn, repeat: int):
@@ -144,19 +151,19 @@ def _interleaved(steps: dict, items: list, repeat: int) -> tuple[dict, dict]:
 
 def run(megabytes: float, copies: int, repeat: int, workdir: Path) -> dict:
     files = build_corpus(workdir, megabytes, copies)
-    tok = load_tokenizer()
+    impl = default_impl()
+    tok = load_tokenizer(impl=impl)
+    print(f"tokenizer implementation: {tok.impl} ({type(tok).__name__})", flush=True)
     steps: dict[str, dict] = {}
 
     def read(f: Path) -> list[Document]:
         return [d for d in iter_documents(f) if isinstance(d, Document)]
 
-    def encode(file_docs: list[Document]) -> list[np.ndarray]:
-        # The stage's own conversion: np.fromiter over the ids with an end-of-document id after each.
-        out = []
-        for d in file_docs:
-            ids = tok.encode(d.text)
-            out.append(np.fromiter(itertools.chain(ids, (0,)), dtype=np.uint16, count=len(ids) + 1))
-        return out
+    def encode(file_docs: list[Document], tokenizer=tok) -> list[np.ndarray]:
+        # The stage's own calls: one encode_flat (end-of-document ids included), then a view per document.
+        flat = tokenizer.encode_flat([d.text for d in file_docs])
+        offsets = flat.offsets.tolist()
+        return [flat.ids[a:b] for a, b in zip(offsets, offsets[1:])]
 
     def write_shards(i: int, arrays: list[np.ndarray]) -> int:
         with ShardWriter(workdir / "shards", f"bench{i}", tok.fingerprint) as writer:
@@ -164,8 +171,9 @@ def run(megabytes: float, copies: int, repeat: int, workdir: Path) -> dict:
                 writer.add(ids, d.source)
         return sum(info.bytes for info in writer.commit())
 
-    def tasks(out: Path) -> list[FileTask]:
-        return [FileTask(src=str(f), rel=f.name, out_dir=str(out), prefix=f.stem.split(".")[0]) for f in files]
+    def tasks(out: Path, task_impl: str = impl) -> list[FileTask]:
+        return [FileTask(src=str(f), rel=f.name, out_dir=str(out), prefix=f.stem.split(".")[0],
+                         tokenizer_impl=task_impl) for f in files]
 
     # Inputs of the later steps, made once outside the timing.
     docs_by_file = [read(f) for f in files]
@@ -175,6 +183,7 @@ def run(megabytes: float, copies: int, repeat: int, workdir: Path) -> dict:
     text_bytes = sum(len(d.text.encode("utf-8")) for d in docs)
     tokens = sum(a.size for arrays in arrays_by_file for a in arrays)
     e2e_tasks = tasks(workdir / "e2e1")
+    compare = impl != "fast"
 
     one_core = {
         "read (zstd + JSON)": lambda i: read(files[i]),
@@ -183,6 +192,11 @@ def run(megabytes: float, copies: int, repeat: int, workdir: Path) -> dict:
         "shard write": lambda i: write_shards(i, arrays_by_file[i]),
         "end to end, 1 process": lambda i: tokenize_file(e2e_tasks[i]),
     }
+    if compare:
+        fast_tok = load_tokenizer(impl="fast")
+        fast_tasks = tasks(workdir / "e2e1-fast", "fast")
+        one_core[f"tokenize {FAST}"] = lambda i: encode(docs_by_file[i], fast_tok)
+        one_core[f"end to end, 1 process {FAST}"] = lambda i: tokenize_file(fast_tasks[i])
     timers, outs = _interleaved(one_core, list(range(len(files))), repeat)
 
     def median_rate(name: str, megabytes: float) -> dict:
@@ -194,6 +208,9 @@ def run(megabytes: float, copies: int, repeat: int, workdir: Path) -> dict:
                                      **median_rate("read: zstd only", json_bytes / 1e6))
     steps["tokenize"] = _step(text_bytes / 1e6, timers["tokenize"], tokens,
                               **median_rate("tokenize", text_bytes / 1e6))
+    if compare:
+        steps[f"tokenize {FAST}"] = _step(text_bytes / 1e6, timers[f"tokenize {FAST}"], tokens,
+                                          **median_rate(f"tokenize {FAST}", text_bytes / 1e6))
     steps["shard write"] = _step(text_bytes / 1e6, timers["shard write"], tokens,
                                  shard_mb=sum(outs["shard write"]) / 1e6,
                                  **median_rate("shard write", text_bytes / 1e6))
@@ -208,26 +225,41 @@ def run(megabytes: float, copies: int, repeat: int, workdir: Path) -> dict:
         e2e_text / 1e6, t, e2e_tokens, mb_s_per_process=one,
         of_tokenize_alone=one / steps["tokenize"]["mb_s_wall"],
         **median_rate("end to end, 1 process", e2e_text / 1e6))
+    if compare:
+        t = timers[f"end to end, 1 process {FAST}"]
+        one_fast = _rate(e2e_text / 1e6, t.wall)
+        steps[f"end to end, 1 process {FAST}"] = _step(
+            e2e_text / 1e6, t, e2e_tokens, mb_s_per_process=one_fast,
+            of_tokenize_alone=one_fast / steps[f"tokenize {FAST}"]["mb_s_wall"],
+            **median_rate(f"end to end, 1 process {FAST}", e2e_text / 1e6))
 
+    impls = [impl, "fast"] if compare else [impl]
     with multiprocessing.get_context("spawn").Pool(2) as pool:
-        pool.map(_warm, range(2), chunksize=1)
-        rounds = []
+        for name in impls:
+            pool.map(_warm, [name] * 2, chunksize=1)
+        rounds: dict[str, list] = {name: [] for name in impls}
         for _ in range(repeat):
-            rounds.append(pool.map(tokenize_file, tasks(workdir / "e2e2"), chunksize=1))
-    results2 = rounds[-1]
+            for name in impls:  # alternating, so both meet the same spells of this VM's speed
+                rounds[name].append(pool.map(tokenize_file, tasks(workdir / f"e2e2-{name}", name), chunksize=1))
     # Each file's fastest time inside its worker while the other worker ran too: the per-process rate at 2.
-    busy = sum(min(r[i].seconds for r in rounds) for i in range(len(files)))
-    two = 2 * _rate(e2e_text / 1e6, busy)
-    t = _Timer()
-    t.wall, t.cpu = busy / 2, None
-    steps["end to end, 2 processes"] = _step(e2e_text / 1e6, t, e2e_tokens, mb_s_cpu=None,
-                                             mb_s_per_process=two / 2, scaling_efficiency=two / (2 * one))
-    same = all((workdir / "e2e1" / s["path"]).read_bytes() == (workdir / "e2e2" / s["path"]).read_bytes()
+    for name, label, one_rate in [(impl, "", one)] + ([("fast", f" {FAST}", one_fast)] if compare else []):
+        busy = sum(min(r[i].seconds for r in rounds[name]) for i in range(len(files)))
+        two = 2 * _rate(e2e_text / 1e6, busy)
+        t = _Timer()
+        t.wall, t.cpu = busy / 2, None
+        steps[f"end to end, 2 processes{label}"] = _step(e2e_text / 1e6, t, e2e_tokens, mb_s_cpu=None,
+                                                         mb_s_per_process=two / 2,
+                                                         scaling_efficiency=two / (2 * one_rate))
+    same = all((workdir / "e2e1" / s["path"]).read_bytes() == (workdir / f"e2e2-{impl}" / s["path"]).read_bytes()
                for r in results for s in r.shards)
+    same_as_fast = None
+    if compare:
+        same_as_fast = all((workdir / "e2e1" / s["path"]).read_bytes()
+                           == (workdir / "e2e1-fast" / s["path"]).read_bytes() for r in results for s in r.shards)
 
     corpus = files[0].parents[2]
     with _Timer() as t:
-        summary = tokenize(corpus, workdir / "stage", TokenizeConfig(workers=2, progress=False))
+        summary = tokenize(corpus, workdir / "stage", TokenizeConfig(workers=2, progress=False, tokenizer_impl=impl))
     steps["tokenize() stage, 2 workers, start-up included"] = _step(
         summary.text_bytes / 1e6, t, summary.run_tokens, mb_s_cpu=None)
 
@@ -242,12 +274,23 @@ def run(megabytes: float, copies: int, repeat: int, workdir: Path) -> dict:
     per_process = steps["end to end, 2 processes"]["mb_s_per_process"]
     efficiency = min(1.0, steps["end to end, 2 processes"]["scaling_efficiency"])
     hours = SLIMPAJAMA_TEXT_BYTES / (one * 1e6 * efficiency * PROJECTION_CORES) / 3600
+    comparison = None
+    if compare:
+        comparison = {
+            "baseline": "fast",
+            "tokenize_x": steps["tokenize"]["mb_s_wall"] / steps[f"tokenize {FAST}"]["mb_s_wall"],
+            "end_to_end_1_process_x": one / one_fast,
+            "end_to_end_2_processes_x": per_process / steps[f"end to end, 2 processes {FAST}"]["mb_s_per_process"],
+        }
     return {
+        "tokenizer_impl": tok.impl,
+        "comparison": comparison,
         "steps": steps,
         "corpus": {"files": len(files), "documents": len(docs), "json_mb": json_bytes / 1e6,
                    "text_mb": text_bytes / 1e6, "tokens": tokens, "bytes_per_token": text_bytes / tokens,
                    "compressed_mb": sum(f.stat().st_size for f in files) / 1e6},
         "shards_identical_1_vs_2_processes": same,
+        "shards_identical_to_fast": same_as_fast,
         "projection": {
             "slimpajama_text_bytes": SLIMPAJAMA_TEXT_BYTES, "cores": PROJECTION_CORES,
             "mb_s_per_core": one, "efficiency_assumed": efficiency,
@@ -274,6 +317,7 @@ def machine() -> dict:
 
 
 def print_table(result: dict) -> None:
+    print(f"tokenizer implementation: {result['tokenizer_impl']}")
     print(f"{'step':<50} {'MB/s':>8} {'MB/s cpu':>9} {'median':>8} {'tokens/s':>12} {'wall s':>8}")
     nan = float("nan")
     for name, s in result["steps"].items():
@@ -285,6 +329,11 @@ def print_table(result: dict) -> None:
     print(f"end to end at 1 process: {one['of_tokenize_alone']:.2f} of the tokenizer-alone rate")
     two = result["steps"]["end to end, 2 processes"]
     print(f"2 processes: {two['mb_s_per_process']:.1f} MB/s per process, efficiency {two['scaling_efficiency']:.2f}")
+    c = result.get("comparison")
+    if c:
+        print(f"{result['tokenizer_impl']} vs {c['baseline']}, same run: tokenize x{c['tokenize_x']:.2f}, end to end "
+              f"x{c['end_to_end_1_process_x']:.2f} at 1 process, x{c['end_to_end_2_processes_x']:.2f} at 2; "
+              f"shards identical: {result['shards_identical_to_fast']}")
     p = result["projection"]
     print(f"SlimPajama ({p['slimpajama_text_bytes'] / 1e12:.1f} TB of text) on {p['cores']} cores: "
           f"{p['hours']:.2f} h; load average {result['load_before']} -> {result['load_after']}")

@@ -1,10 +1,12 @@
-"""Tokenizer throughput per core: our reference, the `rwkv` package's, and the two Rust packages.
+"""Tokenizer throughput per core: our reference and native (C) ones, the `rwkv` package's, the two Rust packages.
 
     python bench/tokenizer.py [--megabytes 1.0] [--repeats 5] [--out bench/results/tokenizer.json]
 
 The text is the offline sample corpus (`data_prep.sample`: standard-library prose and code), plus the shared
 LAMBADA and chat files and a multilingual block when `../shared/data` exists. Every implementation encodes the
-same documents one call per document (as the tokenization stage does), after a warm-up; for each of 32 pieces
+same documents one call per document (as the tokenization stage did before `encode_flat`), after a warm-up; the
+native tokenizer also as one `encode_flat` call per piece (what the stage does now, ids in one uint16 array);
+for each of 32 pieces
 of the corpus the fastest of `--repeats` runs counts. MB/s per core is text bytes over CPU seconds of this
 process (the wall-clock figure is printed too). On a shared, loaded VM even CPU time varies tenfold from run to
 run: compare figures taken in one run, and look at the recorded load average. Each implementation's ids
@@ -54,13 +56,26 @@ def corpus(megabytes: float) -> list[str]:
     return docs
 
 
-def implementations() -> dict[str, object]:
-    """name -> callable(list of texts) -> list of id lists, for what is installed."""
+def _flat_to_lists(flats: list) -> list[list[int]]:
+    out = []
+    for flat in flats:
+        offsets = flat.offsets.tolist()
+        out += [flat.ids[a:b].tolist() for a, b in zip(offsets, offsets[1:])]
+    return out
+
+
+def implementations() -> dict[str, tuple]:
+    """name -> (callable(list of texts) -> outputs, callable(outputs) -> list of id lists), for what is installed."""
     impls: dict[str, object] = {}
     ours_ref = load_tokenizer(impl="reference")
     ours_fast = load_tokenizer(impl="fast")
     impls["data_prep reference (pure Python)"] = lambda texts: [ours_ref.encode(t) for t in texts]
     impls["data_prep fast (wraps pyrwkv-tokenizer)"] = lambda texts: [ours_fast.encode(t) for t in texts]
+    ours_native = load_tokenizer(impl="native")
+    impls["data_prep native encode (C extension)"] = lambda texts: [ours_native.encode(t) for t in texts]
+    # One call per piece; the ids come back as one uint16 array (converted to lists after the timing).
+    impls["data_prep native encode_flat (C extension)"] = (
+        lambda texts: [ours_native.encode_flat(texts, eod=False)], _flat_to_lists)
     try:
         from rwkv.rwkv_tokenizer import TRIE_TOKENIZER
 
@@ -81,11 +96,11 @@ def implementations() -> dict[str, object]:
         pass
     # Last: it starts the Rust thread pool (all cores; CPU time then counts every thread).
     impls["pyrwkv-tokenizer 0.9.1 encode_batch (threads)"] = lambda texts: py.encode_batch(texts)
-    return impls
+    return {name: fn if isinstance(fn, tuple) else (fn, list) for name, fn in impls.items()}
 
 
-def measure(fn, texts: list[str], repeats: int, pieces: int = 32) -> tuple[float, float, list[list[int]]]:
-    """(CPU seconds, wall seconds, ids): per piece of the corpus the fastest of `repeats` runs, summed.
+def measure(fn, texts: list[str], repeats: int, pieces: int = 32) -> tuple[float, float, list]:
+    """(CPU seconds, wall seconds, outputs): per piece of the corpus the fastest of `repeats` runs, summed.
 
     Taking the minimum per piece rather than per whole run filters out bursts of interference from other
     processes (on a shared VM they inflate even CPU time) at a finer grain.
@@ -115,10 +130,11 @@ def main() -> None:
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     load_before = os.getloadavg()
     rows, reference_ids = [], None
-    for name, fn in implementations().items():
+    for name, (fn, to_lists) in implementations().items():
         # The pure-Python ones are tens of times slower: two runs are enough for them.
         repeats = min(2, args.repeats) if "pure Python" in name else args.repeats
-        cpu, wall, ids = measure(fn, texts, repeats)
+        cpu, wall, outputs = measure(fn, texts, repeats)
+        ids = to_lists(outputs)
         if reference_ids is None:
             reference_ids = ids
         n_tokens = sum(len(i) for i in ids)
