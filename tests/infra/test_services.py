@@ -1,6 +1,7 @@
 """infra/services: the production settings of docker-compose.yml, run for real without Docker: a PostgreSQL
 from Debian's packages, the compose file's database init script, Prefect's migration and server, and MLflow
-with its backend on PostgreSQL and artifacts on S3 (moto). A flow run logs an MLflow run through both.
+with its backend on PostgreSQL and artifacts on S3 (moto). A flow run logs an MLflow run through both, and the
+tiny pipeline (sample, download, tokenize, pretrain) runs through them.
 
 Redis is not available here, so the Prefect server runs as one process with in-memory messaging: the
 compose file's Redis settings and `--workers 4 --no-services` are the only parts not exercised.
@@ -231,6 +232,53 @@ def test_flow_and_mlflow_run_land_in_postgres_and_s3(stack, postgres, s3_bucket,
     hello = [k for k in keys if k.endswith(f"{run_id}/artifacts/notes/hello.txt")]
     assert hello, keys
     assert s3.get_object(Bucket=s3_bucket, Key=hello[0])["Body"].read() == b"hello from the flow"
+
+
+TINY_STEPS = 6
+
+
+def test_tiny_pipeline_runs_through_the_postgres_services(stack, tmp_path):
+    """The `pretrain` flow of `pretrain/tiny` (a few steps, trained in the flow's process) against the
+    PostgreSQL-backed servers: its stages are Prefect task runs and its loss curve an MLflow run, both in
+    PostgreSQL."""
+    import psycopg2
+
+    from rwkv5.train.config import run_preset
+
+    batch = run_preset("tiny").batch
+    budget = TINY_STEPS * batch.global_batch * batch.ctx_len
+    env = os.environ | {"PREFECT_API_URL": stack["prefect"], "MLFLOW_TRACKING_URI": stack["mlflow"],
+                        "PREFECT_HOME": str(stack["root"] / "client-home"), "MLFLOW_DISABLE_TELEMETRY": "true",
+                        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "600"}
+    code = ("from flows.pretrain import pretrain; "
+            f"pretrain(run_name='pg-tiny', preset='tiny', workers=0, token_budget={budget}, "
+            f"tokenize_workers=1, state_dir={str(tmp_path / 'state')!r})")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    def query(db: str, sql: str, *args):
+        password = stack["env"]["PREFECT_DB_PASSWORD" if db == "prefect" else "MLFLOW_DB_PASSWORD"]
+        with psycopg2.connect(host="127.0.0.1", port=int(stack["env"]["POSTGRES_PORT"]), dbname=db, user=db,
+                              password=password) as conn, conn.cursor() as cur:
+            cur.execute(sql, args)
+            return cur.fetchall()
+
+    (flow_run,) = query("prefect", "SELECT fr.id, fr.state_type FROM flow_run fr JOIN flow f ON f.id = fr.flow_id "
+                                   "WHERE f.name = 'pretrain'")
+    assert flow_run[1] == "COMPLETED"
+    tasks = dict(query("prefect", "SELECT name, state_type FROM task_run WHERE flow_run_id = %s", flow_run[0]))
+    stages = {key.split("-")[0] for key, state in tasks.items() if state == "COMPLETED"}
+    assert {"build", "download", "tokenize", "pretrain"} <= stages, tasks
+    artifacts = {row[0] for row in query("prefect", "SELECT key FROM artifact WHERE flow_run_id = %s", flow_run[0])}
+    assert {"budget-pg-tiny", "loss-curve-pg-tiny", "tokenize-sample"} <= artifacts, artifacts
+
+    losses = query("mlflow", "SELECT m.step FROM metrics m JOIN tags t ON t.run_uuid = m.run_uuid "
+                             "WHERE t.key = 'rwkv5.run_name' AND t.value = 'pg-tiny' AND m.key = 'loss'")
+    assert sorted(step for (step,) in losses) == list(range(TINY_STEPS))
+    system = query("mlflow", "SELECT count(*) FROM metrics m JOIN tags t ON t.run_uuid = m.run_uuid "
+                             "WHERE t.key = 'rwkv5.run_name' AND t.value = 'pg-tiny' AND m.key LIKE 'system/%%'")
+    assert system[0][0] > 0
 
 
 def test_compose_requires_its_secrets_and_wires_redis_for_several_workers():
