@@ -3,7 +3,7 @@
     python3 bench/finetune_memory.py                       # 169m, 4096 vs 131072 tokens, segments of 4096
     python3 bench/finetune_memory.py --device cpu --tiny   # smoke run of the script itself (no figures)
 
-Runs `rwkv5.finetune.segmented_loss` (state passing with one checkpointed segment at a time) and one AdamW
+Runs `rwkv5.train.chat.segmented_loss` (state passing with one checkpointed segment at a time) and one AdamW
 step on a fresh model in bf16, for each sample length, and records `torch.cuda.max_memory_allocated` over
 the step. With segment-level recomputation the two peaks should be within 10% (issue 7's target): the long
 sample only adds one small RWKV state per segment (~2.4 MiB for the 169m). Writes
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rwkv5.config import ModelConfig, model_preset  # noqa: E402
-from rwkv5.finetune import segmented_loss  # noqa: E402
+from rwkv5.train.chat import segmented_loss  # noqa: E402
 from rwkv5.model import RWKV5, RWKVState  # noqa: E402
 from rwkv5.wkv import default_backend  # noqa: E402
 

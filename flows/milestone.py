@@ -38,7 +38,7 @@ def finetune_stage(base: str, storage: str, run_name: str, chat_data: str | None
     a retried flow run trains no step twice."""
     from data_prep.chat_sample import build_chat_sample
     from rwkv5.checkpoint import read_checkpoint_config
-    from rwkv5.finetune_train import FinetuneTask, finetune_here, finetune_run_config, launch_finetune
+    from rwkv5.train.finetune import FinetuneTask, finetune_here, finetune_run_config, launch_finetune
     from rwkv5.train.callbacks import TraceCallback
     from rwkv5.train.checkpoint import list_checkpoints
 
@@ -70,7 +70,7 @@ def evaluate_stage(checkpoint: str, validation_dir: str, lambada: str | None, ct
 
     from data_prep.tokenizer import load_tokenizer
     from rwkv5.checkpoint import load_checkpoint
-    from rwkv5.evaluate import evaluate_checkpoint
+    from rwkv5.eval.evaluate import evaluate_checkpoint
 
     model, _ = load_checkpoint(checkpoint, dtype=torch.float32)
     return evaluate_checkpoint(model.eval(), load_tokenizer().encode, lambada=lambada, validation=validation_dir,
@@ -97,7 +97,7 @@ def _local_copy(uri: str, cache_dir: Path) -> str:
 
 def _log_evals(run: str, tag: str, evals: dict) -> None:
     """Eval metrics into the milestone's MLflow run (experiment rwkv5-milestones, one run per milestone)."""
-    from rwkv5.evaluate import log_to_mlflow
+    from rwkv5.eval.evaluate import log_to_mlflow
 
     import mlflow
 
@@ -116,7 +116,7 @@ def _log_evals(run: str, tag: str, evals: dict) -> None:
 def release_stage(base: str, finetune: str, to: str, name: str, evals: dict, meta: dict,
                   loss_history: list[tuple[float, float]], register_as: str | None) -> dict:
     """Base and fine-tune in one release (idempotent: a complete release is verified, not uploaded again)."""
-    from rwkv5.release import release
+    from rwkv5.release.publish import release
 
     report = release(base, to, name=name, finetune=finetune, evals=evals, loss_history=loss_history,
                      extra_meta=meta, register_as=register_as)
@@ -239,7 +239,7 @@ def _result_file(layout: Layout, run: str, percent: int) -> Path:
 def _release_milestone(layout: Layout, run: str, percent: int, step: int, tokens_seen: int, base: str,
                        settings: _Settings) -> dict:
     """Fine-tune, evaluate and release one milestone; its row of the milestone table."""
-    from rwkv5.evaluate import flat_metrics  # imports torch: kept out of the module for cheap flow discovery
+    from rwkv5.eval.evaluate import flat_metrics  # imports torch: kept out of the module for cheap flow discovery
 
     logger = get_run_logger()
     tag = f"m{percent:03d}"
@@ -296,7 +296,7 @@ def _registry_name(run: str, target: str) -> str | None:
     MLflow's server refuses a local path as a model version's source (only paths inside a run's artifact
     folder are allowed), so releases to a local folder are not registered; the milestone's MLflow run holds
     their eval metrics, and the milestone table holds their location."""
-    from rwkv5.release import registrable
+    from rwkv5.release.publish import registrable
 
     if not os.environ.get("MLFLOW_TRACKING_URI") or not registrable(target):
         return None

@@ -55,7 +55,7 @@ class TrainJob:
         task (optional): what to train on instead of pretraining on `data_dir`'s token shards: an object
             with `init_model(model)` (before DeepSpeed; a resume checkpoint still wins),
             `batches(config, rank, world_size, device)` (an object like `RankBatches`) and
-            `loss(engine, micro_batch) -> Tensor`. `rwkv5.finetune_train.FinetuneTask` is the chat SFT one.
+            `loss(engine, micro_batch) -> Tensor`. `rwkv5.train.finetune.FinetuneTask` is the chat SFT one.
     """
 
     config: RunConfig

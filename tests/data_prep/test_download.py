@@ -332,7 +332,7 @@ def test_unknown_repo_and_revision_are_clear_errors(served: HubStandIn, tmp_path
 def test_cli_download_from_a_folder(slim_dir: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from rwkv5.cli import app
+    from rwkv5_app.cli import app
 
     out = tmp_path / "raw"
     args = ["data", "download", "--source", str(slim_dir), "--out", str(out), "--split", "validation",

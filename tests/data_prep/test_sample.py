@@ -150,7 +150,7 @@ def test_invalid_spec(field, value):
 def test_cli(built, tmp_path):
     from typer.testing import CliRunner
 
-    from rwkv5.cli import app
+    from rwkv5_app.cli import app
 
     out, _ = built
     args = ["--train-chunks", "2", "--train-files-per-chunk", "3", "--validation-chunks", "2",

@@ -258,7 +258,7 @@ def test_bad_input_counted_and_quarantined(tmp_path):
 def test_cli(corpus, tmp_path):
     from typer.testing import CliRunner
 
-    from rwkv5.cli import app
+    from rwkv5_app.cli import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["data", "tokenize", "--src", str(corpus / "validation"), "--out", str(tmp_path),

@@ -26,7 +26,7 @@ pytest.importorskip("prefect")
 pytest.importorskip("ray")
 
 from flows.paths import Layout, artifact_key  # noqa: E402
-from flows.stack import StackConfig, down, up  # noqa: E402
+from rwkv5_app.stack import StackConfig, down, up  # noqa: E402
 from tests.conftest import _free_port  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.pipeline_e2e, pytest.mark.timeout(3600)]
@@ -177,7 +177,7 @@ def finished_run(stack):
 
 
 def test_milestone_queue_takes_one_run_at_a_time(stack):
-    from flows.stack import MILESTONE_QUEUE, WORK_POOL
+    from rwkv5_app.stack import MILESTONE_QUEUE, WORK_POOL
 
     with _client(stack) as client:
         assert client.read_work_queue_by_name(MILESTONE_QUEUE, work_pool_name=WORK_POOL).concurrency_limit == 1

@@ -47,7 +47,7 @@ def test_tiny_is_complete_and_7b_needs_a_run_name(deployments):
 def test_milestone_deployment_is_triggered_in_order_by_the_event(deployments):
     from flows.events import MILESTONE_EVENT
 
-    from flows.stack import MILESTONE_QUEUE, WORK_POOL
+    from rwkv5_app.stack import MILESTONE_QUEUE, WORK_POOL
 
     auto = deployments["auto"]
     assert auto["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}

@@ -56,7 +56,7 @@ def test_largest_activation_is_bounded_by_the_chunk_not_the_context(random_model
 def tiny_checkpoint(tmp_path_factory):
     from typer.testing import CliRunner
 
-    from rwkv5.cli import app
+    from rwkv5_app.cli import app
 
     path = tmp_path_factory.mktemp("ctx") / "tiny.safetensors"
     assert CliRunner().invoke(app, ["init", "--preset", "tiny", "--out", str(path)]).exit_code == 0
@@ -68,7 +68,7 @@ def test_cli_context_file_matches_one_shot_greedy_generation(tiny_checkpoint, tm
 
     from data_prep.tokenizer import load_tokenizer
     from rwkv5.checkpoint import load_checkpoint
-    from rwkv5.cli import app
+    from rwkv5_app.cli import app
     from rwkv5.infer import step
 
     path = tmp_path / "context.txt"

@@ -175,7 +175,7 @@ def test_interop_is_not_trivially_satisfied(interop):
 def run_cli(*args):
     from typer.testing import CliRunner
 
-    from rwkv5.cli import app
+    from rwkv5_app.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 

@@ -149,7 +149,7 @@ def tiny_ckpt(tmp_path_factory):
     """`rwkv5 init --preset tiny`: a freshly initialised checkpoint, as a user would make one."""
     from typer.testing import CliRunner
 
-    from rwkv5.cli import app
+    from rwkv5_app.cli import app
 
     path = tmp_path_factory.mktemp("cli") / "tiny.safetensors"
     result = CliRunner().invoke(app, ["init", "--preset", "tiny", "--out", str(path)])
@@ -161,7 +161,7 @@ def tiny_ckpt(tmp_path_factory):
 def run_cli(*args):
     from typer.testing import CliRunner
 
-    from rwkv5.cli import app
+    from rwkv5_app.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 

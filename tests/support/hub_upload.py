@@ -1,7 +1,7 @@
 """The Hub stand-in's upload side: the routes `huggingface_hub` 2.4 (with `hf_xet`) calls to create a repo, a
 branch and a commit, including the Xet content-addressed storage (CAS) that file bytes go through.
 
-What the client does, read from its code and checked against this server (`tests/release/test_release.py`):
+What the client does, read from its code and checked against this server (`tests/rwkv5/release/test_release.py`):
 
 1. `POST /api/repos/create` (`{"name", "organization", "visibility"|"private", "type"}`); 409 when it exists.
 2. `POST /api/{type}s/{repo}/branch/{branch}` (`{"startingPoint"}`); 409 when it exists.

@@ -12,7 +12,7 @@ import torch
 
 from rwkv5.config import ModelConfig
 from rwkv5.errors import DataError
-from rwkv5.lambada import lambada_eval, read_lambada
+from rwkv5.eval.lambada import lambada_eval, read_lambada
 from tests.support.byte_tokenizer import ByteTokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -102,7 +102,7 @@ def test_cli_eval_prints_writes_json_and_logs_to_mlflow(tmp_path, mlflow_server)
     import mlflow
     from typer.testing import CliRunner
 
-    from rwkv5.cli import app
+    from rwkv5_app.cli import app
 
     ckpt = tmp_path / "tiny.safetensors"
     runner = CliRunner()
@@ -131,7 +131,7 @@ def test_cli_eval_prints_writes_json_and_logs_to_mlflow(tmp_path, mlflow_server)
 def test_cli_eval_needs_something_to_do(tmp_path):
     from typer.testing import CliRunner
 
-    from rwkv5.cli import app
+    from rwkv5_app.cli import app
 
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 1 and "--lambada" in result.stderr

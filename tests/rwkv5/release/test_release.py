@@ -15,8 +15,8 @@ import torch
 from rwkv5.checkpoint import load_rwkv_pth, save_checkpoint
 from rwkv5.config import ModelConfig, count_parameters
 from rwkv5.export import load_safetensors_export
-from rwkv5.release import MANIFEST, build_release, read_manifest, release, verify_release
-from rwkv5.release_targets import FsspecTarget, HubTarget, LocalTarget, ReleaseError
+from rwkv5.release.publish import MANIFEST, build_release, read_manifest, release, verify_release
+from rwkv5.release.targets import FsspecTarget, HubTarget, LocalTarget, ReleaseError
 from tests.rwkv5.test_export import rel_err, rwkv_package  # noqa: F401 (fixture)
 from tests.support.hub_upload import HubUploads
 
@@ -258,7 +258,7 @@ def test_other_release_at_same_place_is_refused(checkpoints, tmp_path):
 def test_cli_release(checkpoints, tmp_path):
     from typer.testing import CliRunner
 
-    from rwkv5.cli import app
+    from rwkv5_app.cli import app
 
     base, ft = checkpoints
     history = tmp_path / "history.json"

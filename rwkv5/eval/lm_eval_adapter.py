@@ -1,13 +1,13 @@
 """lm-evaluation-harness model `rwkv5`: any lm-eval task on one of our checkpoints, in RNN mode.
 
     rwkv5-lm-eval --model rwkv5 --model_args checkpoint=PATH --tasks lambada_openai
-    python -m rwkv5.lm_eval_adapter --model rwkv5 --model_args checkpoint=PATH --tasks ...
+    python -m rwkv5.eval.lm_eval_adapter --model rwkv5 --model_args checkpoint=PATH --tasks ...
 
 Why a wrapper instead of plain `lm_eval`: lm-eval (checked on 0.4.13) knows a model only once a module has
 called `@register_model` on it; its CLI imports its own `lm_eval.models` mapping and nothing else (no
 entry-point group, no plugin variable, `--include_path` is for tasks only). So this module registers
 `rwkv5` when imported and `main` hands the arguments to lm-eval's own CLI unchanged. From Python,
-`import rwkv5.lm_eval_adapter` before `lm_eval.simple_evaluate(model="rwkv5", ...)` does the same.
+`import rwkv5.eval.lm_eval_adapter` before `lm_eval.simple_evaluate(model="rwkv5", ...)` does the same.
 
 How requests map onto RNN mode: a context is run once (`infer.prefill`) and the state after it is reused,
 both for all continuations of one context (multiple-choice tasks send the same context several times in a
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from rwkv5.errors import ConfigError
 from rwkv5.infer import DEFAULT_CHUNK_LEN, EOD_ID, prefill, sample_logits, step
-from rwkv5.lambada import score_continuation
+from rwkv5.eval.lambada import score_continuation
 
 __all__ = ["RWKV5LM", "main"]
 

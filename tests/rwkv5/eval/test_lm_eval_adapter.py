@@ -16,7 +16,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from rwkv5.config import ModelConfig  # noqa: E402
-from rwkv5.lm_eval_adapter import RWKV5LM  # noqa: E402
+from rwkv5.eval.lm_eval_adapter import RWKV5LM  # noqa: E402
 from tests.support.byte_tokenizer import ByteTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,7 +88,7 @@ test_split: test
 @pytest.mark.slow
 @pytest.mark.skipif(not LAMBADA.is_file(), reason=f"{LAMBADA} absent (project reference data)")
 def test_cli_wrapper_runs_local_tasks_on_a_tiny_checkpoint(tmp_path):
-    """`python -m rwkv5.lm_eval_adapter --model rwkv5 ...` (= `rwkv5-lm-eval`) on three local task files."""
+    """`python -m rwkv5.eval.lm_eval_adapter --model rwkv5 ...` (= `rwkv5-lm-eval`) on three local task files."""
     from rwkv5.checkpoint import save_checkpoint
     from rwkv5.config import model_preset
     from rwkv5.model import RWKV5
@@ -134,7 +134,7 @@ metric_list:
     save_checkpoint(RWKV5(model_preset("tiny")), ckpt)  # what `rwkv5 init --preset tiny` writes
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "rwkv5.lm_eval_adapter", "--model", "rwkv5", "--model_args", f"checkpoint={ckpt}",
+        [sys.executable, "-m", "rwkv5.eval.lm_eval_adapter", "--model", "rwkv5", "--model_args", f"checkpoint={ckpt}",
          "--tasks", "rwkv5_lambada_local,rwkv5_rolling_local,rwkv5_gen_local", "--include_path", str(tasks),
          "--device", "cpu", "--output_path", str(out)],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200,

@@ -9,7 +9,7 @@ flow back through that state (full backpropagation through time, not truncated).
 `torch.utils.checkpoint`, so the forward keeps only the small per-segment states and the backward recomputes
 one segment at a time: memory follows the segment length, not the sample length.
 
-`finetune` is the single-process loop (milestone flow on small models, tests); `rwkv5.finetune_train` runs
+`finetune` is the single-process loop (milestone flow on small models, tests); `rwkv5.train.finetune` runs
 the same loss under DeepSpeed ZeRO-2 through the pretraining Ray Train path.
 """
 

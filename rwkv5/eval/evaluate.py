@@ -117,7 +117,7 @@ def evaluate_checkpoint(
         `{"lambada": {"accuracy", "ppl", "samples"}, "validation": {"loss", "ppl", "tokens", "by_source"}}`,
         with only the parts asked for.
     """
-    from rwkv5.lambada import lambada_eval
+    from rwkv5.eval.lambada import lambada_eval
 
     report: dict = {}
     if lambada:

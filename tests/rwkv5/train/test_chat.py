@@ -10,7 +10,7 @@ import torch
 
 from rwkv5.config import ModelConfig
 from rwkv5.errors import ConfigError, DataError
-from rwkv5.finetune import (
+from rwkv5.train.chat import (
     assistant_loss,
     encode_chat,
     encode_chat_samples,

@@ -10,7 +10,7 @@ import torch
 
 from rwkv5.config import model_preset
 from rwkv5.errors import CheckpointError
-from rwkv5.finetune_train import ChatBatches, FinetuneTask, finetune_here, finetune_run_config
+from rwkv5.train.finetune import ChatBatches, FinetuneTask, finetune_here, finetune_run_config
 from rwkv5.model import RWKV5
 from rwkv5.train.callbacks import Callback
 from rwkv5.train.config import BatchConfig

@@ -8,7 +8,7 @@ end, `milestones.fraction = 1.0`, is the consolidated fine-tuned model). Only th
 - the initial weights come from a base checkpoint (a resumed run still loads its own checkpoint),
 - the data are chat samples (JSONL) with an assistant mask, one sample per micro-batch by default so that a
   128k-token sample is never padded,
-- the loss is `rwkv5.finetune.segmented_loss`: state passing over segments with full BPTT and one segment
+- the loss is `rwkv5.train.chat.segmented_loss`: state passing over segments with full BPTT and one segment
   recomputed at a time, so memory follows `segment_len`, not the sample length.
 
     cfg = finetune_run_config(model_preset("169m"), steps=100, samples_per_step=8)
@@ -27,7 +27,7 @@ import torch
 
 from rwkv5.config import ModelConfig
 from rwkv5.errors import CheckpointError, ConfigError
-from rwkv5.finetune import DEFAULT_SEGMENT_LEN, encode_chat_samples, read_chat_jsonl, segmented_loss
+from rwkv5.train.chat import DEFAULT_SEGMENT_LEN, encode_chat_samples, read_chat_jsonl, segmented_loss
 from rwkv5.train.config import (
     BatchConfig,
     CheckpointConfig,

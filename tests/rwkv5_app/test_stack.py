@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from flows import stack
-from flows.stack import Service, StackConfig, StackError
+from rwkv5_app import stack
+from rwkv5_app.stack import Service, StackConfig, StackError
 from tests.conftest import _free_port
 
 

@@ -311,9 +311,9 @@ def _prefect(cfg: StackConfig, env: dict[str, str], *args: str) -> subprocess.Co
 
 def _reschedule_orphans(env: dict[str, str], dead_worker_started: datetime | None) -> list[str]:
     """No worker of ours is alive: runs it left Running, and runs that crashed since it started, are orphans
-    (`flows.recovery`); schedule them again."""
+    (`rwkv5_app.recovery`); schedule them again."""
     since = [dead_worker_started.isoformat()] if dead_worker_started else []
-    done = subprocess.run([sys.executable, "-m", "flows.recovery", WORK_POOL, *since], env=env,
+    done = subprocess.run([sys.executable, "-m", "rwkv5_app.recovery", WORK_POOL, *since], env=env,
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
         raise RuntimeError(f"could not reschedule orphaned flow runs: {done.stderr.strip()[-2000:]}")

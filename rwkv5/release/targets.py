@@ -1,7 +1,7 @@
 """Where a release goes: a local folder, any fsspec URL, or a Hugging Face Hub repo, behind one interface.
 
 A target lists what it holds (path, size and, where the store knows it without a download, a content hash),
-opens a file for reading, and uploads a set of files from a local release folder. `rwkv5.release` builds on
+opens a file for reading, and uploads a set of files from a local release folder. `rwkv5.release.publish` builds on
 these three verbs: it uploads what is missing or different and the manifest last, so a release whose manifest
 is present is complete, and a re-run uploads nothing.
 

@@ -11,7 +11,7 @@ is safe because every stage is idempotent: download and
 tokenization skip finished files, pretraining resumes from its last checkpoint, and a milestone already
 released is not released again.
 
-    python -m flows.recovery local-process [SINCE]   # what `rwkv5 up` runs, with PREFECT_API_URL set
+    python -m rwkv5_app.recovery local-process [SINCE]   # what `rwkv5 up` runs, with PREFECT_API_URL set
 
 SINCE (ISO 8601) is when the dead worker started; without it crashed runs are left alone.
 """

@@ -5,7 +5,7 @@ bf16 state dict), `model.safetensors` + `config.json` (Hugging Face RWKV5 names)
 vocabulary, `README.md` (the model card), `loss_curve.png` when a loss history is given, and `manifest.json`
 with the size and sha256 of every other file.
 
-Upload order makes a release atomic and idempotent on any target (`rwkv5.release_targets`): files that are
+Upload order makes a release atomic and idempotent on any target (`rwkv5.release.targets`): files that are
 missing or differ go first, `manifest.json` last, so a release is complete exactly when its manifest is present
 and verifies. A re-run compares the remote manifest's `inputs` fingerprint (checkpoint hashes, name, evals...)
 and the remote files with the manifest; it rebuilds and uploads only when something is missing or wrong, and
@@ -34,8 +34,8 @@ from rwkv5.checkpoint import read_checkpoint
 from rwkv5.config import count_parameters
 from rwkv5.errors import CheckpointError
 from rwkv5.export import export_rwkv_pth, export_safetensors
-from rwkv5.model_card import LOSS_CURVE, model_card, plot_loss_curve
-from rwkv5.release_targets import LocalTarget, ReleaseError, ReleaseTarget, RemoteFile, open_target
+from rwkv5.release.model_card import LOSS_CURVE, model_card, plot_loss_curve
+from rwkv5.release.targets import LocalTarget, ReleaseError, ReleaseTarget, RemoteFile, open_target
 
 __all__ = [
     "MANIFEST",
@@ -263,7 +263,7 @@ def verify_release(where: str | os.PathLike | ReleaseTarget, *, deep: bool = Tru
     """Check every file a target's manifest lists: present, same size, same sha256.
 
     Args:
-        where: a target, or a URL / local folder (see `rwkv5.release_targets.open_target`).
+        where: a target, or a URL / local folder (see `rwkv5.release.targets.open_target`).
         deep: hash every file's content (downloads it); False trusts hashes the store reports (the Hub's).
         **target_options: passed to `open_target`.
     """

@@ -83,7 +83,7 @@ def up(
     """Start the local stack (Prefect server + worker, MLflow, Ray head) where not already running."""
     from pathlib import Path
 
-    from flows.stack import StackConfig, StackError, is_failure, point_prefect_profile, up as stack_up
+    from rwkv5_app.stack import StackConfig, StackError, is_failure, point_prefect_profile, up as stack_up
 
     cfg = StackConfig(state_dir=Path(state_dir).resolve()) if state_dir else StackConfig()
     prefect_yaml = Path("prefect.yaml")
@@ -108,7 +108,7 @@ def down(state_dir: str = typer.Option(None, help="State directory used by `rwkv
     """Stop exactly the processes `rwkv5 up` started."""
     from pathlib import Path
 
-    from flows.stack import StackConfig, down as stack_down
+    from rwkv5_app.stack import StackConfig, down as stack_down
 
     cfg = StackConfig(state_dir=Path(state_dir).resolve()) if state_dir else StackConfig()
     for name, state in stack_down(cfg).items():
@@ -120,7 +120,7 @@ def status(state_dir: str = typer.Option(None, help="State directory used by `rw
     """Report each local service: pid, health and URL; exits 1 if any is down."""
     from pathlib import Path
 
-    from flows.stack import StackConfig, status as stack_status
+    from rwkv5_app.stack import StackConfig, status as stack_status
 
     cfg = StackConfig(state_dir=Path(state_dir).resolve()) if state_dir else StackConfig()
     rows = stack_status(cfg)
@@ -381,7 +381,7 @@ def release(
     import json
     from pathlib import Path
 
-    from rwkv5.release import release as do_release
+    from rwkv5.release.publish import release as do_release
 
     def read_json(path: str):
         try:
@@ -418,7 +418,7 @@ def eval_(
     import os
 
     from rwkv5.errors import ConfigError
-    from rwkv5.evaluate import evaluate_checkpoint, format_table, log_to_mlflow, write_report
+    from rwkv5.eval.evaluate import evaluate_checkpoint, format_table, log_to_mlflow, write_report
 
     if not lambada and not validation:
         raise ConfigError("eval: give --lambada FILE and/or --validation SHARDS")
@@ -439,7 +439,7 @@ def eval_(
         typer.echo(f"mlflow run: {run_id}")
 
 
-def main() -> None:  # pragma: no cover - console entry for `python -m rwkv5.cli`
+def main() -> None:  # pragma: no cover - console entry for `python -m rwkv5_app.cli`
     app()
 
 
