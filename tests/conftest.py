@@ -11,7 +11,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import random  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -20,47 +19,18 @@ import torch  # noqa: E402
 torch.set_num_threads(1)  # in case torch was imported before this file (by a plugin)
 
 
-_SESSION_STARTED = time.monotonic()
-
-
-def session_elapsed() -> float:
-    """Seconds since the test session started."""
-    return time.monotonic() - _SESSION_STARTED
-
-
-# The two tests that run last, in this order, and only in a quick enough session (see `skip_unless_quick_session`).
+# The two tests that run last, in this order.
 LATE_MARKERS = ("multinode", "pipeline_e2e")
-START_BUDGET_S = {
-    "multinode": float(os.environ.get("RWKV5_MULTINODE_START_BUDGET_S", "3600")),
-    "pipeline_e2e": float(os.environ.get("RWKV5_E2E_START_BUDGET_S", "1500")),
-}
 
 
 def pytest_collection_modifyitems(config, items):
     """The two-node Ray test and the whole-pipeline e2e run last: the first shuts down the session's Ray
-    cluster to build its own, the second wants the machine to itself, and both check the rest's time."""
+    cluster to build its own, the second wants the machine to itself."""
 
     def lateness(item) -> int:
         return next((i + 1 for i, name in enumerate(LATE_MARKERS) if item.get_closest_marker(name)), 0)
 
     items.sort(key=lateness)  # stable: the order within each group is kept
-
-
-def skip_unless_quick_session(what: str) -> None:
-    """Skip `what` ("multinode" or "pipeline_e2e") when the session so far took over its start budget:
-    RWKV5_MULTINODE_START_BUDGET_S (default 3600 s) or RWKV5_E2E_START_BUDGET_S (default 1500 s).
-
-    On 2026-12-06 the rest of the suite took ~270-400 s on the 2-core development machine and CI 763 s in all,
-    the two-node test 42 s and the pipeline e2e 6-10 min (~400 CPU s). CI has also taken 4111-4718 s for the
-    rest, on a machine up to 10x slower: there the e2e would not fit CI's 90 minutes, the two-node test (about
-    a tenth of the e2e) would if the rest took under an hour. Run alone (`python -m pytest -m pipeline_e2e` /
-    `-m multinode`), they always run."""
-    budget = START_BUDGET_S[what]
-    if session_elapsed() > budget:
-        variable = "RWKV5_MULTINODE_START_BUDGET_S" if what == "multinode" else "RWKV5_E2E_START_BUDGET_S"
-        pytest.skip(f"the rest of the suite took {session_elapsed():.0f} s, over {variable}={budget:.0f}: on a "
-                    f"machine this slow {what} would not fit CI's 90 minutes; run it alone with "
-                    f"`python -m pytest -m {what}`")
 
 
 @pytest.fixture(autouse=True)

@@ -37,14 +37,6 @@ RUN = "e2e"
 PERCENTS = list(range(10, 101, 10))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _time_to_run():
-    """Last in the suite, and only when the rest was quick enough to leave it CI time (tests/conftest.py)."""
-    from tests.conftest import skip_unless_quick_session
-
-    skip_unless_quick_session("pipeline_e2e")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     cfg = StackConfig(state_dir=tmp_path_factory.mktemp("stack"), prefect_port=_free_port(),

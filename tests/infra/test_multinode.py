@@ -44,15 +44,6 @@ class WhereAmI(Callback):
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _time_to_run():
-    """Last in the suite but for the e2e (it replaces the session's Ray cluster), and only when the rest was
-    quick enough to leave it CI time (tests/conftest.py)."""
-    from tests.conftest import skip_unless_quick_session
-
-    skip_unless_quick_session("multinode")
-
-
 @pytest.fixture(scope="module")
 def two_nodes(s3_bucket, tmp_path_factory):
     """A head and a second node, one CPU each; S3 settings are in the environment the raylets inherit."""
