@@ -31,8 +31,8 @@ from rwkv5.errors import CheckpointError
 __all__ = [
     "TAG",
     "TrainerState",
-    "save_checkpoint",
-    "load_checkpoint",
+    "save_engine_state",
+    "load_engine_state",
     "read_trainer_state",
     "read_param_shapes",
     "compare_params",
@@ -96,7 +96,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(engine, save_dir: str | Path, state: TrainerState, rank: int) -> None:
+def save_engine_state(engine, save_dir: str | Path, state: TrainerState, rank: int) -> None:
     """Write a DeepSpeed checkpoint with our client state into `save_dir` (collective: every rank calls)."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +133,7 @@ def compare_params(model: torch.nn.Module, saved: dict[str, list[int]]) -> tuple
     return missing, unexpected, mismatched
 
 
-def load_checkpoint(engine, ckpt_dir: str | Path, strict: bool = True) -> TrainerState:
+def load_engine_state(engine, ckpt_dir: str | Path, strict: bool = True) -> TrainerState:
     """Load weights, optimizer partitions, client state and RNG into an initialised engine (collective)."""
     path, client = engine.load_checkpoint(
         str(ckpt_dir), tag=TAG, load_module_strict=strict, load_optimizer_states=True,
@@ -181,7 +181,7 @@ class RayStore:
 
         local = Path(tempfile.mkdtemp(prefix=f"rwkv5-ckpt-r{self.rank}-"))
         try:
-            save_checkpoint(engine, local, state, self.rank)
+            save_engine_state(engine, local, state, self.rank)
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(str(local)),
@@ -210,7 +210,7 @@ class LocalStore:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         _barrier()
-        save_checkpoint(engine, partial, state, self.rank)
+        save_engine_state(engine, partial, state, self.rank)
         _barrier()
         if self.rank == 0:
             shutil.rmtree(final, ignore_errors=True)

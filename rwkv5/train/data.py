@@ -12,9 +12,10 @@ import time
 import numpy as np
 import torch
 
+from data_prep.loader import rank_positions
 from rwkv5.train.config import BatchConfig
 
-__all__ = ["rank_positions", "global_positions", "MicroBatch", "RankBatches"]
+__all__ = ["micro_batch_positions", "global_positions", "MicroBatch", "RankBatches"]
 
 
 def global_positions(batch_index: int, cfg: BatchConfig) -> range:
@@ -23,15 +24,15 @@ def global_positions(batch_index: int, cfg: BatchConfig) -> range:
     return range(start, start + cfg.global_batch)
 
 
-def rank_positions(batch_index: int, cfg: BatchConfig, rank: int, world_size: int) -> list[list[int]]:
+def micro_batch_positions(batch_index: int, cfg: BatchConfig, rank: int, world_size: int) -> list[list[int]]:
     """Positions of each micro-batch that `rank` reads for global batch `batch_index`.
 
-    Returns grad_accum lists of micro_batch positions each.
+    The rank's block is `data_prep.loader.rank_positions` of the global batch; it is cut into grad_accum
+    lists of micro_batch positions each.
     """
     accum = cfg.grad_accum(world_size)
-    per_rank = cfg.micro_batch * accum
-    first = batch_index * cfg.global_batch + rank * per_rank
-    return [list(range(first + i * cfg.micro_batch, first + (i + 1) * cfg.micro_batch)) for i in range(accum)]
+    block = rank_positions(batch_index * cfg.global_batch, cfg.micro_batch * accum, rank, world_size).tolist()
+    return [block[i * cfg.micro_batch:(i + 1) * cfg.micro_batch] for i in range(accum)]
 
 
 class MicroBatch:
@@ -60,7 +61,7 @@ class RankBatches:
 
     def micro_batches(self, batch_index: int):
         """Yield the grad_accum micro-batches of global batch `batch_index` for this rank."""
-        for positions in rank_positions(batch_index, self.cfg, self.rank, self.world_size):
+        for positions in micro_batch_positions(batch_index, self.cfg, self.rank, self.world_size):
             t0 = time.perf_counter()
             tokens, ids = self.dataset.batch(positions)  # (B, T+1) uint16, (B,) int64
             window = torch.from_numpy(np.asarray(tokens, dtype=np.int64))

@@ -36,7 +36,7 @@ from rwkv5.train.config import (
     OptimConfig,
     RunConfig,
 )
-from rwkv5.train.data import rank_positions
+from rwkv5.train.data import micro_batch_positions
 
 __all__ = ["FinetuneTask", "ChatMicroBatch", "ChatBatches", "finetune_run_config", "finetune_here", "launch_finetune"]
 
@@ -88,7 +88,7 @@ class ChatBatches:
     """This rank's micro-batches of chat samples, in a seeded order that depends only on the step.
 
     Position p of the global order is sample `perm_e[p % n]` with `perm_e` a seeded permutation per epoch
-    `e = p // n`; ranks take their slice of each global batch as in pretraining (`rank_positions`), so a
+    `e = p // n`; ranks take their slice of each global batch as in pretraining (`micro_batch_positions`), so a
     resume on another number of workers reads the same samples. Samples of one micro-batch are right-padded
     with masked positions.
 
@@ -110,7 +110,7 @@ class ChatBatches:
         return int(perm[offset])
 
     def micro_batches(self, batch_index: int):
-        for positions in rank_positions(batch_index, self.cfg, self.rank, self.world_size):
+        for positions in micro_batch_positions(batch_index, self.cfg, self.rank, self.world_size):
             t0 = time.perf_counter()
             ids = [self.sample_index(p) for p in positions]
             length = max(len(self.encoded[i][0]) for i in ids)

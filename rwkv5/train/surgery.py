@@ -31,7 +31,7 @@ __all__ = ["ResumePlan", "plan_resume", "to_universal", "inject_fresh_params"]
 @dataclass
 class ResumePlan:
     load_dir: Path | None
-    """Directory to give `engine.load_checkpoint` (holding tag folder `ds`), or None for a fresh start."""
+    """Directory to give `load_engine_state` (holding tag folder `ds`), or None for a fresh start."""
     universal: bool = False
     strict: bool = True
     scratch: Path | None = None

@@ -27,7 +27,7 @@ from rwkv5.train.callbacks import (
     StepInfo,
     TrainContext,
 )
-from rwkv5.train.checkpoint import TAG, LocalStore, RayStore, TrainerState, load_checkpoint, save_checkpoint
+from rwkv5.train.checkpoint import TAG, LocalStore, RayStore, TrainerState, load_engine_state, save_engine_state
 from rwkv5.train.config import RunConfig
 from rwkv5.train.data import RankBatches
 from rwkv5.train.deepspeed_import import import_deepspeed
@@ -163,7 +163,7 @@ def train(job: TrainJob, store=None) -> TrainerState:
     )
     state = TrainerState(world_size=world)
     if plan.load_dir is not None:
-        state = load_checkpoint(engine, plan.load_dir, strict=plan.strict)
+        state = load_engine_state(engine, plan.load_dir, strict=plan.strict)
         state.world_size = world
         plan.cleanup()
 
@@ -309,7 +309,7 @@ class _Loop:
         current = self.state
         if latest is None:
             return
-        restored = load_checkpoint(self.engine, latest)
+        restored = load_engine_state(self.engine, latest)
         restored_step = restored.step
         restored.step = bad_step + 1
         restored.tokens_seen = restored.step * self.cfg.tokens_per_step

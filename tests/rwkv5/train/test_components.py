@@ -80,13 +80,13 @@ def test_guarded_optimizer_skip_leaves_params_and_state():
 
 
 def test_rank_slices_cover_the_global_batch_for_any_worker_count():
-    from rwkv5.train.data import global_positions, rank_positions
+    from rwkv5.train.data import global_positions, micro_batch_positions
 
     cfg = BatchConfig(ctx_len=8, micro_batch=2, global_batch=8)
     for world in (1, 2, 4):
-        got = [p for r in range(world) for mb in rank_positions(3, cfg, r, world) for p in mb]
+        got = [p for r in range(world) for mb in micro_batch_positions(3, cfg, r, world) for p in mb]
         assert got == list(global_positions(3, cfg))
-        assert all(len(mb) == 2 for r in range(world) for mb in rank_positions(3, cfg, r, world))
+        assert all(len(mb) == 2 for r in range(world) for mb in micro_batch_positions(3, cfg, r, world))
 
 
 def test_spike_detector_and_verdicts():
