@@ -1,9 +1,13 @@
-"""Typed errors of `data_prep`. It must not import `rwkv5`, so it has its own base class; the CLI maps it to a
-one-line message like `rwkv5.errors.Rwkv5Error`. Messages name the file (or repo) and the problem."""
+"""Typed errors of `data_prep`, and `PipelineError`, the base of the whole project's errors.
+
+`PipelineError` lives here because `data_prep` is the lowest layer that raises errors and imports nothing of
+ours; `rwkv5.errors.Rwkv5Error` derives from it, and the CLI turns it into a one-line message. Messages name
+the file (or repo) and the problem."""
 
 from __future__ import annotations
 
 __all__ = [
+    "PipelineError",
     "DataPrepError",
     "SelectionError",
     "SourceError",
@@ -19,7 +23,11 @@ __all__ = [
 ]
 
 
-class DataPrepError(Exception):
+class PipelineError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class DataPrepError(PipelineError):
     """Base of every error `data_prep` raises on purpose."""
 
 

@@ -1,10 +1,12 @@
-"""Typed errors: callers catch these, the CLI turns them into one-line messages."""
+"""Typed errors of `rwkv5`: callers catch these, the CLI turns them into one-line messages."""
 
-__all__ = ["Rwkv5Error", "ConfigError", "ShardError", "CheckpointError", "TokenizerError", "DataError"]
+from data_prep.errors import PipelineError
+
+__all__ = ["PipelineError", "Rwkv5Error", "ConfigError", "CheckpointError", "DataError"]
 
 
-class Rwkv5Error(Exception):
-    """Base of every error this project raises on purpose."""
+class Rwkv5Error(PipelineError):
+    """Base of every error `rwkv5` raises on purpose."""
 
 
 class ConfigError(Rwkv5Error, ValueError):
@@ -13,14 +15,6 @@ class ConfigError(Rwkv5Error, ValueError):
 
 class CheckpointError(Rwkv5Error):
     """A checkpoint is missing, corrupt or does not match the model; the message names the file and key."""
-
-
-class ShardError(Rwkv5Error):
-    """A token shard or dataset manifest is unusable; the message names the file."""
-
-
-class TokenizerError(Rwkv5Error):
-    """Text or ids that the tokenizer cannot handle."""
 
 
 class DataError(Rwkv5Error):

@@ -1,7 +1,7 @@
 """`rwkv5`: the verbs people run by hand. Knobs live in presets and config files, not in flags.
 
-Each command is a thin call into the library; library errors (Rwkv5Error) become one-line messages and
-exit code 1.
+Each command is a thin call into the library; the project's errors (PipelineError, the base of data_prep's
+and rwkv5's) become one-line messages and exit code 1.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from rwkv5.errors import Rwkv5Error
+from rwkv5.errors import PipelineError, Rwkv5Error
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 data_app = typer.Typer(no_args_is_help=True, help="Download, build and tokenize data.")
@@ -25,7 +25,7 @@ def one_line_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except Rwkv5Error as exc:
+        except PipelineError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(1) from None
 
@@ -42,6 +42,7 @@ def params(preset: str = typer.Option("7b", help="Model preset name.")) -> None:
 
 
 @data_app.command("download")
+@one_line_errors
 def data_download(
     out: str = typer.Option(..., help="Destination folder (keeps manifest.json; re-runs resume there)."),
     source: str = typer.Option("cerebras/SlimPajama-627B", help="Hub dataset repo id, local folder or fsspec URL."),
@@ -57,17 +58,12 @@ def data_download(
 ) -> None:
     """Download (or copy) SlimPajama files and verify each one's sha256. The token comes from HF_TOKEN."""
     from data_prep.download import download
-    from data_prep.errors import DataPrepError
     from data_prep.source import DEFAULT_REVISION, Selection, open_source
 
-    try:
-        selection = Selection(splits=tuple(split), chunks=tuple(chunk), fraction=fraction, seed=seed,
-                              **({"globs": tuple(glob)} if glob else {}))
-        summary = download(open_source(source, revision or DEFAULT_REVISION), out, selection, workers=workers,
-                           verify_existing=verify_existing, progress=progress)
-    except DataPrepError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    selection = Selection(splits=tuple(split), chunks=tuple(chunk), fraction=fraction, seed=seed,
+                          **({"globs": tuple(glob)} if glob else {}))
+    summary = download(open_source(source, revision or DEFAULT_REVISION), out, selection, workers=workers,
+                       verify_existing=verify_existing, progress=progress)
     typer.echo(f"{summary.selected} files selected: downloaded {summary.downloaded}, already verified "
                f"{summary.skipped}, adopted {summary.adopted}; {summary.bytes_received / 2**20:.1f} MiB in "
                f"{summary.seconds:.1f} s; manifest {summary.manifest}")
@@ -132,6 +128,7 @@ def status(state_dir: str = typer.Option(None, help="State directory used by `rw
 
 
 @data_app.command("tokenize")
+@one_line_errors
 def data_tokenize(
     src: str = typer.Option(..., help="Source root in SlimPajama layout (train/chunk1/*.jsonl.zst, ...)."),
     out: str = typer.Option(..., help="Output root: one dataset folder per split; re-runs resume there."),
@@ -145,7 +142,6 @@ def data_tokenize(
     """Tokenize .jsonl.zst files into uint16 Arrow shards with a manifest per split."""
     import json
 
-    from data_prep.errors import DataPrepError
     from data_prep.tokenize import TokenizeConfig, tokenize
 
     try:
@@ -153,9 +149,8 @@ def data_tokenize(
                                 max_bad_line_fraction=max_bad_line_fraction,
                                 max_quarantined_fraction=max_quarantined_fraction)
         summary = tokenize(src, out, config)
-    except (DataPrepError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    except ValueError as exc:  # TokenizeConfig checks its fields with plain ValueError
+        raise PipelineError(str(exc)) from None
     if summary_json:
         with open(summary_json, "w", encoding="utf-8") as fh:
             json.dump(summary.to_json(), fh, indent=1)
@@ -164,6 +159,7 @@ def data_tokenize(
 
 
 @data_app.command("sample")
+@one_line_errors
 def data_sample(
     out: str = typer.Option(..., help="Output folder (SlimPajama layout); a complete build there is left alone."),
     megabytes: float = typer.Option(3.0, help="Approximate uncompressed text, both splits together, in MB."),
@@ -174,17 +170,12 @@ def data_sample(
     seed: int = typer.Option(0, help="Seed of the document shuffle."),
 ) -> None:
     """Build a small SlimPajama-layout corpus from the Python standard library (offline, deterministic)."""
-    from data_prep.errors import DataPrepError
     from data_prep.sample import SampleSpec, build_sample
 
-    try:
-        spec = SampleSpec(megabytes=megabytes, train_chunks=train_chunks,
-                          train_files_per_chunk=train_files_per_chunk, validation_chunks=validation_chunks,
-                          validation_files_per_chunk=validation_files_per_chunk, seed=seed)
-        result = build_sample(out, spec)
-    except DataPrepError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    spec = SampleSpec(megabytes=megabytes, train_chunks=train_chunks,
+                      train_files_per_chunk=train_files_per_chunk, validation_chunks=validation_chunks,
+                      validation_files_per_chunk=validation_files_per_chunk, seed=seed)
+    result = build_sample(out, spec)
     totals = result.totals
     verb = "already complete" if result.skipped else "built"
     typer.echo(f"{result.out}: {verb}; {totals['files']} files, {totals['documents']} documents, "
@@ -236,27 +227,22 @@ def generate(
     seed: int = typer.Option(None, help="Seed for reproducible sampling."),
 ) -> None:
     """Print a continuation of the prompt sampled from a checkpoint (RNN mode, constant memory)."""
-    from data_prep.errors import DataPrepError
     from data_prep.tokenizer import load_tokenizer
 
-    from rwkv5.errors import TokenizerError
     from rwkv5.infer import generate as generate_ids
     from rwkv5.infer import iter_file_ids, prefill
 
     model = _load_for_inference(ckpt)
-    try:
-        tokenizer = load_tokenizer()
-        context = prefill(model, iter_file_ids(context_file, tokenizer)) if context_file else None
-        pending: list[int] = []
-        for token in generate_ids(model, tokenizer, prompt, max_tokens, temperature, top_p, seed, context):
-            pending.append(token)
-            text = tokenizer.decode(pending)
-            if not text.endswith("\ufffd"):  # otherwise wait: the next id may complete the character
-                typer.echo(text, nl=False)
-                pending = []
-        typer.echo(tokenizer.decode(pending) if pending else "")
-    except DataPrepError as exc:
-        raise TokenizerError(str(exc)) from None
+    tokenizer = load_tokenizer()
+    context = prefill(model, iter_file_ids(context_file, tokenizer)) if context_file else None
+    pending: list[int] = []
+    for token in generate_ids(model, tokenizer, prompt, max_tokens, temperature, top_p, seed, context):
+        pending.append(token)
+        text = tokenizer.decode(pending)
+        if not text.endswith("\ufffd"):  # otherwise wait: the next id may complete the character
+            typer.echo(text, nl=False)
+            pending = []
+    typer.echo(tokenizer.decode(pending) if pending else "")
 
 
 @app.command()
@@ -418,7 +404,8 @@ def eval_(
     import os
 
     from rwkv5.errors import ConfigError
-    from rwkv5.eval.evaluate import evaluate_checkpoint, format_table, log_to_mlflow, write_report
+    from rwkv5.eval.evaluate import evaluate_checkpoint, format_table, write_report
+    from rwkv5.tracking import log_eval_report
 
     if not lambada and not validation:
         raise ConfigError("eval: give --lambada FILE and/or --validation SHARDS")
@@ -435,7 +422,7 @@ def eval_(
     typer.echo(f"report: {path}")
     tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if mlflow_run_id or tracking_uri:
-        run_id = log_to_mlflow(report, run_id=mlflow_run_id, tracking_uri=tracking_uri)
+        run_id = log_eval_report(report, run_id=mlflow_run_id, tracking_uri=tracking_uri)
         typer.echo(f"mlflow run: {run_id}")
 
 
