@@ -25,13 +25,6 @@ def test_imports_build_nothing():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
-def test_cpu_dispatch_keeps_pytorch_path():
-    from rwkv5.wkv import available_backends, default_backend
-
-    assert available_backends("cpu") == ["chunk", "naive"]
-    assert default_backend("cpu") == "chunk"
-
-
 def test_source_hash_tracks_sources_and_arch(tmp_path, monkeypatch):
     """The cache key changes with the target architectures and with any byte of the sources."""
     build = importlib.import_module("kernels.build")

@@ -67,7 +67,7 @@ def storage(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cfg():
-    from tests.train.conftest import TEST_VOCAB  # noqa: F401  (documents the shrunken head)
+    from tests.rwkv5.train.conftest import TEST_VOCAB  # noqa: F401  (documents the shrunken head)
     from rwkv5.train.config import run_preset
 
     return with_overrides(run_preset("tiny"), {
@@ -205,23 +205,3 @@ def test_killed_worker_resumes_from_last_checkpoint(reference, token_data, stora
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) > 2 * N  # steps after the last checkpoint were read again
     _same_run(_trace(path), reference, loss_tol=1e-6)
-
-
-def test_milestone_finetune_runs_on_the_ray_cluster(ray_cluster, tmp_path, random_model, monkeypatch):
-    """The milestone flow's fine-tune stage takes the Ray Train path when RAY_ADDRESS is set (as under
-    `rwkv5 up`): same launch, DeepSpeed and checkpoints as pretraining, here on 1 worker."""
-    import torch
-
-    from flows.milestone import finetune_stage
-    from rwkv5.checkpoint import read_checkpoint, save_checkpoint
-    from rwkv5.config import model_preset
-
-    base = save_checkpoint(random_model(model_preset("tiny"), seed=4), tmp_path / "base.safetensors")
-    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.get_runtime_context().gcs_address)
-    out = finetune_stage.fn(str(base), str(tmp_path / "ft"), "tiny-m010", None, 2, 1e-3, 96, 1, 0)
-
-    assert out["steps"] == 2
-    assert list((tmp_path / "ft" / "tiny-m010").glob("step_*"))  # Ray Train's checkpoints of the run
-    tuned, _, meta = read_checkpoint(out["checkpoint"])
-    assert meta["step"] == 2
-    assert not torch.equal(tuned["head.weight"].float(), read_checkpoint(base)[0]["head.weight"].float())

@@ -1,5 +1,5 @@
-"""Shards and checkpoints on object storage (moto's S3 server): the loader streams shards through a bounded
-cache and reads exactly what it reads from local disk, resumes included; the launcher sees checkpoints there."""
+"""Shards on object storage (moto's S3 server): the loader streams shards through a bounded cache and reads
+exactly what it reads from local disk, resumes included."""
 
 from __future__ import annotations
 
@@ -89,17 +89,3 @@ def test_cache_evicts_least_recently_used_first(tmp_path):
     os.utime(tmp_path / "a", (2000, 2000))  # "a" was used last: "b" is now the oldest
     assert cache.evict() == [tmp_path / "b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c"]
-
-
-def test_launcher_sees_checkpoints_on_the_store(s3_bucket, s3_server):
-    from rwkv5.errors import ConfigError
-    from rwkv5.train.launch import check_resume
-
-    storage = f"s3://{s3_bucket}/runs"
-    assert check_resume(storage, "fresh", resume=False) == []
-    s3 = boto3.client("s3", endpoint_url=s3_server["client_kwargs"]["endpoint_url"])
-    s3.put_object(Bucket=s3_bucket, Key="runs/old/step_00000004/trainer_state.json", Body=b"{}")
-    s3.put_object(Bucket=s3_bucket, Key="runs/old/step_00000006/ds/partial", Body=b"")  # upload in progress
-    with pytest.raises(ConfigError, match="1 checkpoint.*step_00000004.*--resume"):
-        check_resume(storage, "old", resume=False)
-    assert check_resume(storage, "old", resume=True) == [f"{storage}/old/step_00000004"]
