@@ -19,12 +19,12 @@ Everything runs with the default tokenizer implementation (`data_prep.tokenizer.
 extension when it is built, else the Rust package); the run prints which one and records it. When the default
 is not the Rust package ("fast"), the tokenize step and the 1- and 2-process end-to-end figures are also taken
 with it, interleaved with the default's in the same rounds, as the baseline ("(fast, comparison)" rows and
-`comparison`): on this VM only ratios within one run mean much.
+`comparison`): on a shared VM only ratios within one run mean much.
 
 Also projects the hours for all of SlimPajama (~2.4 TB of text) on 64 cores from the per-process end-to-end
 rate and the measured 2-process efficiency.
 
-Timing on this VM: its cores run at very different speeds from second to second (see `_interleaved`), so the
+Timing on a shared VM, whose cores can run at very different speeds from second to second (see `_interleaved`): the
 one-core steps run interleaved, file by file, `--repeat` rounds, and each (step, file)'s fastest run counts
 ("MB/s"; "median" is the median run, for scale). The 2-process rate sums each file's fastest in-worker time
 over the rounds. Wall and CPU time and the load average before and after are recorded.
@@ -122,9 +122,8 @@ def _best(fn, repeat: int):
 def _interleaved(steps: dict, items: list, repeat: int) -> tuple[dict, dict]:
     """Time every step on every item, round after round, keeping each (step, item)'s fastest run.
 
-    This VM's cores run at very different speeds from one second to the next (a fixed pure-Python loop took
-    0.12-0.76 s in one minute, with no other load and no steal time shown), so steps timed one after another
-    are timed at different speeds. Interleaved, every step meets the same mix of fast and slow spells, and
+    A shared VM's cores can run at very different speeds from one second to the next (bench/NOTES.md), so steps
+    timed one after another are timed at different speeds. Interleaved, every step meets the same mix of fast and slow spells, and
     the fastest of many short runs finds the core at full speed for each. Returns per step the summed
     `_Timer` of the fastest runs and the summed median wall time, and each item's last output per step.
     """

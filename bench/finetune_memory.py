@@ -5,7 +5,7 @@
 
 Runs `rwkv5.train.chat.segmented_loss` (state passing with one checkpointed segment at a time) and one AdamW
 step on a fresh model in bf16, for each sample length, and records `torch.cuda.max_memory_allocated` over
-the step. With segment-level recomputation the two peaks should be within 10% (issue 7's target): the long
+the step. With segment-level recomputation the two peaks should be within 10% (the target): the long
 sample only adds one small RWKV state per segment (~2.4 MiB for the 169m). Writes
 `bench/results/finetune-memory-<gpu>.json`.
 

@@ -4,12 +4,12 @@
 
 The text is the offline sample corpus (`data_prep.sample`: standard-library prose and code), plus the shared
 LAMBADA and chat files and a multilingual block when `../shared/data` exists. Every implementation encodes the
-same documents one call per document (as the tokenization stage did before `encode_flat`), after a warm-up; the
-native tokenizer also as one `encode_flat` call per piece (what the stage does now, ids in one uint16 array);
+same documents one call per document, after a warm-up; the native tokenizer also as one `encode_flat` call per
+piece (what the tokenization stage does, ids in one uint16 array);
 for each of 32 pieces
 of the corpus the fastest of `--repeats` runs counts. MB/s per core is text bytes over CPU seconds of this
-process (the wall-clock figure is printed too). On a shared, loaded VM even CPU time varies tenfold from run to
-run: compare figures taken in one run, and look at the recorded load average. Each implementation's ids
+process (the wall-clock figure is printed too). On a shared, loaded VM even CPU time varies from run to run:
+compare figures taken in one run, and look at the recorded load average. Each implementation's ids
 are compared with the reference's on the whole corpus.
 """
 

@@ -17,21 +17,11 @@ Three implementations share one interface (`WorldTokenizer`) and one vocabulary 
   longest vocabulary entry (at most 128 bytes) at each position. Slow, but obviously right: tests check the
   others against it.
 
-Why we wrote our own. Issue 3 asks for 35 MB/s of text per core through the whole tokenize stage (read zstd and
-JSON, tokenize, write shards) at 1 and 2 processes. The maintained Rust packages encode at 38-39 MB/s per core on
-their own (`bench/tokenizer.py` of 2026-11-29 on the then Intel Xeon VM), and the stage around them reached
-24.7 MB/s per core in one process and 33.8 per process in two: the tokenizer was ~80% of the stage's time, so
-even a wrapper with no overhead would have given ~31 MB/s. A faster tokenizer was the only way to the target;
-the packages offer no faster path (their batch call only adds threads), so we wrote one.
-
-Measured (2026-12-06, a 2-core AMD EPYC VM, load average 2.0 from other work; figures of one run compare, runs
-on this VM differ by up to 2x). `bench/tokenizer.py` (`bench/results/tokenizer.json`), MB/s of text per core:
-reference 8.0, `rwkv` 0.8's pure-Python TRIE_TOKENIZER 5.7, pyrwkv-tokenizer `encode` 68.1 (63.4 through
-`impl="fast"`), native `encode` 130.5 (it returns Python lists, like the others), native `encode_flat` 229.6
-(3.4x the Rust package). `bench/data_pipeline.py` (`bench/results/data_pipeline.json`), with the native
-tokenizer: tokenize step 211 MB/s (fast in the same rounds 45.7), **end to end 103.7 MB/s per core in one
-process and 102.6 per process in two** (fast, same rounds: 36.1 and 34.5), i.e. 2.9x and 3.0x, with shards
-byte-identical to the fast implementation's. A repeat minutes later gave 108.3 and 121.8 (fast 38.5 and 43.9).
+Why our own: the tokenize stage (read zstd and JSON, tokenize, write shards) must reach 35 MB/s of text per core
+at 1 and 2 processes. With the Rust packages the tokenizer takes most of the stage's time and the stage stays
+below that target, and the packages offer no faster path (their batch call only adds threads). The native
+tokenizer makes the stage about three times faster; figures in bench/NOTES.md (`bench/tokenizer.py`,
+`bench/data_pipeline.py`).
 
 Gotchas of the Rust package, and what this module does about them:
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 # One intra-op thread per process. The suite's tensors are tiny, and on a 2-core CI box shared with servers and
-# Ray workers, two OpenMP threads per process spend far more time waiting on each other than computing (a
-# 2-layer model's training step: 1-3 s with two threads, under 10 ms with one). Child processes inherit it.
+# Ray workers, two OpenMP threads per process spend far more time waiting on each other than computing
+# (bench/NOTES.md). Child processes inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 

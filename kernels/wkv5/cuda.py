@@ -20,8 +20,8 @@ def default_chunk(head_size: int, backward: bool = False) -> int:
     """Steps per shared-memory chunk of the forward (backward) kernel.
 
     `RWKV5_WKV_CHUNK` (`RWKV5_WKV_BWD_CHUNK`) forces 32 or 64. Default 32 for both: at head size 64 the forward
-    then takes 46 KB of shared memory, so four blocks share a multiprocessor (0.80 against 0.89 ms with 64 at
-    B8 T4096 on an H200, bench/NOTES.md); the backward's kernels keep twice the arrays (64 only for head size <= 64).
+    then takes 46 KB of shared memory, so four blocks share a multiprocessor (faster than 64, bench/NOTES.md);
+    the backward's kernels keep twice the arrays (64 only for head size <= 64).
     """
     name = "RWKV5_WKV_BWD_CHUNK" if backward else "RWKV5_WKV_CHUNK"
     forced = os.environ.get(name)
@@ -37,8 +37,7 @@ def default_splits(batch_heads: int, steps: int, device: torch.device, backward:
     One sweep per (batch, head) leaves most multiprocessors idle when B*H is small (B=1, H=64: 64 blocks on
     132). `RWKV5_WKV_SPLITS` chooses: unset or "auto" (the default) keeps one sweep once B*H reaches the
     number of multiprocessors, and below that cuts the sequence so that each pass has about four blocks per
-    multiprocessor, with pieces of at least 512 steps (on an H200 at B=1, T=16384: 8 pieces forward and
-    backward, 2.22 ms f+b against 2.67 with v4's 4 and 2, bench/NOTES.md "v5"); an integer forces that many
+    multiprocessor, with pieces of at least 512 steps (bench/NOTES.md "v5"); an integer forces that many
     pieces ("1": one sweep).
     `RWKV5_WKV_BWD_SPLITS`, when set, overrides it for the backward alone.
     """

@@ -32,7 +32,7 @@ def _visible_texts(driver) -> list[str]:
 
 
 def _open_tab(driver, label: str, timeout: float = 300) -> None:
-    """Click the tab named `label`. The timeouts are long: on a loaded 2-core machine the UI took over a
+    """Click the tab named `label`. The timeouts are long: on a loaded 2-core machine the UI can take over a
     minute to draw a run page."""
     deadline = time.monotonic() + timeout
     # Prefect 3's UI draws its tabs as <li class="p-tab"> (no button or tab role) whose label sits between

@@ -51,7 +51,7 @@ def two_nodes(s3_bucket, tmp_path_factory):
 
     if ray.is_initialized():
         ray.shutdown()
-    # The raylet aborts when its dashboard agent is slow to report its ports (seen here at load ~20): wait longer.
+    # The raylet aborts when its dashboard agent is slow to report its ports (under heavy load): wait longer.
     env = {"RAY_TRAIN_V2_ENABLED": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_agent_register_timeout_ms": "600000",
            "RWKV5_SHARD_CACHE": str(tmp_path_factory.mktemp("shard-cache"))}
     saved = {k: os.environ.get(k) for k in env}

@@ -69,7 +69,7 @@ def test_bad_settings_are_named():
         QuantizedLinear(nn.Linear(8, 4, bias=True), 8)
 
 
-# Measured on this model: bf16 vs fp32 differ by 0.013, 8-bit vs bf16 by 0.027, 4-bit vs bf16 by 0.32.
+# This model's errors: bf16 vs fp32 0.013, 8-bit vs bf16 0.027, 4-bit vs bf16 0.32; the tolerances sit above.
 @pytest.mark.parametrize("bits,tolerance", [(8, 0.05), (4, 0.5)])
 def test_quantized_model_tracks_the_original(bits, tolerance):
     torch.manual_seed(0)
