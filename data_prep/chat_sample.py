@@ -13,6 +13,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from data_prep.atomic import atomic_write_text
+
 __all__ = ["build_chat_sample"]
 
 
@@ -44,8 +46,5 @@ def build_chat_sample(out_path: str | os.PathLike, limit: int = 200) -> Path:
         json.dumps({"text": f"User: What is the Python module `{name}` for?\n\nAssistant: {summary}"})
         for name, summary in _module_summaries(limit)
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, "\n".join(lines) + "\n")
     return out

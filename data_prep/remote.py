@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from data_prep.atomic import TEMP_MARK, atomic_write_bytes
 from data_prep.errors import ShardError, SourceError
 from data_prep.shards import MANIFEST_NAME, OpenShard, ShardInfo, file_sha256, open_shard, read_manifest
 
@@ -129,7 +130,7 @@ class ShardCache:
         """(mtime, bytes, path) of every complete cached file, oldest first."""
         found = []
         for path in self.root.rglob("*"):
-            if _PART in path.name or path.name == MANIFEST_NAME:
+            if _PART in path.name or TEMP_MARK in path.name or path.name == MANIFEST_NAME:
                 continue
             try:
                 st = path.stat()
@@ -190,10 +191,7 @@ class RemoteDataset:
             raise ShardError(f"{self.uri}/{MANIFEST_NAME}: no dataset manifest in the store") from None
         except OSError as exc:
             raise ShardError(f"{self.uri}/{MANIFEST_NAME}: unreadable: {exc}") from None
-        self.local_root.mkdir(parents=True, exist_ok=True)
-        tmp = self.local_root / f".{MANIFEST_NAME}{_PART}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.local_root / MANIFEST_NAME)
+        atomic_write_bytes(self.local_root / MANIFEST_NAME, data)
 
     def shard_path(self, info: ShardInfo) -> Path:
         """The local copy of one manifest entry, fetched (and verified) if it is not cached."""

@@ -45,6 +45,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from data_prep.atomic import atomic_write_bytes
 from data_prep.errors import SampleError
 from data_prep.source import MANIFEST_FORMAT, MANIFEST_NAME
 
@@ -75,7 +76,7 @@ _GITHUB_MAX_CHARS = 32_000
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "_bundled"}
 _MAX_SOURCE_BYTES = 200_000
 _BUILDING_MARKER = ".sample-building"
-_FILE_RE = re.compile(r"example_(train|holdout)_\d+\.jsonl\.zst(\..*\.tmp)?$")
+_FILE_RE = re.compile(r"example_(train|holdout)_\d+\.jsonl\.zst(\..*\.tmp|\.tmp-.*)?$")
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def build_sample(out: str | Path, spec: SampleSpec | None = None) -> SampleResul
         "totals": _totals(files),
         "files": dict(sorted(files.items())),
     }
-    _atomic_write(out / MANIFEST_NAME, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(out / MANIFEST_NAME, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
     (out / _BUILDING_MARKER).unlink(missing_ok=True)
     return SampleResult(out=out, manifest=manifest)
 
@@ -407,7 +408,7 @@ def _write_file(out: Path, rel: str, docs: list[tuple[str, str]], spec: SampleSp
     compressor = zstandard.ZstdCompressor(level=spec.zstd_level, write_checksum=True, write_content_size=True)
     bounds = [len(lines) * f // frames for f in range(frames + 1)]
     data = b"".join(compressor.compress(b"".join(lines[a:b])) for a, b in zip(bounds, bounds[1:]))
-    _atomic_write(out / rel, data)
+    atomic_write_bytes(out / rel, data)
     by_set: dict[str, int] = {}
     for name, _ in docs:
         by_set[name] = by_set.get(name, 0) + 1
@@ -432,13 +433,3 @@ def _totals(files: dict[str, dict]) -> dict:
         for name, count in entry["by_set"].items():
             split[name] = split.get(name, 0) + count
     return totals
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

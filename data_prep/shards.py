@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from data_prep.atomic import atomic_write_text
 from data_prep.errors import ShardError, TokenizerMismatchError
 
 __all__ = [
@@ -42,7 +43,6 @@ __all__ = [
     "Segment",
     "ShardInfo",
     "ShardWriter",
-    "atomic_write_text",
     "file_sha256",
     "open_shard",
     "read_manifest",
@@ -207,18 +207,6 @@ class DatasetManifest:
             "shards": [s.to_json() for s in self.shards],
             **({"extra": self.extra} if self.extra else {}),
         }
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -43,9 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep.atomic import atomic_write_text
 from data_prep.errors import ErrorBudgetExceeded, InputReadError, SourceError
 from data_prep.jsonl import BAD_LINE_KINDS, BadLine, Document, iter_documents
-from data_prep.shards import DEFAULT_SHARD_TOKENS, ShardInfo, ShardWriter, atomic_write_text, write_manifest
+from data_prep.shards import DEFAULT_SHARD_TOKENS, ShardInfo, ShardWriter, write_manifest
 from data_prep.tokenizer import FlatIds, WorldTokenizer, default_impl, load_tokenizer
 
 __all__ = [

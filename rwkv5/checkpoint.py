@@ -8,11 +8,10 @@ Every failure raises `CheckpointError` naming the file and, where it applies, th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,13 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data_prep.atomic import atomic_path
 from rwkv5.config import ModelConfig
 from rwkv5.errors import CheckpointError, ConfigError
 from rwkv5.model import RWKV5
 
 __all__ = [
     "FORMAT",
-    "atomic_path",
     "save_checkpoint",
     "save_state_dict",
     "read_checkpoint",
@@ -42,22 +41,6 @@ __all__ = [
 FORMAT = "rwkv5-pipeline/1"
 # How many offending key names an error message lists before it only counts the rest.
 _MAX_LISTED = 8
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; move it onto `path` only if the block succeeds.
-
-    Readers never see a half-written file, and a crash leaves the previous file in place.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_state_dict(

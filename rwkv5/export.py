@@ -23,7 +23,8 @@ from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from rwkv5.checkpoint import atomic_path, model_from_state_dict, read_checkpoint
+from data_prep.atomic import atomic_path
+from rwkv5.checkpoint import model_from_state_dict, read_checkpoint
 from rwkv5.config import ModelConfig
 from rwkv5.errors import CheckpointError, ConfigError
 from rwkv5.model import HEAD_SIZE_DIVISOR, RWKV5

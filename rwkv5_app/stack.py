@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from data_prep.atomic import atomic_path, atomic_write_text
+
 __all__ = ["StackConfig", "StackError", "is_failure", "Service", "services", "up", "down", "status", "offline_env", "point_prefect_profile"]
 
 WORK_POOL = "local-process"
@@ -253,9 +255,7 @@ def _start(cfg: StackConfig, svc: Service, env: dict[str, str]) -> int:
             svc.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, cwd=cfg.state_dir, start_new_session=True,  # own process group: `down` kills it whole
         )
-    tmp = _pid_file(cfg, svc.name).with_suffix(".tmp")
-    tmp.write_text(str(proc.pid))
-    os.replace(tmp, _pid_file(cfg, svc.name))
+    atomic_write_text(_pid_file(cfg, svc.name), str(proc.pid))
     return proc.pid
 
 
@@ -298,11 +298,9 @@ def _ensure_token(path: Path) -> None:
     """A random token, readable by this user only, written once (atomically) and kept across restarts."""
     if path.is_file():
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            f.write(secrets.token_hex(32))
 
 
 def _prefect(cfg: StackConfig, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from rwkv5.checkpoint import atomic_path
+from data_prep.atomic import atomic_path
 from rwkv5.errors import Rwkv5Error
 
 __all__ = [

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_prep.atomic import atomic_write_text
 from rwkv5.errors import CheckpointError
 
 __all__ = [
@@ -73,12 +74,6 @@ class TrainerState:
         return cls(**known)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
@@ -104,8 +99,8 @@ def save_engine_state(engine, save_dir: str | Path, state: TrainerState, rank: i
     engine.save_checkpoint(str(save_dir), tag=TAG, client_state=client)
     if rank == 0:
         shapes = {n: list(p.shape) for n, p in engine.module.named_parameters()}
-        _atomic_write_text(save_dir / SHAPES_FILE, json.dumps(shapes))
-        _atomic_write_text(save_dir / STATE_FILE, json.dumps(asdict(state), indent=1))
+        atomic_write_text(save_dir / SHAPES_FILE, json.dumps(shapes))
+        atomic_write_text(save_dir / STATE_FILE, json.dumps(asdict(state), indent=1))
 
 
 def read_trainer_state(ckpt_dir: str | Path) -> TrainerState:

@@ -106,6 +106,7 @@ def test_complete_build_is_left_alone_and_interrupted_one_is_finished(built, tmp
     (broken / "manifest.json").unlink()
     (broken / "train/chunk1/example_train_1.jsonl.zst").unlink()
     (broken / "train/chunk1/.example_train_2.jsonl.zst.99.tmp").write_bytes(b"partial")
+    (broken / "train/chunk1/.example_train_3.jsonl.zst.tmp-99-0123abcd").write_bytes(b"partial")
     (broken / ".sample-building").touch()
     finished = build_sample(broken, SMALL)
     assert not finished.skipped
