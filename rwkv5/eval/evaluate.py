@@ -2,8 +2,8 @@
 
 Windows come from the validation split in stream order (each exactly once), so the numbers are a pure
 function of the checkpoint and the dataset. `evaluate_checkpoint` runs what is asked for (`rwkv5 eval`),
-`format_table` prints it, `write_report` stores it as JSON and `log_to_mlflow` adds it to an MLflow run
-(the milestone's run when its id is given).
+`format_table` prints it, `write_report` stores it as JSON (`rwkv5.tracking.log_eval_report` adds it to an
+MLflow run).
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ __all__ = [
     "ValidationResult",
     "validation_loss",
     "evaluate_checkpoint",
+    "evaluate_saved",
     "flat_metrics",
     "format_table",
     "write_report",
-    "log_to_mlflow",
 ]
 
 
@@ -92,6 +92,18 @@ def validation_loss(
         for s in sorted(sums)
     }
     return ValidationResult(loss=sum(sums.values()) / max(tokens, 1), tokens=tokens, by_source=by_source)
+
+
+def evaluate_saved(checkpoint: str | os.PathLike, validation: str | None = None, lambada: str | None = None,
+                   ctx_len: int = 128, limit: int | None = None) -> dict:
+    """`evaluate_checkpoint` of a saved checkpoint (native or RWKV .pth) in float32 on the CPU, with the RWKV
+    World tokenizer: what a milestone evaluates for its base and its fine-tune."""
+    from data_prep.tokenizer import load_tokenizer
+    from rwkv5.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint, dtype=torch.float32)
+    return evaluate_checkpoint(model.eval(), load_tokenizer().encode, lambada=lambada, validation=validation,
+                               limit=limit, ctx_len=ctx_len)
 
 
 def evaluate_checkpoint(
@@ -168,40 +180,3 @@ def write_report(report: dict, path: str | os.PathLike) -> Path:
     tmp.write_text(json.dumps(report, indent=1, sort_keys=True), encoding="utf-8")
     os.replace(tmp, path)
     return path
-
-
-def log_to_mlflow(
-    report: dict,
-    run_id: str | None = None,
-    tracking_uri: str | None = None,
-    experiment: str = "rwkv5-eval",
-    prefix: str = "eval.",
-    artifact_file: str = "eval/report.json",
-) -> str:
-    """Log the report's metrics (and the report as an artifact) to MLflow; returns the run id.
-
-    Args:
-        report (dict): from `evaluate_checkpoint`.
-        run_id (str, optional): an existing run (the milestone's); otherwise a new run in `experiment`.
-        tracking_uri (str, optional): MLflow server. Default: MLFLOW_TRACKING_URI.
-        experiment (str): experiment of a new run. Default: "rwkv5-eval".
-        prefix (str): put before every metric name (keeps them apart from training metrics). Default: "eval.".
-        artifact_file (str): where the JSON goes in the run's artifacts. Default: "eval/report.json".
-    """
-    import mlflow
-
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    if run_id is None:
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
-        run_id = client.create_run(exp_id).info.run_id
-        finish = True
-    else:
-        finish = False
-    for name, value in flat_metrics(report).items():
-        client.log_metric(run_id, prefix + name, float(value))
-    client.log_dict(run_id, report, artifact_file)
-    if finish:
-        client.set_terminated(run_id)
-    return run_id

@@ -20,7 +20,7 @@ import torch
 from rwkv5.errors import DataError
 from rwkv5.infer import DEFAULT_CHUNK_LEN, EOD_ID, prefill
 
-__all__ = ["LambadaResult", "read_lambada", "score_continuation", "lambada_eval"]
+__all__ = ["LambadaResult", "fetch_lambada", "read_lambada", "score_continuation", "lambada_eval"]
 
 
 @dataclass
@@ -33,6 +33,24 @@ class LambadaResult:
 
     def to_dict(self) -> dict:
         return {"accuracy": self.accuracy, "ppl": self.ppl, "samples": self.samples}
+
+
+def fetch_lambada(uri: str, cache_dir: str | Path) -> Path:
+    """A local path for a LAMBADA file given as a path or an fsspec URL (e.g.
+    hf://datasets/EleutherAI/lambada_openai/lambada_test_en.jsonl); a URL is fetched once into `cache_dir`."""
+    if "://" not in uri or uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    import shutil
+
+    import fsspec
+
+    from data_prep.atomic import atomic_path
+
+    dest = Path(cache_dir) / Path(uri.split("://", 1)[1]).name
+    if not dest.is_file():
+        with atomic_path(dest) as tmp, fsspec.open(uri, "rb") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out)  # streamed: an eval set may not fit in memory
+    return dest
 
 
 def read_lambada(path: str | Path, limit: int | None = None) -> list[tuple[str, str]]:

@@ -1,40 +1,18 @@
-"""The model card (README.md) of a release and its loss-curve figure.
+"""The model card (README.md) of a release.
 
-Both are pure functions of their inputs (no dates, no software versions in the PNG metadata), so rebuilding a
-release from the same checkpoints gives the same bytes, and a re-run finds nothing to upload.
+A pure function of its inputs (no dates), so rebuilding a release from the same checkpoints gives the same
+bytes, and a re-run finds nothing to upload. The loss-curve figure comes from `rwkv5.train.trace`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from rwkv5.config import ModelConfig, count_parameters
 
-__all__ = ["model_card", "plot_loss_curve", "LOSS_CURVE"]
+__all__ = ["model_card", "LOSS_CURVE"]
 
 LOSS_CURVE = "loss_curve.png"
-
-
-def plot_loss_curve(history: Sequence[tuple[float, float]], path: str | os.PathLike, title: str) -> Path:
-    """Draw loss against tokens (or steps) as a PNG; `history` is (x, loss) pairs in order."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers; also keeps the output independent of the backend
-    import matplotlib.pyplot as plt
-
-    xs, ys = zip(*history)
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(xs, ys, linewidth=1.2)
-    ax.set_xlabel("tokens seen" if max(xs) > 1e5 else "step")
-    ax.set_ylabel("training loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png", metadata={"Software": None})
-    plt.close(fig)
-    return Path(path)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -34,8 +34,10 @@ from rwkv5.checkpoint import read_checkpoint
 from rwkv5.config import count_parameters
 from rwkv5.errors import CheckpointError
 from rwkv5.export import export_rwkv_pth, export_safetensors
-from rwkv5.release.model_card import LOSS_CURVE, model_card, plot_loss_curve
+from rwkv5.release.model_card import LOSS_CURVE, model_card
 from rwkv5.release.targets import LocalTarget, ReleaseError, ReleaseTarget, RemoteFile, open_target
+from rwkv5.tracking import check_registrable, register_release
+from rwkv5.train.trace import loss_curve_png
 
 __all__ = [
     "MANIFEST",
@@ -49,7 +51,6 @@ __all__ = [
     "release_local",
     "verify_release",
     "read_manifest",
-    "register_release",
 ]
 
 MANIFEST = "manifest.json"
@@ -160,7 +161,9 @@ def _build(out: Path, checkpoints: Mapping[str, Path], vocab: Path, name: str, e
         shutil.copyfile(vocab, stage / vocab.name)
         curve = None
         if loss_history:
-            curve = plot_loss_curve(loss_history, stage / LOSS_CURVE, f"{name}: training loss").name
+            xlabel = "tokens seen" if max(x for x, _ in loss_history) > 1e5 else "step"
+            (stage / LOSS_CURVE).write_bytes(loss_curve_png(loss_history, f"{name}: training loss", xlabel=xlabel))
+            curve = LOSS_CURVE
         listed = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
         (stage / "README.md").write_text(model_card(name, config, variants, ["README.md", *listed, MANIFEST],
                                                     evals, curve))
@@ -334,7 +337,7 @@ def release(
     """
     target = _target(to, target_options)
     if register_as:
-        _check_registrable(target.url, register_as)  # before uploading anything
+        check_registrable(target.url, register_as)  # before uploading anything
     evals = _nested_evals(evals)
     checkpoints, vocab = _sources(checkpoint, finetune, vocab_path)
     inputs = _inputs(checkpoints, name, evals, loss_history, extra_meta or {}, vocab)
@@ -361,41 +364,3 @@ def release_local(
     release(checkpoint, LocalTarget(out_dir), name=name, evals=evals, vocab_path=vocab_path, extra_meta=extra_meta,
             replace=True)
     return Path(out_dir)
-
-
-def registrable(uri: str) -> bool:
-    """Whether MLflow's server takes `uri` as a model version source: it refuses local paths."""
-    return "://" in uri and not uri.startswith("file://")
-
-
-def _check_registrable(uri: str, model_name: str) -> None:
-    if not registrable(uri):
-        raise ReleaseError(f"MLflow registry: cannot register {uri} as {model_name!r}: MLflow's server takes no "
-                           "local path as a model version source; release to object storage or the Hub to register")
-
-
-def register_release(uri: str, model_name: str, *, tracking_uri: str | None = None, run_id: str | None = None,
-                     tags: Mapping[str, str] | None = None, description: str | None = None):
-    """Make `uri` a version of registered model `model_name` (created if needed); returns the ModelVersion.
-
-    Registration is by URI only: the weights stay where the release put them. A URI that is already a version
-    of the model is returned as it is, so re-running a release does not add versions.
-    """
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    _check_registrable(uri, model_name)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        client.create_registered_model(model_name, description="RWKV v5.2 releases of rwkv5-pipeline")
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise ReleaseError(f"MLflow registry: cannot create model {model_name!r}: {exc.message}") from None
-    for version in client.search_model_versions(f"name='{model_name}'"):
-        if version.source == uri:
-            return version
-    try:
-        return client.create_model_version(model_name, source=uri, run_id=run_id, tags=dict(tags or {}),
-                                           description=description)
-    except MlflowException as exc:
-        raise ReleaseError(f"MLflow registry: cannot register {uri} as {model_name!r}: {exc.message}") from None

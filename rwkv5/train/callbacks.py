@@ -26,7 +26,6 @@ __all__ = [
     "MilestoneInfo",
     "Callback",
     "SpeedCallback",
-    "MLflowCallback",
     "TraceCallback",
     "MilestoneHook",
 ]
@@ -135,103 +134,6 @@ class SpeedCallback(Callback):
             metrics["cpu_rss_gb"] = psutil.Process().memory_info().rss / 2**30
 
 
-class MLflowCallback(Callback):
-    """Rank 0 logs params and metrics into one MLflow run per pretraining run, found again on resume.
-
-    The run is looked up by the tag `rwkv5.run_name` (its id is also kept in the checkpoint), so restarts
-    and resumes continue the same MLflow run instead of opening a new one.
-
-    Args:
-        tracking_uri (str, optional): MLflow server. Default: MLFLOW_TRACKING_URI.
-        experiment (str): experiment name. Default: "rwkv5-pretrain".
-        system_metrics (bool): sample CPU/GPU/memory in the background (every
-            MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds, 10 by default) and once more at the end, so a run
-            shorter than the interval still records the machine it ran on. Default: True.
-    """
-
-    TAG = "rwkv5.run_name"
-
-    def __init__(self, tracking_uri: str | None = None, experiment: str = "rwkv5-pretrain",
-                 system_metrics: bool = True):
-        self.tracking_uri = tracking_uri
-        self.experiment = experiment
-        self.system_metrics = system_metrics
-        self.run_id: str | None = None
-        self._active = False
-        self._monitor = None
-
-    def pre_train(self, ctx: TrainContext) -> None:
-        super().pre_train(ctx)
-        if ctx.rank != 0:
-            return
-        import mlflow
-
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        if self.tracking_uri:
-            mlflow.set_tracking_uri(self.tracking_uri)
-        exp = mlflow.set_experiment(self.experiment)
-        if self.run_id is None:
-            found = mlflow.search_runs(
-                experiment_ids=[exp.experiment_id],
-                filter_string=f"tags.`{self.TAG}` = '{ctx.run_name}'",
-                output_format="list",
-                max_results=1,
-            )
-            self.run_id = found[0].info.run_id if found else None
-        fresh = self.run_id is None
-        run = mlflow.start_run(
-            run_id=self.run_id,
-            run_name=ctx.run_name if fresh else None,
-            tags={self.TAG: ctx.run_name} if fresh else None,
-            log_system_metrics=False,  # our own monitor below, so that `_end` can take a closing sample
-        )
-        self.run_id = run.info.run_id
-        self._active = True
-        if self.system_metrics:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=not fresh)
-            self._monitor.start()
-        if fresh:
-            mlflow.log_params(_flatten(ctx.config.model_dump()) | {"world_size": ctx.world_size})
-
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        if self._active:
-            import mlflow
-
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-
-    def on_error(self, exc: BaseException) -> None:
-        self._end("FAILED")
-
-    def close(self) -> None:
-        self._end("FINISHED")
-
-    def _end(self, status: str) -> None:
-        if self._active:
-            import mlflow
-
-            self._stop_monitor()
-            mlflow.end_run(status=status)
-            self._active = False
-
-    def _stop_monitor(self) -> None:
-        """Stop the sampler, then log one closing sample (MLflow's own loop logs only after a full interval)."""
-        monitor, self._monitor = self._monitor, None
-        if monitor is None:
-            return
-        monitor.finish()
-        monitor.collect_metrics()
-        monitor.publish_metrics(monitor.aggregate_metrics())
-        monitor.mlflow_logger.flush()
-
-    def state_dict(self) -> dict:
-        return {"run_id": self.run_id}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.run_id = state.get("run_id") or self.run_id
-
-
 class TraceCallback(Callback):
     """Rank 0 appends one JSON line per step (step, loss, lr, sample ids) to a file: the record that resume and
     fault tests compare, and a cheap audit of what a run trained on."""
@@ -265,14 +167,3 @@ class MilestoneHook(Callback):
         if self.ctx.rank == 0 and self.fn is not None:
             self.fn(info)
             self.fired.append(info.index)
-
-
-def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out |= _flatten(value, f"{name}.")
-        else:
-            out[name] = value
-    return out

@@ -13,7 +13,7 @@ end, `milestones.fraction = 1.0`, is the consolidated fine-tuned model). Only th
 
     cfg = finetune_run_config(model_preset("169m"), steps=100, samples_per_step=8)
     task = FinetuneTask(chat_data="chat.jsonl", init_checkpoint="m3/model.safetensors")
-    launch_finetune(cfg, task, "ft-m3", storage="runs", workers=8, gpus_per_worker=1)
+    finetune(cfg, task, "ft-m3", storage="runs", workers=8, gpus_per_worker=1)
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from rwkv5.train.config import (
 )
 from rwkv5.train.data import micro_batch_positions
 
-__all__ = ["FinetuneTask", "ChatMicroBatch", "ChatBatches", "finetune_run_config", "finetune_here", "launch_finetune"]
+__all__ = ["FinetuneTask", "ChatMicroBatch", "ChatBatches", "finetune_run_config", "finetune", "finetune_milestone"]
 
 
 def finetune_run_config(
@@ -179,19 +179,47 @@ class FinetuneTask:
         return segmented_loss(module, mb.inputs, mb.targets, mb.mask, self.segment_len)
 
 
-def finetune_here(config: RunConfig, task: FinetuneTask, run_name: str, storage: str | Path, callbacks=()):
-    """Fine-tune in this process (or each torchrun process), checkpoints in storage/run_name."""
-    from rwkv5.train.worker import TrainJob, train
+def finetune(config: RunConfig, task: FinetuneTask, run_name: str, storage: str | Path, *, workers: int = 0,
+             gpus_per_worker: int = 0, resume: bool = False, callbacks=()) -> dict:
+    """Fine-tune as training run `run_name` (checkpoints in storage/run_name), in this process or on Ray Train
+    workers (`rwkv5.train.launch.run_training` decides by `workers`); returns the final metrics."""
+    from rwkv5.train.launch import run_training
 
-    return train(TrainJob(config, run_name, str(task.chat_data), str(storage), callbacks=list(callbacks),
-                          task=task))
-
-
-def launch_finetune(config: RunConfig, task: FinetuneTask, run_name: str, storage: str | Path, **launch_kwargs):
-    """Fine-tune on Ray Train workers: `rwkv5.train.launch.launch` with the task (same resume rules)."""
-    from rwkv5.train.launch import launch
-
-    # Workers may start in another directory: give them absolute paths.
+    # Ray workers may start in another directory: give them absolute paths.
     task = replace(task, chat_data=str(Path(task.chat_data).resolve()),
                    init_checkpoint=None if task.init_checkpoint is None else str(Path(task.init_checkpoint).resolve()))
-    return launch(config, run_name, task.chat_data, storage, task=task, **launch_kwargs)
+    return run_training(config, run_name, task.chat_data, storage, workers=workers, gpus_per_worker=gpus_per_worker,
+                        resume=resume, callbacks=list(callbacks), task=task)
+
+
+def finetune_milestone(base: str, storage: str | Path, run_name: str, chat_data: str | None = None,
+                       steps: int = 10, lr: float = 1e-4, max_len: int = 1024, workers: int = 0,
+                       gpus_per_worker: int = 0) -> dict:
+    """Chat SFT of a milestone checkpoint `base` as run `run_name`: the milestone flow's fine-tune.
+
+    A finished fine-tune is reused and an interrupted one resumes from its checkpoint, so a retried flow run
+    trains no step twice. `chat_data` defaults to a small chat set built from local docstrings.
+
+    Returns:
+        `{"checkpoint": the tuned model, "first_loss", "last_loss", "steps"}`.
+    """
+    from data_prep.chat_sample import build_chat_sample
+    from rwkv5.checkpoint import read_checkpoint_config
+    from rwkv5.train.callbacks import TraceCallback
+    from rwkv5.train.checkpoint import list_checkpoints
+    from rwkv5.train.milestones import read_done
+    from rwkv5.train.trace import read_trace
+
+    run_dir = Path(storage) / run_name
+    trace = run_dir / "trace.jsonl"
+    if read_done(run_dir, 1) is None:  # the fine-tune's one milestone is its last step
+        model_cfg, _ = read_checkpoint_config(base)
+        chat = chat_data or str(build_chat_sample(Path(storage) / "chat-sample.jsonl"))
+        cfg = finetune_run_config(model_cfg, steps=steps, samples_per_step=max(2, workers), max_len=max_len, lr=lr,
+                                  final_lr=lr / 10, warmup_steps=0)
+        finetune(cfg, FinetuneTask(chat_data=chat, init_checkpoint=base), run_name, storage, workers=workers,
+                 gpus_per_worker=gpus_per_worker, resume=bool(list_checkpoints(run_dir)),
+                 callbacks=[TraceCallback(trace)])
+    rows = read_trace(trace)
+    return {"checkpoint": read_done(run_dir, 1)["path"], "first_loss": rows[0]["loss"],
+            "last_loss": rows[-1]["loss"], "steps": len(rows)}

@@ -16,13 +16,13 @@ import os
 from pathlib import Path
 
 from data_prep.remote import filesystem, is_remote
-from rwkv5.errors import ConfigError
+from rwkv5.errors import ConfigError, Rwkv5Error
 from rwkv5.train.callbacks import Callback
 from rwkv5.train.checkpoint import list_checkpoints
 from rwkv5.train.config import RunConfig
 from rwkv5.train.worker import OFFLINE_ENV, TrainJob, ray_train_fn, train
 
-__all__ = ["launch", "train_here", "check_resume", "ensure_ray"]
+__all__ = ["run_training", "TrainingFailed", "launch", "train_here", "check_resume", "ensure_ray"]
 
 # Variables the workers need from the driver's environment.
 # Object-store settings are forwarded, credentials are not: clusters use instance roles or their own env.
@@ -152,6 +152,8 @@ def train_here(
     resume: bool = False,
     callbacks: list[Callback] | None = None,
     use_gpu: bool = False,
+    init_missing: bool = False,
+    task=None,
 ):
     """Run (or resume) pretraining run `run_name` as one worker in this process; returns its TrainerState.
 
@@ -169,13 +171,51 @@ def train_here(
         os.environ.setdefault(key, value)
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        # One process by definition: a rendezvous left in the environment (a torchrun shell, an earlier run in
-        # this process) must not be joined; the worker picks a free port for its own group of one.
+    if not dist.is_initialized() and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # One process (torchrun's processes aside, which set TORCHELASTIC_RUN_ID): a rendezvous left in the
+        # environment by an earlier run must not be joined; the worker picks a free port for a group of one.
         for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             os.environ.pop(key, None)
     return train(TrainJob(config=config, run_name=run_name, data_dir=_location(data_dir), storage_path=storage,
-                          callbacks=list(callbacks or []), use_gpu=use_gpu))
+                          init_missing=init_missing, callbacks=list(callbacks or []), task=task, use_gpu=use_gpu))
+
+
+class TrainingFailed(Rwkv5Error):
+    """Ray Train gave up on a run (its workers failed more often than `max_failures`)."""
+
+
+def run_training(
+    config: RunConfig,
+    run_name: str,
+    data_dir: str | Path,
+    storage_path: str | Path,
+    *,
+    workers: int = 0,
+    gpus_per_worker: int = 0,
+    resume: bool = False,
+    init_missing: bool = False,
+    callbacks: list[Callback] | None = None,
+    task=None,
+) -> dict:
+    """Run (or resume) a training run where `workers` says; the one place that chooses Ray Train or not.
+
+    `workers` == 0 trains in this process (`train_here`): the CPU demo and the milestone fine-tunes of small
+    runs, where starting Ray Train's controller, helper actors and workers costs far more than the run.
+    `workers` >= 1 runs them through Ray Train (`launch`: RAY_ADDRESS's cluster, this process's Ray, or a
+    new local one). Returns the final metrics (`step`, `tokens_seen`, and the last step's metrics).
+
+    Raises:
+        TrainingFailed: Ray Train gave up on the run.
+    """
+    if workers == 0:
+        state = train_here(config, run_name, data_dir, storage_path, resume=resume, callbacks=callbacks,
+                           use_gpu=gpus_per_worker > 0, init_missing=init_missing, task=task)
+        return {"step": state.step, "tokens_seen": state.tokens_seen, "applied": state.applied}
+    result = launch(config, run_name, data_dir, storage_path, workers=workers, gpus_per_worker=gpus_per_worker,
+                    resume=resume, init_missing=init_missing, callbacks=callbacks, task=task)
+    if result.error is not None:
+        raise TrainingFailed(f"run {run_name!r} failed: {result.error}")
+    return dict(result.metrics or {})
 
 
 def _location(path: str | Path) -> str:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
+from data_prep.atomic import atomic_write_text
 from rwkv5.config import ModelConfig
 
-__all__ = ["crossed", "percent_of", "milestone_dir", "is_done", "mark_done", "write_consolidated"]
+__all__ = ["crossed", "percent_of", "milestone_dir", "is_done", "mark_done", "read_done", "completed", "run_dir_of",
+           "write_consolidated"]
 
 
 def crossed(tokens_seen: int, token_budget: int, fraction: float) -> list[int]:
@@ -35,15 +36,30 @@ def milestone_dir(run_dir: str | Path, index: int) -> Path:
     return Path(run_dir) / "milestones" / f"m{index:03d}"
 
 
+def run_dir_of(milestone_checkpoint: str | Path) -> Path:
+    """The run folder of a milestone checkpoint (`milestone_dir(run_dir, i) / "model.safetensors"`)."""
+    return Path(milestone_checkpoint).parent.parent.parent
+
+
 def is_done(run_dir: str | Path, index: int) -> bool:
     return (milestone_dir(run_dir, index) / "done.json").is_file()
 
 
 def mark_done(run_dir: str | Path, index: int, info: dict) -> None:
+    """Record milestone `index` as complete: its checkpoint is written and its hooks have run."""
+    atomic_write_text(milestone_dir(run_dir, index) / "done.json", json.dumps(info))
+
+
+def read_done(run_dir: str | Path, index: int) -> dict | None:
+    """Milestone `index`'s record (path, step, tokens_seen, percent), or None while it is not complete."""
     path = milestone_dir(run_dir, index) / "done.json"
-    tmp = path.with_name(f".done.json.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def completed(run_dir: str | Path) -> list[dict]:
+    """The records of every complete milestone of a run, in percent order."""
+    rows = [json.loads(done.read_text()) for done in (Path(run_dir) / "milestones").glob("m*/done.json")]
+    return sorted((row for row in rows if row.get("percent") is not None), key=lambda row: row["percent"])
 
 
 def write_consolidated(ckpt_dir: str | Path, tag: str, out_dir: Path, model_cfg: ModelConfig, meta: dict) -> Path:

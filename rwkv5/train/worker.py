@@ -18,11 +18,11 @@ import torch.distributed as dist
 
 from rwkv5.config import count_matmul_parameters
 from rwkv5.errors import CheckpointError
+from rwkv5.tracking import MLflowCallback
 from rwkv5.train import milestones
 from rwkv5.train.callbacks import (
     Callback,
     MilestoneInfo,
-    MLflowCallback,
     SpeedCallback,
     StepInfo,
     TrainContext,

@@ -28,8 +28,8 @@ def base(tmp_path_factory, random_model):
 
 
 def test_finetune_stage_trains_under_deepspeed_and_is_reused(tmp_path, base, monkeypatch):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # in this process rather than on a Ray cluster
-    args = (str(base), str(tmp_path), "demo-m010", None, 2, 1e-3, 96, 1, 0)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = (str(base), str(tmp_path), "demo-m010", None, 2, 1e-3, 96, 0, 0)  # 0 workers: in this process
     first = finetune_stage.fn(*args)
 
     assert first["steps"] == 2 and first["first_loss"] > 0
@@ -63,44 +63,9 @@ def test_evaluate_stage_reports_validation_per_source_and_lambada(tmp_path, base
     json.dumps(report)  # goes into MLflow and the milestone table as JSON
 
 
-def test_unreleased_milestones_are_found_in_order(tmp_path):
-    """Enqueued milestone runs may start out of order; the run holding the slot releases every ready one."""
-    from flows.milestone import _result_file, _unreleased
-    from flows.paths import Layout
-
-    layout = Layout(tmp_path)
-    milestones = tmp_path / "checkpoints" / "demo" / "milestones"
-    for index in (4, 2, 1, 3):
-        folder = milestones / f"m{index:03d}"
-        folder.mkdir(parents=True)
-        (folder / "done.json").write_text(json.dumps(
-            {"milestone": index, "percent": 10 * index, "step": 4 * index, "tokens_seen": 4096 * index,
-             "path": str(folder / "model.safetensors")}))
-    (milestones / "m005").mkdir()  # consolidating: no done.json yet
-    _result_file(layout, "demo", 10).parent.mkdir(parents=True)
-    _result_file(layout, "demo", 10).write_text("{}")  # 10% is released already
-
-    pending = _unreleased(layout, "demo", milestones)
-    assert [(row["percent"], row["step"]) for row in pending] == [(20, 8), (30, 12), (40, 16)]
-    for percent in (20, 30, 40):
-        _result_file(layout, "demo", percent).write_text("{}")
-    assert _unreleased(layout, "demo", milestones) == []
-
-
-def test_only_remote_releases_go_to_the_mlflow_registry(monkeypatch):
-    from flows.milestone import _registry_name
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert _registry_name("demo", "/state/releases/demo/m010") is None
-    assert _registry_name("demo", "file:///state/releases/demo/m010") is None
-    assert _registry_name("demo", "s3://bucket/releases/m010") == "rwkv5-demo"
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert _registry_name("demo", "s3://bucket/releases/m010") is None
-
-
 def test_milestone_finetune_runs_on_the_ray_cluster(ray_cluster, tmp_path, random_model, monkeypatch):
-    """The milestone flow's fine-tune stage takes the Ray Train path when RAY_ADDRESS is set (as under
-    `rwkv5 up`): same launch, DeepSpeed and checkpoints as pretraining, here on 1 worker."""
+    """The milestone flow's fine-tune stage takes the Ray Train path when given workers (here RAY_ADDRESS's
+    cluster, as under `rwkv5 up`): same launch, DeepSpeed and checkpoints as pretraining, here on 1 worker."""
     import torch
 
     from flows.milestone import finetune_stage

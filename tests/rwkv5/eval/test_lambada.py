@@ -15,7 +15,7 @@ from rwkv5.errors import DataError
 from rwkv5.eval.lambada import lambada_eval, read_lambada
 from tests.support.byte_tokenizer import ByteTokenizer
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 LAMBADA = SHARED_DATA / "lambada_test.jsonl"
 needs_lambada = pytest.mark.skipif(not LAMBADA.is_file(), reason=f"{LAMBADA} absent (project reference data)")
 CFG = ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=260)

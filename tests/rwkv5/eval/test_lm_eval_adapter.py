@@ -19,7 +19,7 @@ from rwkv5.config import ModelConfig  # noqa: E402
 from rwkv5.eval.lm_eval_adapter import RWKV5LM  # noqa: E402
 from tests.support.byte_tokenizer import ByteTokenizer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LAMBADA = ROOT.parent / "shared" / "data" / "lambada_test.jsonl"
 CFG = ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=260)
 

@@ -21,7 +21,7 @@ from rwkv5.train.chat import (
 from rwkv5.model import l2wrap, lm_loss
 from tests.support.byte_tokenizer import ByteTokenizer
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 DEMO = SHARED_DATA / "rwkv-lm-demo.jsonl"
 # A small vocabulary keeps the head cheap; 260 covers the byte-level stand-in tokenizer below.
 CFG = ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=260)

@@ -10,12 +10,12 @@ import torch
 
 from rwkv5.config import model_preset
 from rwkv5.errors import CheckpointError
-from rwkv5.train.finetune import ChatBatches, FinetuneTask, finetune_here, finetune_run_config
+from rwkv5.train.finetune import ChatBatches, FinetuneTask, finetune, finetune_run_config
 from rwkv5.model import RWKV5
 from rwkv5.train.callbacks import Callback
 from rwkv5.train.config import BatchConfig
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 DEMO = SHARED_DATA / "rwkv-lm-demo.jsonl"
 
 
@@ -67,9 +67,9 @@ def test_finetune_under_deepspeed_from_a_base_checkpoint(tmp_path, random_model)
     cfg = cfg.model_copy(update={"metrics": cfg.metrics.model_copy(update={"system_metrics": False})})
     record = Record()
     task = FinetuneTask(chat_data=str(chat), init_checkpoint=str(base), segment_len=48)
-    state = finetune_here(cfg, task, "ft", tmp_path / "runs", callbacks=[record])
+    state = finetune(cfg, task, "ft", tmp_path / "runs", callbacks=[record])
 
-    assert state.step == 3 and state.applied == 3
+    assert state["step"] == 3 and state["applied"] == 3
     assert len(record.losses) == 3 and all(math.isfinite(x) for x in record.losses)
     base_sd, _, _ = read_checkpoint(base)
     for name in ("blocks.0.att.key.weight", "head.weight", "blocks.1.att.time_decay"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from rwkv5.train.callbacks import MLflowCallback, TrainContext
+from rwkv5.tracking import MLflowCallback
+from rwkv5.train.callbacks import TrainContext
 from rwkv5.train.config import run_preset
 
 

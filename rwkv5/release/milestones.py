@@ -1,0 +1,93 @@
+"""The milestone table of a run: one row per released milestone, and which milestones still need a release.
+
+A milestone is named by its percent of the token budget (`release_tag`: "m010" for 10%), in release folders,
+Hub branches, fine-tune runs and MLflow runs. That is not the milestone index that names the pretraining
+run's checkpoint folders (`rwkv5.train.milestones.milestone_dir`: "m001" for the first milestone).
+
+Milestone runs normally start in percent order, but one may not (the Prefect server processes events two at
+a time, so two milestones reached within moments may create their runs in either order), and on a small
+machine they fall behind pretraining. So the run that holds the milestone slot releases every complete
+milestone without a row, earlier ones before its own and later ones after it (`release_order`): releases
+follow percent order whatever order the runs start in, and a run that starts late finds its row written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from data_prep.atomic import atomic_write_text
+
+__all__ = ["release_tag", "release_target", "MilestoneTable", "release_order", "milestone_row"]
+
+
+def release_tag(percent: int) -> str:
+    """The name of the milestone at `percent` of the token budget in releases and MLflow."""
+    return f"m{percent:03d}"
+
+
+def release_target(release_to: str | None, default_root: Path, percent: int) -> str:
+    """Where the milestone's release goes: a sub-folder of `release_to` (a folder or fsspec URL), a branch of
+    a Hub repo (`hf://org/name`), or by default a sub-folder of `default_root`."""
+    tag = release_tag(percent)
+    if not release_to:
+        return str(default_root / tag)
+    if release_to.startswith("hf://"):
+        return f"{release_to}@{tag}"  # one branch per milestone of one Hub repo
+    return f"{release_to.rstrip('/')}/{tag}"
+
+
+class MilestoneTable:
+    """The released milestones of one run: a JSON file per milestone in `folder`, written once it is released.
+
+    Args:
+        folder (Path): the run's milestone-results folder.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def _path(self, percent: int) -> Path:
+        return self.folder / f"{release_tag(percent)}.json"
+
+    def get(self, percent: int) -> dict | None:
+        """The row of the milestone at `percent`, or None while it has no release."""
+        path = self._path(percent)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def write(self, row: Mapping) -> None:
+        """Record a released milestone (atomically: a reader never sees half a row)."""
+        atomic_write_text(self._path(row["percent"]), json.dumps(dict(row)))
+
+    def rows(self) -> list[dict]:
+        """Every released milestone's row, in percent order."""
+        rows = [json.loads(path.read_text()) for path in self.folder.glob("m*.json")]
+        return sorted(rows, key=lambda row: row["percent"])
+
+    def unreleased(self, completed: list[dict]) -> list[dict]:
+        """The complete milestones (`rwkv5.train.milestones.completed`) that have no row yet, in order."""
+        return [info for info in completed if self.get(info["percent"]) is None]
+
+
+def release_order(pending: list[dict], own: dict) -> list[dict]:
+    """What the run of milestone `own` releases, in order: pending milestones before its own, its own, then
+    pending ones after it. `own` comes from the milestone event; `pending` from `MilestoneTable.unreleased`."""
+    earlier = [info for info in pending if info["percent"] < own["percent"]]
+    later = [info for info in pending if info["percent"] > own["percent"]]
+    return [*earlier, own, *later]
+
+
+def milestone_row(info: Mapping, finetune: Mapping, evals: Mapping[str, Mapping], release_url: str) -> dict:
+    """One row of the milestone table: where pretraining was, the fine-tune's losses, the eval scores of base
+    and fine-tune (LAMBADA where it was evaluated) and the release's location."""
+    row = {"percent": info["percent"], "step": info["step"], "tokens_seen": info["tokens_seen"],
+           "val_loss_base": round(evals["base"]["validation"]["loss"], 4),
+           "val_loss_finetune": round(evals["finetune"]["validation"]["loss"], 4),
+           "sft_loss_first": round(finetune["first_loss"], 4), "sft_loss_last": round(finetune["last_loss"], 4)}
+    if "lambada" in evals["base"]:
+        for variant in ("base", "finetune"):
+            row[f"lambada_acc_{variant}"] = round(evals[variant]["lambada"]["accuracy"], 4)
+            row[f"lambada_ppl_{variant}"] = round(evals[variant]["lambada"]["ppl"], 2)
+    row["release"] = release_url
+    return row

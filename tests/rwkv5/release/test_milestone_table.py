@@ -1,0 +1,48 @@
+"""The milestone table: which complete milestones still need a release, in what order, and where they go."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_unreleased_milestones_are_found_in_order(tmp_path):
+    """Enqueued milestone runs may start out of order; the run holding the slot releases every ready one."""
+    from rwkv5.release.milestones import MilestoneTable, release_order
+    from rwkv5.train.milestones import completed, milestone_dir, run_dir_of
+
+    run_dir = tmp_path / "checkpoints" / "demo"
+    for index in (4, 2, 1, 3):
+        folder = milestone_dir(run_dir, index)
+        folder.mkdir(parents=True)
+        (folder / "done.json").write_text(json.dumps(
+            {"milestone": index, "percent": 10 * index, "step": 4 * index, "tokens_seen": 4096 * index,
+             "path": str(folder / "model.safetensors")}))
+    milestone_dir(run_dir, 5).mkdir()  # consolidating: no done.json yet
+    assert run_dir_of(milestone_dir(run_dir, 3) / "model.safetensors") == run_dir
+    table = MilestoneTable(tmp_path / "milestones" / "demo")
+    table.write({"percent": 10})  # 10% is released already
+
+    pending = table.unreleased(completed(run_dir))
+    assert [(row["percent"], row["step"]) for row in pending] == [(20, 8), (30, 12), (40, 16)]
+    own = {"percent": 30, "step": 12, "tokens_seen": 0, "path": "event"}
+    assert [info["percent"] for info in release_order(pending, own)] == [20, 30, 40]
+    assert release_order(pending, own)[1] is own  # its own milestone as the event describes it
+    for percent in (20, 30, 40):
+        table.write({"percent": percent})
+    assert table.unreleased(completed(run_dir)) == []
+    assert [row["percent"] for row in table.rows()] == [10, 20, 30, 40]
+
+
+def test_release_targets_and_registry(monkeypatch, tmp_path):
+    from rwkv5.release.milestones import release_target
+    from rwkv5.tracking import registry_name
+
+    assert release_target(None, tmp_path, 10) == str(tmp_path / "m010")
+    assert release_target("hf://org/model", tmp_path, 20) == "hf://org/model@m020"
+    assert release_target("s3://bucket/releases/", tmp_path, 100) == "s3://bucket/releases/m100"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert registry_name("demo", "/state/releases/demo/m010") is None
+    assert registry_name("demo", "file:///state/releases/demo/m010") is None
+    assert registry_name("demo", "s3://bucket/releases/m010") == "rwkv5-demo"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert registry_name("demo", "s3://bucket/releases/m010") is None
