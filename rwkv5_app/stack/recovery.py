@@ -1,17 +1,18 @@
 """Flow runs orphaned by a dead worker: marked crashed, then scheduled again for the new worker.
 
-A process worker runs each flow run as its child; when the worker dies (killed, machine rebooted) its runs
-stay "Running" on the server forever, because nothing is left to report their end. `rwkv5 up` starts a
-worker only when none of ours is alive, so at that moment every Running or Pending run of our local work
-pool is such an orphan. So is a run that crashed after the dead worker started: killed with its worker, a
-run can still record "Crashed" on its way out (seen in the e2e: "aborted by Python system exit call"), and
-Prefect never retries a crashed run by itself. A run whose own process outlived the worker (the process
-worker starts each run in a session of its own) and still runs here is left alone. Scheduling the others again
-is safe because every stage is idempotent: download and
-tokenization skip finished files, pretraining resumes from its last checkpoint, and a milestone already
-released is not released again.
+A process worker runs each flow run as its child; when the worker dies (killed, machine rebooted) its runs stay
+"Running" on the server forever, because nothing is left to report their end. Prefect's own way out (flow-run
+heartbeats plus an automation that marks silent runs crashed) only marks them crashed after a timeout and never
+schedules them again, so this stays hand-written. `rwkv5 up` starts a worker only when none of ours is alive,
+so at that moment every Running or Pending run of our local work pool is such an orphan. So is a run that
+crashed after the dead worker started: killed with its worker, a run can still record "Crashed" on its way out
+("aborted by Python system exit call"), and Prefect never retries a crashed run by itself. A run whose own
+process outlived the worker (the process worker starts each run in a session of its own) and still runs here is
+left alone. Scheduling the others again is safe because every stage is idempotent: download and tokenization
+skip finished files, pretraining resumes from its last checkpoint, and a milestone already released is not
+released again.
 
-    python -m rwkv5_app.recovery local-process [SINCE]   # what `rwkv5 up` runs, with PREFECT_API_URL set
+    python -m rwkv5_app.stack.recovery local-process [SINCE]   # what `rwkv5 up` runs, with PREFECT_API_URL set
 
 SINCE (ISO 8601) is when the dead worker started; without it crashed runs are left alone.
 """

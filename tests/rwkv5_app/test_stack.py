@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from rwkv5_app import stack
+from rwkv5_app.stack import supervisor
 from rwkv5_app.stack import Service, StackConfig, StackError
 from tests.conftest import _free_port
 
@@ -30,7 +31,7 @@ def cfg(tmp_path):
 
 def test_a_failed_service_does_not_keep_the_others_down(cfg, monkeypatch):
     before, after = _free_port(), _free_port()
-    monkeypatch.setattr(stack, "services", lambda _cfg: [
+    monkeypatch.setattr(supervisor, "services", lambda _cfg: [
         _http_service("first", before), _crashing_service("broken"), _http_service("last", after)])
     with pytest.raises(StackError) as raised:
         stack.up(cfg, timeout=60)
@@ -54,7 +55,7 @@ def test_a_failed_service_does_not_keep_the_others_down(cfg, monkeypatch):
 
 def test_up_returns_states_when_everything_starts(cfg, monkeypatch):
     port = _free_port()
-    monkeypatch.setattr(stack, "services", lambda _cfg: [_http_service("only", port)])
+    monkeypatch.setattr(supervisor, "services", lambda _cfg: [_http_service("only", port)])
     try:
         assert stack.up(cfg, timeout=60) == {"only": "started"}
         assert stack.up(cfg, timeout=60) == {"only": "running"}
@@ -73,7 +74,7 @@ def test_services_do_not_inherit_a_distributed_rendezvous(cfg, monkeypatch):
               f"sys.argv = ['http.server', '{port}', '--bind', '127.0.0.1']; "
               "runpy.run_module('http.server', run_name='__main__')")
     url = f"http://127.0.0.1:{port}/"
-    monkeypatch.setattr(stack, "services", lambda _cfg: [Service("env", [sys.executable, "-c", script], url, port, url)])
+    monkeypatch.setattr(supervisor, "services", lambda _cfg: [Service("env", [sys.executable, "-c", script], url, port, url)])
     for key, value in {"MASTER_PORT": "29500", "WORLD_SIZE": "2", "RANK": "1"}.items():
         monkeypatch.setenv(key, value)
     try:
