@@ -2,9 +2,7 @@
 
 DeepSpeed's autotuner (imported by `import deepspeed`, used by nothing here) imports MLflow whenever it is
 installed, and MLflow's import (its GenAI and gateway modules pull in FastAPI) is most of DeepSpeed's import
-time: `python -X importtime` on the 2-core CI-like machine put `deepspeed` at 53 s, 38 s of it MLflow, and at
-9.5 s with MLflow hidden.
-Every training worker pays that at start, although only rank 0 logs to MLflow. The autotuner tolerates a
+time (figures in bench/NOTES.md). Every training worker would pay that at start, although only rank 0 logs to MLflow. The autotuner tolerates a
 failed MLflow import (it only disables its own MLflow logging), so hide MLflow for the duration of the
 import and leave it importable afterwards.
 """

@@ -159,7 +159,7 @@ def train_here(
 
     The same training loop, checkpoints, milestones and resume rules as `launch` with `workers=1`, without
     Ray: for the CPU demo, where a Ray Train launch (a controller, helper actors and a worker, each a process
-    importing Ray, torch and DeepSpeed) costs minutes on 2 cores while the tiny run itself needs seconds.
+    importing Ray, torch and DeepSpeed) costs far more than the tiny run itself.
     Local storage only (Ray Train is what moves checkpoints to and from object stores).
     """
     if is_remote(storage_path) or is_remote(data_dir):
