@@ -324,8 +324,9 @@ def demo(
     from rwkv5.infer import generate as generate_ids
     from rwkv5.train.checkpoint import list_checkpoints
     from rwkv5.train.config import run_preset
-    from rwkv5.train.launch import launch
+    from rwkv5.train.launch import run_training
 
+    # The pretrain flow's steps without Prefect: the same library calls, in order; nothing else is decided here.
     root = Path(state_dir).resolve()
     typer.echo("1/4 building the SlimPajama-format sample")
     build_sample(root / "raw")
@@ -335,9 +336,7 @@ def demo(
     typer.echo(f"3/4 pretraining the tiny preset on {workers} Ray workers")
     storage = root / "checkpoints"
     resume = bool(list_checkpoints(storage / "demo"))
-    result = launch(run_preset("tiny"), "demo", root / "tokens" / "train", storage, workers=workers, resume=resume)
-    if result.error is not None:
-        raise Rwkv5Error(f"demo pretraining failed: {result.error}")
+    run_training(run_preset("tiny"), "demo", root / "tokens" / "train", storage, workers=workers, resume=resume)
     final = sorted((storage / "demo" / "milestones").glob("m*/model.safetensors"))[-1]
     typer.echo(f"    final milestone checkpoint: {final}")
     typer.echo("4/4 generating")
