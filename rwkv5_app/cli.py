@@ -270,38 +270,20 @@ def train(
     data: str = typer.Option(..., help="Token dataset directory (manifest.json) every worker can read."),
     run_name: str = typer.Option(..., help="The resume key: checkpoints go to STORAGE/RUN_NAME."),
     storage: str = typer.Option("runs", help="Checkpoint root every worker can write."),
-    workers: int = typer.Option(1, help="Data-parallel workers."),
+    workers: int = typer.Option(1, help="Ray Train workers (Ray of RAY_ADDRESS, or a local one); 0 trains in "
+                                           "this process (or in each torchrun process) without Ray."),
     gpus_per_worker: int = typer.Option(0, help="0: CPU with gloo; 1: one GPU per worker with NCCL."),
     resume: bool = typer.Option(False, "--resume", help="Continue a run that already has checkpoints."),
     init_missing: bool = typer.Option(False, "--init-missing",
                                       help="Resume from a checkpoint lacking parameters, initialising them fresh."),
-    launcher: str = typer.Option("ray", help="ray: start or join Ray (RAY_ADDRESS); local: this process "
-                                             "(or each torchrun process) trains without Ray."),
 ) -> None:
     """Pretrain with DeepSpeed ZeRO-2 in bf16 on Ray Train workers, resuming by run name."""
-    from rwkv5.errors import ConfigError
     from rwkv5.train.config import run_preset
+    from rwkv5.train.launch import run_training
 
-    cfg = run_preset(preset)
-    if launcher == "ray":
-        from rwkv5.train.launch import launch
-
-        result = launch(cfg, run_name, data, storage, workers=workers, gpus_per_worker=gpus_per_worker,
-                        resume=resume, init_missing=init_missing)
-        if result.error is not None:
-            raise ConfigError(f"run {run_name!r} failed: {result.error}")
-        typer.echo(f"{run_name}: finished; last checkpoint {result.checkpoint.path if result.checkpoint else '-'}")
-    elif launcher == "local":
-        from rwkv5.train.launch import check_resume
-        from rwkv5.train.worker import TrainJob
-        from rwkv5.train.worker import train as train_here
-
-        check_resume(storage, run_name, resume)
-        job = TrainJob(cfg, run_name, str(data), str(storage), init_missing=init_missing)
-        state = train_here(job)
-        typer.echo(f"{run_name}: finished at step {state.step} ({state.tokens_seen} tokens)")
-    else:
-        raise ConfigError(f"train.launcher must be ray or local, got {launcher!r}")
+    metrics = run_training(run_preset(preset), run_name, data, storage, workers=workers,
+                           gpus_per_worker=gpus_per_worker, resume=resume, init_missing=init_missing)
+    typer.echo(f"{run_name}: finished at step {metrics.get('step')} ({metrics.get('tokens_seen')} tokens)")
 
 
 @app.command()
