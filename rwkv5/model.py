@@ -7,21 +7,41 @@ The same forward serves training (no state), segmented long-context training and
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from rwkv5.config import ModelConfig
 from rwkv5.wkv import wkv5
 
-__all__ = ["RWKV5", "RWKVState", "TimeMix", "ChannelMix", "Block", "l2wrap", "lm_loss"]
+__all__ = ["RWKV5", "RWKVState", "TimeMix", "ChannelMix", "Block", "ActivationMemory", "ACTIVATION_MEMORY",
+           "build_model", "chunked_lm_loss", "l2wrap", "lm_loss"]
 
 # GroupNorm of y / 8: RWKV-LM's head_size_divisor. Equivalent to eps 64e-5 on y.
 HEAD_SIZE_DIVISOR = 8
+
+ActivationMemory = Literal["none", "selective", "full"]
+ACTIVATION_MEMORY = ("none", "selective", "full")
+
+# Outputs worth keeping under "selective": the matrix products (the expensive part of a block) and the WKV
+# op (a custom op in namespace rwkv5 on CUDA). Everything else in a block is elementwise or a norm, cheap to
+# recompute and as large as a matmul output, so it is recomputed in backward.
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    if op in _MATMULS or getattr(op, "namespace", None) == "rwkv5":
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_selective_context = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
 
 
 @dataclass
@@ -66,22 +86,12 @@ class TimeMix(nn.Module):
         super().__init__()
         C, H, N = cfg.n_embd, cfg.n_head, cfg.head_size
         self.n_head, self.head_size = H, N
-        # Mix and decay schedules from RWKV-LM: early layers look more at the previous token, decays
-        # span fast to slow across channels, and deeper layers remember longer.
-        ratio_0_to_1 = layer_id / max(cfg.n_layer - 1, 1)
-        ratio_1_to_almost0 = 1.0 - layer_id / cfg.n_layer
-        ddd = (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)
-        # v5 weighs the current token by time_mix (x * mix + shifted * (1 - mix)); the `1 - pow` form
-        # belongs to v6's time_maa, whose formula weighs the shifted token instead.
-        self.time_mix_k = nn.Parameter(ddd.pow(ratio_1_to_almost0))
-        self.time_mix_v = nn.Parameter(ddd.pow(ratio_1_to_almost0) + 0.3 * ratio_0_to_1)
-        self.time_mix_r = nn.Parameter(ddd.pow(0.5 * ratio_1_to_almost0))
-        self.time_mix_g = nn.Parameter(ddd.pow(0.5 * ratio_1_to_almost0))
-        n = torch.arange(C, dtype=torch.float32)
-        decay_speed = -6.0 + 5.0 * (n / (C - 1)).pow(0.7 + 1.3 * ratio_0_to_1)
-        self.time_decay = nn.Parameter(decay_speed.view(H, N))
-        zigzag = ((n + 1) % 3 - 1) * 0.1
-        self.time_faaaa = nn.Parameter((ratio_0_to_1 * (1.0 - n / (C - 1)) + zigzag).view(H, N))
+        self.layer_id, self.n_layer = layer_id, cfg.n_layer
+        for name in ("time_mix_k", "time_mix_v", "time_mix_r", "time_mix_g"):
+            setattr(self, name, nn.Parameter(torch.empty(1, 1, C)))
+        self.time_decay = nn.Parameter(torch.empty(H, N))
+        self.time_faaaa = nn.Parameter(torch.empty(H, N))
+        self.reset_parameters()
 
         self.receptance = nn.Linear(C, C, bias=False)
         self.key = nn.Linear(C, C, bias=False)
@@ -89,6 +99,27 @@ class TimeMix(nn.Module):
         self.gate = nn.Linear(C, C, bias=False)
         self.output = nn.Linear(C, C, bias=False)
         self.ln_x = nn.GroupNorm(H, C, eps=1e-5)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """RWKV-LM's mix and decay schedules: early layers look more at the previous token, decays span fast to
+        slow across channels, and deeper layers remember longer. Matrices are `RWKV5.reset_matrices`' job."""
+        C = self.n_head * self.head_size
+        dev = self.time_decay.device
+        ratio_0_to_1 = self.layer_id / max(self.n_layer - 1, 1)
+        ratio_1_to_almost0 = 1.0 - self.layer_id / self.n_layer
+        ddd = (torch.arange(C, dtype=torch.float32, device=dev) / C).view(1, 1, C)
+        # v5 weighs the current token by time_mix (x * mix + shifted * (1 - mix)); the `1 - pow` form
+        # belongs to v6's time_maa, whose formula weighs the shifted token instead.
+        self.time_mix_k.copy_(ddd.pow(ratio_1_to_almost0))
+        self.time_mix_v.copy_(ddd.pow(ratio_1_to_almost0) + 0.3 * ratio_0_to_1)
+        self.time_mix_r.copy_(ddd.pow(0.5 * ratio_1_to_almost0))
+        self.time_mix_g.copy_(ddd.pow(0.5 * ratio_1_to_almost0))
+        n = torch.arange(C, dtype=torch.float32, device=dev)
+        decay_speed = -6.0 + 5.0 * (n / (C - 1)).pow(0.7 + 1.3 * ratio_0_to_1)
+        self.time_decay.copy_(decay_speed.view_as(self.time_decay))
+        zigzag = ((n + 1) % 3 - 1) * 0.1
+        self.time_faaaa.copy_((ratio_0_to_1 * (1.0 - n / (C - 1)) + zigzag).view_as(self.time_faaaa))
 
     def forward(self, x, shift=None, wkv_state=None):
         """x `[B, T, C]` -> (out `[B, T, C]`, last input `[B, C]`, WKV state `[B, H, N, N]`)."""
@@ -114,13 +145,22 @@ class ChannelMix(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         C = cfg.n_embd
-        ratio_1_to_almost0 = 1.0 - layer_id / cfg.n_layer
-        ddd = (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)
-        self.time_mix_k = nn.Parameter(ddd.pow(ratio_1_to_almost0))
-        self.time_mix_r = nn.Parameter(ddd.pow(ratio_1_to_almost0))
+        self.layer_id, self.n_layer = layer_id, cfg.n_layer
+        self.time_mix_k = nn.Parameter(torch.empty(1, 1, C))
+        self.time_mix_r = nn.Parameter(torch.empty(1, 1, C))
+        self.reset_parameters()
         self.key = nn.Linear(C, cfg.ffn, bias=False)
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(cfg.ffn, C, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The mix schedules (as TimeMix's); matrices are `RWKV5.reset_matrices`' job."""
+        C = self.time_mix_k.shape[-1]
+        ratio_1_to_almost0 = 1.0 - self.layer_id / self.n_layer
+        ddd = (torch.arange(C, dtype=torch.float32, device=self.time_mix_k.device) / C).view(1, 1, C)
+        self.time_mix_k.copy_(ddd.pow(ratio_1_to_almost0))
+        self.time_mix_r.copy_(ddd.pow(ratio_1_to_almost0))
 
     def forward(self, x, shift=None):
         """x `[B, T, C]` -> (out `[B, T, C]`, last input `[B, C]`)."""
@@ -132,10 +172,22 @@ class ChannelMix(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int):
+    """TimeMix then ChannelMix, each on a LayerNorm of the residual stream.
+
+    `activation_memory` says what training keeps for backward: "none" (everything autograd saves),
+    "selective" (matmul and WKV outputs; norms, token shift, mixes and gates are recomputed), "full" (the block
+    input only; the whole block is recomputed). The checkpoint sits inside `forward`, so `Block.compile()`
+    compiles the recomputation along with the block.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, activation_memory: ActivationMemory = "none"):
         super().__init__()
         self.layer_id = layer_id
-        if layer_id == 0:
+        # A bool, not layer_id, is what forward branches on: torch.compile then guards on two values, and the
+        # blocks after the first share one compiled graph.
+        self.has_ln0 = layer_id == 0
+        self.activation_memory = activation_memory
+        if self.has_ln0:
             self.ln0 = nn.LayerNorm(cfg.n_embd)  # normalises the (tiny-init) embedding
         self.ln1 = nn.LayerNorm(cfg.n_embd)
         self.ln2 = nn.LayerNorm(cfg.n_embd)
@@ -143,7 +195,13 @@ class Block(nn.Module):
         self.ffn = ChannelMix(cfg, layer_id)
 
     def forward(self, x, att_shift=None, wkv_state=None, ffn_shift=None):
-        if self.layer_id == 0:
+        if self.activation_memory == "none" or not (self.training and torch.is_grad_enabled()):
+            return self._forward(x, att_shift, wkv_state, ffn_shift)
+        extra = {"context_fn": _selective_context} if self.activation_memory == "selective" else {}
+        return checkpoint(self._forward, x, att_shift, wkv_state, ffn_shift, use_reentrant=False, **extra)
+
+    def _forward(self, x, att_shift, wkv_state, ffn_shift):
+        if self.has_ln0:
             x = self.ln0(x)
         dx, att_shift, wkv_state = self.att(self.ln1(x), att_shift, wkv_state)
         x = x + dx
@@ -156,18 +214,58 @@ class RWKV5(nn.Module):
 
     Args:
         cfg (ModelConfig): shape of the model.
-        grad_checkpoint (bool): recompute each block in backward instead of keeping its activations.
-            Default: False.
+        grad_checkpoint (bool): recompute each block in backward ("full" activation memory). Default: False.
+        activation_memory (str): "none", "selective" or "full" (see `Block`); overrides grad_checkpoint.
+            Default: None (from grad_checkpoint).
+
+    Built under `torch.device("meta")` it allocates nothing; `to_empty` then `init_weights` initialise it on any
+    device (`build_model`).
     """
 
-    def __init__(self, cfg: ModelConfig, grad_checkpoint: bool = False):
+    def __init__(self, cfg: ModelConfig, grad_checkpoint: bool = False,
+                 activation_memory: ActivationMemory | None = None):
         super().__init__()
         self.cfg = cfg
-        self.grad_checkpoint = grad_checkpoint
+        policy = activation_memory or ("full" if grad_checkpoint else "none")
+        if policy not in ACTIVATION_MEMORY:
+            raise ValueError(f"activation_memory must be one of {ACTIVATION_MEMORY}, got {policy!r}")
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i, policy) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if not self.head.weight.is_meta:
+            self.reset_matrices()
+
+    @property
+    def activation_memory(self) -> str:
+        return self.blocks[0].activation_memory
+
+    @activation_memory.setter
+    def activation_memory(self, policy: str) -> None:
+        if policy not in ACTIVATION_MEMORY:
+            raise ValueError(f"activation_memory must be one of {ACTIVATION_MEMORY}, got {policy!r}")
+        for block in self.blocks:
+            block.activation_memory = policy
+
+    @property
+    def grad_checkpoint(self) -> bool:
+        return self.activation_memory == "full"
+
+    @grad_checkpoint.setter
+    def grad_checkpoint(self, on: bool) -> None:
+        self.activation_memory = "full" if on else "none"
+
+    def compile_blocks(self, **kwargs) -> None:
+        """torch.compile each block in place (parameter names stay as they are); kwargs go to torch.compile."""
+        for block in self.blocks:
+            block.compile(**kwargs)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The whole initialisation on the parameters' current device: schedules, norms, then matrices."""
+        for module in self.modules():
+            if isinstance(module, (TimeMix, ChannelMix, nn.LayerNorm, nn.GroupNorm)):
+                module.reset_parameters()
         self.reset_matrices()
 
     @torch.no_grad()
@@ -193,26 +291,29 @@ class RWKV5(nn.Module):
                 scale = 0.1
             nn.init.orthogonal_(p, gain=gain * scale)
 
-    def forward(self, idx: torch.Tensor, state: RWKVState | None = None, return_state: bool = False):
-        """Token ids `[B, T]` -> logits `[B, T, V]` (and the new state when `return_state`).
+    def forward(self, idx: torch.Tensor, state: RWKVState | None = None, return_state: bool = False,
+                targets: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+        """Token ids `[B, T]` -> logits `[B, T, V]` (and the new state when `return_state`), or the loss.
 
         Args:
             idx (Tensor): token ids `[B, T]`.
             state (RWKVState, optional): state after the previous tokens. Default: the empty state.
             return_state (bool): also return the state after the last token. Default: False.
+            targets (Tensor, optional): `[B, T]` next-token ids: return `chunked_lm_loss` (with L2-wrap) instead
+                of logits, never holding the whole `[B, T, V]` logits. Default: None.
+            mask (Tensor, optional): `[B, T]` loss mask, with targets. Default: all tokens count.
         """
         x = self.emb(idx)
         shifts, wkvs, ffns = [], [], []
         for i, block in enumerate(self.blocks):
             layer_state = (None, None, None) if state is None else (state.att_shift[i], state.wkv[i], state.ffn_shift[i])
-            if self.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x, a, s, f = checkpoint(block, x, *layer_state, use_reentrant=False)
-            else:
-                x, a, s, f = block(x, *layer_state)
+            x, a, s, f = block(x, *layer_state)
             if return_state:
                 shifts.append(a)
                 wkvs.append(s)
                 ffns.append(f)
+        if targets is not None:
+            return chunked_lm_loss(self.ln_out(x), self.head.weight, targets, mask)
         logits = self.head(self.ln_out(x))
         if not return_state:
             return logits
@@ -260,3 +361,97 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | No
         m = mask.reshape(-1).to(flat.dtype)
         loss = (flat * m).sum() / m.sum().clamp(min=1)
     return l2wrap(loss, logits) if l2_wrap else loss
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", **kwargs) -> RWKV5:
+    """`RWKV5(cfg, **kwargs)` initialised directly on `device`: built on the meta device, then allocated and
+    initialised there, so a GPU initialises its own weights (seconds for the 7B, no host copy). The CPU keeps
+    the plain constructor, whose values (not only distributions) the CPU tests and resume checks rely on.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return RWKV5(cfg, **kwargs)
+    with torch.device("meta"):
+        model = RWKV5(cfg, **kwargs)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+# Logits per chunk of the chunked loss: chunk_tokens * V elements (2^26: 1024 tokens at V = 65536), so its
+# float32 softmax takes 256 MiB instead of B*T*V*4 bytes (8.6 GB at B8 T4096).
+_LOSS_CHUNK_ELEMENTS = 1 << 26
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Head matmul + cross-entropy + L2-wrap over chunks of tokens, never holding all logits.
+
+    The loss is a scalar, so its gradients are known up to the incoming scale already in forward: each chunk's
+    logits are made once, turned into d(loss)/d(logits) and multiplied straight into d(hidden) and d(weight);
+    backward only scales them. The head costs the same three matmuls as the plain version, no recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, token_weight, l2_factor, chunk):
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        loss = torch.zeros((), dtype=acc, device=hidden.device)
+        dh = torch.empty_like(hidden) if want_grad else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad else None
+        for s in range(0, hidden.shape[0], chunk):
+            h, t, tw = hidden[s:s + chunk], targets[s:s + chunk], token_weight[s:s + chunk].to(acc)
+            logits = h @ weight.t()  # (n, V) in the model's dtype, as the plain head makes them
+            lf = logits.to(acc)
+            lse = torch.logsumexp(lf, dim=-1)
+            loss += ((lse - lf.gather(-1, t[:, None]).squeeze(-1)) * tw).sum()
+            if not want_grad:
+                continue
+            # d(mean CE)/d(logits) = (softmax - onehot) * token weight, plus L2-wrap's push on the top logit.
+            if l2_factor:
+                top, ids = logits.max(dim=-1, keepdim=True)  # before lf (maybe the same tensor) is overwritten
+            g = lf.sub_(lse[:, None]).exp_().mul_(tw[:, None])
+            g.scatter_add_(-1, t[:, None], -tw[:, None])
+            if l2_factor:
+                g.scatter_add_(-1, ids, top.to(acc) * l2_factor)
+            g = g.to(hidden.dtype)
+            dh[s:s + chunk] = g @ weight
+            dw += (g.t() @ h).to(acc)
+        ctx.save_for_backward(dh, dw.to(weight.dtype) if want_grad else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw = ctx.saved_tensors
+        go = grad_loss.to(dh.dtype)
+        return dh * go, dw * go.to(dw.dtype), None, None, None, None
+
+
+def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                    mask: torch.Tensor | None = None, l2_wrap: bool = True, chunk_tokens: int | None = None
+                    ) -> torch.Tensor:
+    """`lm_loss(hidden @ weight.T, targets, mask, l2_wrap)` in value and gradients, in chunks of tokens.
+
+    Args:
+        hidden (Tensor): `[B, T, C]` final hidden states (after ln_out).
+        weight (Tensor): head weight `[V, C]`.
+        targets (Tensor): `[B, T]` token ids.
+        mask (Tensor, optional): `[B, T]`, 1 where the target counts. Default: all.
+        l2_wrap (bool): add RWKV's L2-wrap gradient. Default: True.
+        chunk_tokens (int, optional): tokens per chunk. Default: 2^26 / V.
+
+    Returns:
+        The mean cross-entropy, float32 scalar.
+    """
+    B, T, C = hidden.shape
+    V = weight.shape[0]
+    flat_t = targets.reshape(-1)
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    if mask is None:
+        token_weight = torch.full((B * T,), 1.0 / (B * T), dtype=acc, device=hidden.device)
+    else:
+        m = mask.reshape(-1).to(acc)
+        token_weight = m / m.sum().clamp(min=1)
+    chunk = chunk_tokens or max(1, _LOSS_CHUNK_ELEMENTS // V)
+    # L2-wrap scales by all B*T positions, masked or not, as `_L2Wrap` does.
+    l2_factor = 1e-4 / (B * T) if l2_wrap else 0.0
+    return _ChunkedHeadLoss.apply(hidden.reshape(B * T, C), weight, flat_t, token_weight, l2_factor, chunk)

@@ -66,6 +66,8 @@ class StepInfo:
     spike: bool = False
     sample_ids: list[int] | None = None
     """Global sample ids of the step in position order; filled only if a callback sets `wants_sample_ids`."""
+    compile_s: float | None = None
+    """Wall time of the first micro-batch of a compiled model (compilation and its run), not in step_time_s."""
 
 
 @dataclass
@@ -125,6 +127,8 @@ class SpeedCallback(Callback):
         metrics["mfu"] = mfu(self.ctx.matmul_params, tokens_per_s, cfg.metrics.peak_flops, self.ctx.world_size)
         metrics["data_wait_s"] = info.data_wait_s
         metrics["step_time_s"] = info.step_time_s
+        if info.compile_s is not None:
+            metrics["compile_s"] = info.compile_s
         if self.ctx.device.type == "cuda":
             metrics["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
             metrics["gpu_mem_reserved_gb"] = torch.cuda.max_memory_reserved(self.ctx.device) / 2**30

@@ -21,6 +21,7 @@ __all__ = [
     "StabilityConfig",
     "MilestoneConfig",
     "MetricsConfig",
+    "ZeroConfig",
     "RunConfig",
     "RUN_PRESETS",
     "run_preset",
@@ -162,6 +163,25 @@ class MetricsConfig(_Section):
         return self
 
 
+class ZeroConfig(_Section):
+    """DeepSpeed ZeRO-2 communication. Matters only on several workers; one worker has nothing to overlap."""
+
+    overlap_comm: bool = True
+    """Reduce-scatter gradient buckets on a side stream while backward goes on (on several workers only)."""
+    reduce_bucket_size: int = 200_000_000
+    """Gradient elements per reduce-scatter bucket. Each bucket is a bf16 buffer (two with overlap_comm): 2e8
+    is 400 MB, a few layers of the 7B, large enough for full-bandwidth collectives and small next to 80 GB."""
+    allgather_bucket_size: int = 200_000_000
+    """Parameter elements per all-gather after the optimizer step (bf16, 400 MB at 2e8)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "ZeroConfig":
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"zero.{name} must be > 0, got {getattr(self, name)}")
+        return self
+
+
 class RunConfig(_Section):
     """Everything a pretraining run needs besides its name, data and storage (those come from the CLI)."""
 
@@ -178,8 +198,14 @@ class RunConfig(_Section):
     stability: StabilityConfig = StabilityConfig()
     milestones: MilestoneConfig = MilestoneConfig()
     metrics: MetricsConfig = MetricsConfig()
-    grad_checkpoint: bool = False
-    """Recompute each block in backward (needed for the 7B at ctx 4096)."""
+    zero: ZeroConfig = ZeroConfig()
+    activation_memory: Literal["none", "selective", "full"] = "none"
+    """What each block keeps for backward: "none" (all activations), "selective" (matmul and WKV outputs;
+    norms, token shift, mixes and gates are recomputed: a few % more time for about half the memory), "full"
+    (the block input only: one more forward of every block). `rwkv5 plan` shows what fits."""
+    compile: bool = False
+    """torch.compile each block when training on CUDA (fuses the elementwise work around the matmuls); CPU runs
+    ignore it. Compilation happens on the first step, reported apart as `compile_s`."""
     stop_at_step: int | None = None
     """Stop (with a checkpoint) after this many optimizer steps although the budget is not spent: benchmarks
     and preemption tests. The schedule still spans the whole budget."""
@@ -243,17 +269,25 @@ def reference_7b() -> RunConfig:
         preset="7b",
         model=model_preset("7b"),
         token_budget=627_000_000_000,
-        batch=BatchConfig(ctx_len=4096, micro_batch=8, global_batch=1024),
         optim=OptimConfig(lr=2e-4, final_lr=1e-5, warmup_steps=10),
         checkpoint=CheckpointConfig(every_steps=500, keep_last=3),
-        grad_checkpoint=True,
+        # From `rwkv5 plan --preset 7b --gpus 8 --gpu-memory 80`: micro-batch 2 under "selective" leaves >= 10%
+        # of 80 GB free (3 does not); 1024 sequences per step is 64 micro-batches per GPU on 8 GPUs, so the
+        # optimizer step is a small part of a step.
+        batch=BatchConfig(ctx_len=4096, micro_batch=2, global_batch=1024),
+        activation_memory="selective",
+        compile=True,
     )
 
 
-def _benchmark(model_name: str, micro_batch: int, ctx_len: int = 4096) -> RunConfig:
-    """A short single-GPU run of a smaller model: the reference run's optimizer, 50 steps of budget."""
+def _benchmark(model_name: str, micro_batch: int, accum: int, activation_memory: str,
+               ctx_len: int = 4096) -> RunConfig:
+    """A short single-GPU run of a smaller model: the reference run's optimizer, 50 steps of budget.
+
+    `accum` micro-batches per optimizer step keep the step (a fixed ~0.1 s) a few % of a step.
+    """
     base = reference_7b()
-    batch = BatchConfig(ctx_len=ctx_len, micro_batch=micro_batch, global_batch=micro_batch)
+    batch = BatchConfig(ctx_len=ctx_len, micro_batch=micro_batch, global_batch=micro_batch * accum)
     return RunConfig(
         preset=model_name,
         model=model_preset(model_name),
@@ -261,17 +295,18 @@ def _benchmark(model_name: str, micro_batch: int, ctx_len: int = 4096) -> RunCon
         batch=batch,
         optim=base.optim,
         checkpoint=CheckpointConfig(every_steps=1000, keep_last=1),
-        grad_checkpoint=model_name in ("1b5", "3b"),
+        activation_memory=activation_memory,
+        compile=True,
     )
 
 
 RUN_PRESETS = {
     "tiny": tiny,
     "7b": reference_7b,
-    "169m": lambda: _benchmark("169m", micro_batch=16),
-    "430m": lambda: _benchmark("430m", micro_batch=16),
-    "1b5": lambda: _benchmark("1b5", micro_batch=8),
-    "3b": lambda: _benchmark("3b", micro_batch=8),
+    "169m": lambda: _benchmark("169m", micro_batch=16, accum=4, activation_memory="none"),
+    "430m": lambda: _benchmark("430m", micro_batch=16, accum=4, activation_memory="selective"),
+    "1b5": lambda: _benchmark("1b5", micro_batch=4, accum=8, activation_memory="selective"),
+    "3b": lambda: _benchmark("3b", micro_batch=4, accum=8, activation_memory="selective"),
 }
 
 

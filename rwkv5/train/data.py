@@ -65,6 +65,8 @@ class RankBatches:
             t0 = time.perf_counter()
             tokens, ids = self.dataset.batch(positions)  # (B, T+1) uint16, (B,) int64
             window = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+            if self.device.type == "cuda":
+                window = window.pin_memory()  # a copy from pageable memory would wait for the GPU
             window = window.to(self.device, non_blocking=True)
             self.wait_s += time.perf_counter() - t0
             yield MicroBatch(window[:, :-1], window[:, 1:], torch.as_tensor(np.asarray(ids, dtype=np.int64)))

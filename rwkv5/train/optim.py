@@ -71,7 +71,12 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) 
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
-    """ZeRO stage 2 in bf16 with explicit clipping; batch sizes from the run preset and the worker count."""
+    """ZeRO stage 2 in bf16 with explicit clipping; batch sizes from the run preset and the worker count.
+
+    Bucket sizes come from `cfg.zero`; communication overlaps backward only where there is communication
+    (several workers): on one worker a second bucket buffer would only cost memory.
+    """
+    zero = cfg.zero
     return {
         "train_batch_size": cfg.batch.global_batch,
         "train_micro_batch_size_per_gpu": cfg.batch.micro_batch,
@@ -81,8 +86,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
         "zero_optimization": {
             "stage": 2,
             "contiguous_gradients": True,
-            "overlap_comm": False,
+            "overlap_comm": zero.overlap_comm and world_size > 1,
             "reduce_scatter": True,
+            "reduce_bucket_size": zero.reduce_bucket_size,
+            "allgather_bucket_size": zero.allgather_bucket_size,
         },
         "checkpoint": {"load_universal": load_universal},
         # Our optimizers are subclasses of the tested FusedAdam / torch AdamW that only add the skip guard.

@@ -119,10 +119,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _all_reduce(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+def _all_reduce(values: torch.Tensor) -> list[float]:
+    """Sum over ranks and read back to the host: the step's one deliberate host sync."""
+    dist.all_reduce(values)
+    return values.tolist()
 
 
 def _gather_ids(ids: torch.Tensor, world: int, device: torch.device) -> list[int]:
@@ -134,9 +134,8 @@ def _gather_ids(ids: torch.Tensor, world: int, device: torch.device) -> list[int
 
 
 def _pretrain_loss(engine, mb) -> torch.Tensor:
-    from rwkv5.model import lm_loss
-
-    return lm_loss(engine(mb.inputs), mb.targets)  # logits (B, T, V)
+    # The model computes head and loss in chunks of tokens: the (B, T, V) logits never exist at once.
+    return engine(mb.inputs, targets=mb.targets)
 
 
 def train(job: TrainJob, store=None) -> TrainerState:
@@ -150,10 +149,16 @@ def train(job: TrainJob, store=None) -> TrainerState:
     deepspeed = import_deepspeed()
 
     from data_prep.loader import PackedDataset
-    from rwkv5.model import RWKV5
+    from rwkv5.model import build_model
 
     torch.manual_seed(cfg.seed)  # identical fresh init on every rank
-    model = RWKV5(cfg.model, grad_checkpoint=cfg.grad_checkpoint)
+    # On a GPU the weights are initialised there (meta, then allocated on the device): seconds for the 7B
+    # instead of minutes of CPU work and a host copy per worker.
+    model = build_model(cfg.model, device, activation_memory=cfg.activation_memory)
+    compiled = cfg.compile and device.type == "cuda"
+    if compiled:
+        # Compiled lazily on the first call, after DeepSpeed has cast the weights to bf16.
+        model.compile_blocks(dynamic=False)
     if job.task is not None:
         job.task.init_model(model)
     plan = plan_resume(model, store.latest(), world, job.init_missing, rank, cfg.seed)
@@ -190,7 +195,8 @@ def train(job: TrainJob, store=None) -> TrainerState:
         cb.pre_train(ctx)
 
     loss_fn = _pretrain_loss if job.task is None else job.task.loss
-    loop = _Loop(job, engine, guard, store, batches, detector, callbacks, state, device, rank, world, loss_fn)
+    loop = _Loop(job, engine, guard, store, batches, detector, callbacks, state, device, rank, world, loss_fn,
+                 time_first_micro_batch=compiled)
     try:
         loop.run()
     except BaseException as exc:
@@ -207,7 +213,7 @@ class _Loop:
     """The step loop's mutable state, split into small methods so `run` reads as the sequence of a step."""
 
     def __init__(self, job, engine, guard, store, batches, detector, callbacks, state, device, rank, world,
-                 loss_fn):
+                 loss_fn, time_first_micro_batch: bool = False):
         self.job, self.cfg = job, job.config
         self.engine, self.guard, self.store = engine, guard, store
         self.batches, self.detector, self.callbacks = batches, detector, callbacks
@@ -216,6 +222,9 @@ class _Loop:
         self.want_ids = any(cb.wants_sample_ids for cb in callbacks)
         self.accum = self.cfg.batch.grad_accum(world)
         self.saved_step = state.step if state.step else None
+        # The first micro-batch of a compiled model also compiles it: timed apart (`compile_s`) and left out of
+        # that step's step_time_s.
+        self.time_first = time_first_micro_batch
 
     def run(self) -> None:
         cfg = self.cfg
@@ -249,18 +258,23 @@ class _Loop:
         t0 = time.perf_counter()
         lr = lr_at(step, cfg.total_steps, cfg.optim)
         apply_lr(self.guard, lr)
-        loss_sum, nonfinite, ids = 0.0, 0.0, []
+        # [finite loss sum, non-finite count] stays on the device until the last micro-batch: reading a loss
+        # back per micro-batch would stall the host until the GPU catches up, every time.
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        ids, compile_s = [], None
         for i, mb in enumerate(self.batches.micro_batches(step)):
+            t_mb = time.perf_counter()
             loss = self.loss_fn(engine, mb)
-            value = float(loss.detach())
-            if value != value or abs(value) == float("inf"):
-                nonfinite += 1
-            else:
-                loss_sum += value
+            value = loss.detach().to(torch.float64)
+            finite = torch.isfinite(value)
+            sums += torch.stack([torch.where(finite, value, 0.0), (~finite).to(torch.float64)])
             ids.append(mb.sample_ids)
             engine.backward(loss)
+            if self.time_first:
+                torch.cuda.synchronize(self.device)
+                compile_s, self.time_first = time.perf_counter() - t_mb, False
             if i == self.accum - 1:
-                total, bad = _all_reduce([loss_sum, nonfinite], self.device)
+                total, bad = _all_reduce(sums)
                 mean_loss = total / (self.accum * self.world) if bad == 0 else float("nan")
                 verdict = judge_step(mean_loss, bad > 0, self.detector, cfg.stability.spike_action)
                 self.guard.skip_next = not verdict.apply
@@ -278,7 +292,8 @@ class _Loop:
         return StepInfo(
             step=step, loss=mean_loss, lr=lr,
             grad_norm=None if grad_norm is None else float(grad_norm),
-            tokens_seen=state.tokens_seen, step_time_s=time.perf_counter() - t0,
+            tokens_seen=state.tokens_seen, step_time_s=time.perf_counter() - t0 - (compile_s or 0.0),
+            compile_s=compile_s,
             data_wait_s=self.batches.take_wait(), applied=applied, nonfinite=nonfinite_step,
             spike=verdict.spike, sample_ids=sample_ids,
         )

@@ -100,14 +100,17 @@ def test_init_schedules_follow_rwkv_lm(custom):
 SMALL = ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=50)
 
 
-def test_activation_checkpointing_gives_identical_loss_and_grads(random_model):
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_activation_checkpointing_gives_identical_loss_and_grads(random_model, policy):
     plain = random_model(SMALL).train()
-    ckpt = RWKV5(SMALL, grad_checkpoint=True).train()
+    ckpt = RWKV5(SMALL, activation_memory=policy).train()
     ckpt.load_state_dict(plain.state_dict())
     calls = {"plain": 0, "ckpt": 0}
     for name, model in (("plain", plain), ("ckpt", ckpt)):
-        # A pre-hook: the recomputation in backward stops early, before forward hooks would run.
-        model.blocks[0].register_forward_pre_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+        # A pre-hook on the time mix: recomputation in backward calls it again (the checkpoint sits inside
+        # Block.forward, so the block's own hooks run once).
+        model.blocks[0].att.register_forward_pre_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
     idx = torch.randint(0, SMALL.vocab_size, (2, 21))
     losses = []
     for model in (plain, ckpt):
@@ -118,6 +121,32 @@ def test_activation_checkpointing_gives_identical_loss_and_grads(random_model):
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
     for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_selective_checkpoint_keeps_matmul_outputs_only():
+    """Under "selective" backward recomputes elementwise work but no matrix product; "full" recomputes them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    idx = torch.randint(0, SMALL.vocab_size, (2, 33))
+    flops = {}
+    for policy in ("none", "selective", "full"):
+        model = RWKV5(SMALL, activation_memory=policy).train()
+        loss = lm_loss(model(idx[:, :-1]), idx[:, 1:])
+        with FlopCounterMode(display=False) as counter:
+            loss.backward()
+        flops[policy] = counter.get_total_flops()
+    assert flops["selective"] == flops["none"]  # no matmul runs twice
+    assert flops["full"] > flops["none"]
+
+
+def test_policy_and_grad_checkpoint_agree():
+    model = RWKV5(SMALL, grad_checkpoint=True)
+    assert model.activation_memory == "full" and all(b.activation_memory == "full" for b in model.blocks)
+    model.grad_checkpoint = False
+    assert model.activation_memory == "none"
+    with pytest.raises(ValueError, match="activation_memory"):
+        RWKV5(SMALL, activation_memory="some")
 
 
 def test_l2_wrap_only_touches_the_largest_logit():
