@@ -41,16 +41,16 @@ def _poison(monkeypatch, bad_calls: set[int], factor: float):
     """Scale the loss of the given micro-step calls (0-based, over the whole run) by `factor`."""
     import rwkv5.model
 
-    real = rwkv5.model.lm_loss
+    real = rwkv5.model.chunked_lm_loss  # what the model's forward(targets=...) computes the loss with
     calls = {"n": 0}
 
-    def loss(logits, targets, *args, **kwargs):
-        value = real(logits, targets, *args, **kwargs)
+    def loss(*args, **kwargs):
+        value = real(*args, **kwargs)
         i = calls["n"]
         calls["n"] += 1
         return value * factor if i in bad_calls else value
 
-    monkeypatch.setattr(rwkv5.model, "lm_loss", loss)
+    monkeypatch.setattr(rwkv5.model, "chunked_lm_loss", loss)
 
 
 def _same(a, b):
