@@ -41,6 +41,20 @@ def params(preset: str = typer.Option("7b", help="Model preset name.")) -> None:
     typer.echo(count_parameters(model_preset(preset)))
 
 
+@app.command()
+@one_line_errors
+def plan(
+    preset: str = typer.Option("7b", help="Run preset name."),
+    gpus: int = typer.Option(8, help="Data-parallel GPUs (ZeRO-2 partitions over them)."),
+    gpu_memory: float = typer.Option(80.0, help="Memory of one GPU in GB."),
+) -> None:
+    """Print the memory a run preset needs per GPU under ZeRO-2 (computed, nothing allocated)."""
+    from rwkv5.train.config import run_preset
+    from rwkv5.train.memory_plan import format_plan, plan_memory
+
+    typer.echo(format_plan(plan_memory(run_preset(preset), gpus, gpu_memory)))
+
+
 @data_app.command("download")
 @one_line_errors
 def data_download(

@@ -1,0 +1,50 @@
+"""The memory plan: what it counts, and that the 7b preset's batch and policy fit 8 x 80 GB with 10% spare."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from rwkv5.config import count_parameters
+from rwkv5.errors import ConfigError
+from rwkv5.train.config import run_preset
+from rwkv5.train.memory_plan import plan_memory
+
+
+def test_7b_preset_fits_8x80gb_with_headroom_and_one_more_sequence_would_not():
+    cfg = run_preset("7b")
+    plan = plan_memory(cfg, gpus=8, gpu_memory_gb=80)
+    assert plan.fits(0.10), plan
+    assert plan.grad_accum == 64 and plan.activation_memory == "selective" and plan.micro_batch == 2
+    assert not plan_memory(cfg, 8, 80, micro_batch=plan.micro_batch + 1).fits(0.10)
+    assert not plan_memory(cfg, 8, 80, activation_memory="none").fits(0.10)
+
+
+def test_zero2_partitions_optimizer_and_gradients_not_weights():
+    cfg = run_preset("7b")
+    one, eight = plan_memory(cfg, 1, 80), plan_memory(cfg, 8, 80)
+    P = count_parameters(cfg.model)
+    assert one.weights == eight.weights == 2 * P
+    assert one.optimizer == pytest.approx(8 * eight.optimizer) and one.optimizer == 12 * P
+    assert one.gradients == pytest.approx(8 * eight.gradients)
+    assert eight.buckets == 2 * one.buckets  # overlap_comm's second buffer on several GPUs only
+
+
+def test_activations_grow_with_micro_batch_and_shrink_with_recomputation():
+    cfg = run_preset("7b")
+    acts = {p: plan_memory(cfg, 8, 80, activation_memory=p).activations for p in ("none", "selective", "full")}
+    assert acts["full"] < acts["selective"] < acts["none"]
+    a2, a4 = (plan_memory(cfg, 8, 80, micro_batch=b).activations for b in (2, 4))
+    head = 2 * cfg.model.vocab_size * cfg.model.n_embd  # the head's gradient does not scale with tokens
+    assert a4 - head == pytest.approx(2 * (a2 - head))
+
+
+def test_plan_command_prints_the_table():
+    from rwkv5_app.cli import app
+
+    result = CliRunner().invoke(app, ["plan", "--preset", "7b", "--gpus", "8", "--gpu-memory", "80"])
+    assert result.exit_code == 0, result.output
+    for word in ("weights", "gradients", "optimizer", "activations", "total", "headroom"):
+        assert word in result.output
+    with pytest.raises(ConfigError, match="gpus"):
+        plan_memory(run_preset("7b"), 0, 80)
