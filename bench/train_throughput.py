@@ -1,14 +1,21 @@
 """Pretraining throughput of the real training function: tokens/s per GPU, MFU, peak memory, step breakdown.
 
     python3 bench/train_throughput.py --preset 1b5 --steps 30                      # one GPU
+    python3 bench/train_throughput.py --preset 7b --layers 4 --blocks              # 7B width, 4 layers
     torchrun --nproc-per-node 2 bench/train_throughput.py --preset 7b --steps 20   # ZeRO-2 across GPUs
+
+`--layers N` keeps the preset's width and cuts the depth; `--compile`, `--activation-memory` and
+`--grad-accum` override the preset. The peak memory is compared with `rwkv5.train.memory_plan` for the same
+config. `--blocks` also times one Block alone (eager and compiled) and a plain-PyTorch block around fla's
+chunk_rwkv6 (the anchor) in the same process, so the ratios come from one card.
 
 Runs `rwkv5.train.worker.train` (the function Ray Train runs for `pretrain/7b`: the same model, CUDA WKV kernel,
 DeepSpeed ZeRO-2 bf16 config with FusedAdam, and packed loader) on synthetic shards, launched by torchrun
 instead of Ray. Steps after `--warmup` are measured. A step is split into phases by timing the engine's
 forward (with the loss), backward (which includes ZeRO-2's overlapped gradient reduce-scatter) and step
 (optimizer, then the parameter all-gather), each ended by a CUDA synchronize on timed steps only; data wait
-comes from the loader. Writes `bench/results/train-<preset>-<gpus>gpu.json` (rank 0).
+comes from the loader; `--phases` turns these synchronizing timers on (they cost overlap, so MFU is
+measured without them). Writes `bench/results/train-<preset>[-L<layers>]-<gpus>gpu-<card>.json` (rank 0).
 """
 
 from __future__ import annotations
@@ -34,6 +41,22 @@ from rwkv5.train.config import run_preset, with_overrides  # noqa: E402
 from rwkv5.train.worker import TrainJob, train  # noqa: E402
 
 PHASES = ("forward", "backward", "step")
+
+
+class StepRows(Callback):
+    """Per-step rows (loss, step time, MFU, memory, compile time) without timing inside a step."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def post_step(self, info, metrics):
+        self.rows.append({"step": info.step, "loss": info.loss, "step_time_s": info.step_time_s,
+                          "data_wait_s": info.data_wait_s})
+
+    def log_metrics(self, step, metrics):
+        if self.rows and self.rows[-1]["step"] == step:
+            self.rows[-1].update({k: float(v) for k, v in metrics.items()
+                                  if k in ("tokens_per_s", "mfu", "gpu_mem_gb", "compile_s")})
 
 
 class PhaseTimer(Callback):
@@ -71,7 +94,7 @@ class PhaseTimer(Callback):
     def log_metrics(self, step, metrics):
         if self.rows and self.rows[-1]["step"] == step:
             self.rows[-1].update({k: float(v) for k, v in metrics.items() if k in ("tokens_per_s", "mfu",
-                                                                                   "gpu_mem_gb")})
+                                                                                   "gpu_mem_gb", "compile_s")})
 
 
 def _documents(tokens: int, seed: int = 0):
@@ -91,7 +114,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="steps left out of the summary")
     ap.add_argument("--micro-batch", type=int, default=None, help="override the preset's micro-batch")
     ap.add_argument("--global-batch", type=int, default=None, help="override (default: micro x GPUs)")
-    ap.add_argument("--grad-checkpoint", choices=("on", "off"), default=None)
+    ap.add_argument("--layers", type=int, default=None, help="the preset's width at this depth")
+    ap.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step per GPU")
+    ap.add_argument("--activation-memory", choices=("none", "selective", "full"), default=None)
+    ap.add_argument("--compile", choices=("on", "off"), default=None)
+    ap.add_argument("--phases", action="store_true", help="time forward/backward/step (synchronizes)")
+    ap.add_argument("--blocks", action="store_true", help="also time one Block and the fla anchor block")
+    ap.add_argument("--block-batch", type=int, default=4, help="batch of the isolated block timings")
     ap.add_argument("--workdir", default=None, help="shared folder for data and checkpoints (multi-GPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -99,14 +128,19 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
     cfg = run_preset(args.preset)
     micro = args.micro_batch or cfg.batch.micro_batch
-    overrides = {"batch.micro_batch": micro, "batch.global_batch": args.global_batch or micro * world,
+    accum = args.grad_accum or max(1, cfg.batch.global_batch // (cfg.batch.micro_batch * world))
+    overrides = {"batch.micro_batch": micro, "batch.global_batch": args.global_batch or micro * world * accum,
                  "checkpoint.every_steps": 10**6, "milestones.fraction": 1.0, "metrics.system_metrics": False}
-    if args.grad_checkpoint:
-        overrides["grad_checkpoint"] = args.grad_checkpoint == "on"
+    if args.layers:
+        overrides["model.n_layer"] = args.layers
+    if args.activation_memory:
+        overrides["activation_memory"] = args.activation_memory
+    if args.compile:
+        overrides["compile"] = args.compile == "on"
     cfg = with_overrides(cfg, overrides)
     cfg = with_overrides(cfg, {"token_budget": (args.steps + 1) * cfg.tokens_per_step,
                                "stop_at_step": args.steps})
-    work = Path(args.workdir or tempfile.gettempdir()) / f"rwkv5-throughput-{args.preset}-{world}"
+    work = Path(args.workdir or tempfile.gettempdir()) / f"rwkv5-throughput-{args.preset}-{world}-{cfg.batch.global_batch}"
     data = work / "data"
     if rank == 0 and not (data / "manifest.json").exists():
         from data_prep.shards import write_token_dataset
@@ -115,12 +149,13 @@ def main() -> None:
                             shard_tokens=100_000_000)
     while not (data / "manifest.json").exists():
         time.sleep(1)
-    timer = PhaseTimer()
+    timer = PhaseTimer() if args.phases else StepRows()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     train(TrainJob(cfg, f"bench-{time.time_ns()}" if world == 1 else "bench", str(data), str(work / "runs"),
                    callbacks=[timer], use_gpu=True))
     wall = time.time() - t0
+    peak = torch.cuda.max_memory_allocated()
     if rank != 0:
         return
     steady = timer.rows[args.warmup:]
@@ -132,32 +167,52 @@ def main() -> None:
 
     from rwkv5.wkv import default_backend
 
+    from rwkv5.train.memory_plan import plan_memory
+
     step_s = med("step_time_s")
-    phases = {p: med(f"{p}_s") for p in PHASES} | {"data_wait": med("data_wait_s")}
+    phases = {p: med(f"{p}_s") for p in PHASES if args.phases} | {"data_wait": med("data_wait_s")}
     phases["other"] = max(0.0, step_s - sum(phases.values()))
     tokens_gpu = cfg.tokens_per_step / step_s / world
+    card_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    plan = plan_memory(cfg, world, card_gb)
     result = {
         "command": " ".join(["python3", *sys.argv]) if world == 1 else
         f"torchrun --nproc-per-node {world} " + " ".join(sys.argv),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "preset": args.preset, "gpus": world, "gpu": torch.cuda.get_device_name(0),
-        "model": cfg.model.model_dump(), "batch": cfg.batch.model_dump(), "grad_checkpoint": cfg.grad_checkpoint,
+        "model": cfg.model.model_dump(), "batch": cfg.batch.model_dump(), "grad_accum": cfg.batch.grad_accum(world),
+        "activation_memory": cfg.activation_memory, "compile": cfg.compile,
+        "compile_s": next((r["compile_s"] for r in timer.rows if "compile_s" in r), None),
         "wkv_backend": default_backend("cuda"), "zero_stage": 2, "dtype": "bf16",
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
                      "python": platform.python_version()},
         "steps_measured": len(steady), "step_time_s": step_s, "tokens_per_s_per_gpu": tokens_gpu,
         "mfu": med("mfu") if any("mfu" in r for r in steady) else None,
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "peak_memory_gb": peak / 1e9, "planned_peak_gb": plan.peak / 1e9,
+        "plan_error": plan.peak / peak - 1, "plan": {k: v / 1e9 if isinstance(v, float) and v > 1e6 else v
+                                                     for k, v in plan.as_dict().items()},
         "phases_s": phases, "phase_fraction": {k: v / step_s for k, v in phases.items()},
         "loss_first": timer.rows[0]["loss"], "loss_last": timer.rows[-1]["loss"], "wall_s": wall,
         "per_step": timer.rows,
     }
-    print(f"\n{args.preset} on {world} GPU(s): {tokens_gpu:,.0f} tokens/s/GPU, MFU {result['mfu']}, step "
-          f"{step_s:.3f} s, peak {result['peak_memory_gb']:.1f} GB")
+    if args.blocks:
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        from block_timing import time_blocks
+
+        result["blocks"] = time_blocks(cfg.model, args.block_batch, cfg.batch.ctx_len)
+    print(f"\n{args.preset} L{cfg.model.n_layer} on {world} GPU(s): {tokens_gpu:,.0f} tokens/s/GPU, MFU "
+          f"{result['mfu']}, step {step_s:.3f} s, compile {result['compile_s']} s, peak "
+          f"{result['peak_memory_gb']:.2f} GB (plan {result['planned_peak_gb']:.2f} GB, "
+          f"{result['plan_error']:+.1%})")
     print(f"{'phase':<10} {'s':>8} {'share':>7}")
     for name, seconds in phases.items():
         print(f"{name:<10} {seconds:>8.4f} {seconds / step_s:>7.1%}")
-    out = Path(args.out or f"bench/results/train-{args.preset}-{world}gpu.json")
+    card = torch.cuda.get_device_name(0).replace("NVIDIA ", "").split()[0].lower()
+    depth = f"-L{args.layers}" if args.layers else ""
+    out = Path(args.out or f"bench/results/train-{args.preset}{depth}-{world}gpu-{card}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
