@@ -195,14 +195,6 @@ def main() -> None:
         "loss_first": timer.rows[0]["loss"], "loss_last": timer.rows[-1]["loss"], "wall_s": wall,
         "per_step": timer.rows,
     }
-    if args.blocks:
-        import gc
-
-        gc.collect()
-        torch.cuda.empty_cache()
-        from block_timing import time_blocks
-
-        result["blocks"] = time_blocks(cfg.model, args.block_batch, cfg.batch.ctx_len)
     print(f"\n{args.preset} L{cfg.model.n_layer} on {world} GPU(s): {tokens_gpu:,.0f} tokens/s/GPU, MFU "
           f"{result['mfu']}, step {step_s:.3f} s, compile {result['compile_s']} s, peak "
           f"{result['peak_memory_gb']:.2f} GB (plan {result['planned_peak_gb']:.2f} GB, "
@@ -214,6 +206,19 @@ def main() -> None:
     depth = f"-L{args.layers}" if args.layers else ""
     out = Path(args.out or f"bench/results/train-{args.preset}{depth}-{world}gpu-{card}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    _write(out, result)
+    if args.blocks:  # after the training numbers are safe on disk: fla's first calls autotune for a while
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+        from block_timing import time_blocks
+
+        result["blocks"] = time_blocks(cfg.model, args.block_batch, cfg.batch.ctx_len)
+        _write(out, result)
+
+
+def _write(out: Path, result: dict) -> None:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, out)
