@@ -102,7 +102,7 @@ def time_blocks(cfg: ModelConfig, batch: int, ctx_len: int) -> dict:
         out[name] = {"fwd_bwd_ms": ms, "mfu": flops / (ms / 1e3) / PEAK, "first_call_s": first}
         print(f"block {name:<16} {ms:8.2f} ms  MFU {out[name]['mfu']:.3f}  first call {first:.1f} s", flush=True)
 
-    for policy in ("none",):
+    for policy in ("none", "selective"):
         for compiled in (False, True):
             block = Block(cfg, 1, policy).to(dev, torch.bfloat16).train()
             try:

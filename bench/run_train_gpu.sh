@@ -21,8 +21,9 @@ if [[ $stages == *,build,* ]]; then
   stamp build
 fi
 if [[ $stages == *,b7,* ]]; then
-  timeout 330 python3 bench/train_throughput.py --preset 7b --layers 4 --grad-accum 64 --steps 5 --warmup 2 \
-    --blocks --out "$OUT/train-7b-L4.json" 2>&1 | grep -v -E "^\[|Warning|warn\(" | tail -25
+  timeout ${B7_LIMIT:-330} python3 bench/train_throughput.py --preset 7b --layers 4 --grad-accum 64 \
+    --steps ${B7_STEPS:-5} --warmup 2 ${B7_BLOCKS---blocks} --out "$OUT/train-7b-L4.json" 2>&1 \
+    | grep -v -E "^\[|Warning|warn\(" | tail -25
   stamp b7
 fi
 if [[ $stages == *,init,* ]]; then
@@ -36,7 +37,8 @@ if [[ $stages == *,tests,* ]]; then
   stamp tests
 fi
 if [[ $stages == *,b1b5,* ]]; then
-  timeout 300 python3 bench/train_throughput.py --preset 1b5 --steps 8 --warmup 3 --out "$OUT/train-1b5.json" \
+  timeout ${B15_LIMIT:-300} python3 bench/train_throughput.py --preset 1b5 --steps ${B15_STEPS:-8} --warmup 3 \
+    --out "$OUT/train-1b5.json" \
     2>&1 | grep -v -E "^\[|Warning|warn\(" | tail -15
   stamp b1b5
 fi

@@ -378,9 +378,61 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", **kwargs) 
     return model
 
 
-# Logits per chunk of the chunked loss: chunk_tokens * V elements (2^26: 1024 tokens at V = 65536), so its
-# float32 softmax takes 256 MiB instead of B*T*V*4 bytes (8.6 GB at B8 T4096).
-_LOSS_CHUNK_ELEMENTS = 1 << 26
+# Logits per chunk of the chunked loss: chunk_tokens * V elements (2^27: 2048 tokens at V = 65536), so its
+# float32 softmax takes 512 MiB instead of B*T*V*4 bytes (8.6 GB at B8 T4096), in few enough chunks that the
+# per-chunk update of the head's float32 gradient stays small.
+_LOSS_CHUNK_ELEMENTS = 1 << 27
+
+
+def _chunk_loss_grad(logits, targets, token_weight, l2_factor: float, want_grad: bool):
+    """Weighted CE sum of one chunk of logits `(n, V)` and, if wanted, d(loss)/d(logits) in the logits' dtype."""
+    acc = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for float64 inputs
+    lf = logits.to(acc)
+    tw = token_weight.to(acc)
+    lse = torch.logsumexp(lf, dim=-1)
+    loss = ((lse - lf.gather(-1, targets[:, None]).squeeze(-1)) * tw).sum()
+    if not want_grad:
+        return loss, None
+    # d(mean CE)/d(logits) = (softmax - onehot) * token weight, plus L2-wrap's push on the top logit.
+    g = torch.exp(lf - lse[:, None]) * tw[:, None]
+    g = g.scatter_add(-1, targets[:, None], -tw[:, None])
+    if l2_factor:
+        top, ids = logits.max(dim=-1, keepdim=True)
+        g = g.scatter_add(-1, ids, top.to(acc) * l2_factor)
+    return loss, g.to(logits.dtype)
+
+
+class _FusedOnCuda:
+    """`_chunk_loss_grad` compiled on CUDA (one pass for the softmax statistics, one for the gradient, instead
+    of a float32 copy per elementwise step); eager elsewhere, and eager for good if compiling fails."""
+
+    compiled = None
+    failed = False
+
+    def __call__(self, logits, *args):
+        if not logits.is_cuda or self.failed:
+            return _chunk_loss_grad(logits, *args)
+        try:
+            if self.compiled is None:
+                self.compiled = torch.compile(_chunk_loss_grad, dynamic=False)
+            return self.compiled(logits, *args)
+        except Exception:  # a compiler problem must not stop training: same numbers, eager speed
+            self.failed = True
+            return _chunk_loss_grad(logits, *args)
+
+
+_chunk_step = _FusedOnCuda()
+
+
+def _accumulate_head_grad(dw: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """dw + g^T h with dw float32 and g, h in the model's dtype: on CUDA one product with a float32 output
+    (no bf16 partial, no separate add); elsewhere the plain way."""
+    if g.is_cuda and g.dtype != dw.dtype:
+        try:
+            return torch.addmm(dw, g.t(), h, out_dtype=dw.dtype)
+        except (RuntimeError, TypeError):
+            pass
+    return dw.add_((g.t() @ h).to(dw.dtype))
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -394,28 +446,18 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, token_weight, l2_factor, chunk):
         want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        acc = torch.promote_types(hidden.dtype, torch.float32)
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         dh = torch.empty_like(hidden) if want_grad else None
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad else None
         for s in range(0, hidden.shape[0], chunk):
-            h, t, tw = hidden[s:s + chunk], targets[s:s + chunk], token_weight[s:s + chunk].to(acc)
+            h = hidden[s:s + chunk]
             logits = h @ weight.t()  # (n, V) in the model's dtype, as the plain head makes them
-            lf = logits.to(acc)
-            lse = torch.logsumexp(lf, dim=-1)
-            loss += ((lse - lf.gather(-1, t[:, None]).squeeze(-1)) * tw).sum()
-            if not want_grad:
-                continue
-            # d(mean CE)/d(logits) = (softmax - onehot) * token weight, plus L2-wrap's push on the top logit.
-            if l2_factor:
-                top, ids = logits.max(dim=-1, keepdim=True)  # before lf (maybe the same tensor) is overwritten
-            g = lf.sub_(lse[:, None]).exp_().mul_(tw[:, None])
-            g.scatter_add_(-1, t[:, None], -tw[:, None])
-            if l2_factor:
-                g.scatter_add_(-1, ids, top.to(acc) * l2_factor)
-            g = g.to(hidden.dtype)
-            dh[s:s + chunk] = g @ weight
-            dw += (g.t() @ h).to(acc)
+            part, g = _chunk_step(logits, targets[s:s + chunk], token_weight[s:s + chunk], l2_factor, want_grad)
+            loss += part
+            if want_grad:
+                dh[s:s + chunk] = g @ weight
+                dw = _accumulate_head_grad(dw, g, h)
         ctx.save_for_backward(dh, dw.to(weight.dtype) if want_grad else None)
         return loss
 
@@ -437,7 +479,7 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         targets (Tensor): `[B, T]` token ids.
         mask (Tensor, optional): `[B, T]`, 1 where the target counts. Default: all.
         l2_wrap (bool): add RWKV's L2-wrap gradient. Default: True.
-        chunk_tokens (int, optional): tokens per chunk. Default: 2^26 / V.
+        chunk_tokens (int, optional): tokens per chunk. Default: 2^27 / V.
 
     Returns:
         The mean cross-entropy, float32 scalar.

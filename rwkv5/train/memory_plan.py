@@ -27,9 +27,9 @@ GB = 1e9
 #     shifts, mixes, activations): 23 C + 3 F.
 #   full: the block input only: C.
 _KEEP = {"selective": (9, 1), "none": (23, 3), "full": (1, 0)}
-# Gradient partition bytes per parameter: ZeRO-2 reduces bf16 gradients into an fp32 partition when the
-# accumulation dtype is fp32 (its default with bf16), so that micro-batches accumulate without bf16 rounding.
-_GRAD_PARTITION_BYTES = 4
+# Gradient partition bytes per parameter: ZeRO-2 keeps the reduced gradients of its partition in the model's
+# dtype (bf16) between micro-batches and makes the float32 copy only inside the optimizer step (step_extra).
+_GRAD_PARTITION_BYTES = 2
 
 
 def block_activation_elements(policy: str, n_embd: int, ffn: int) -> int:
@@ -125,7 +125,7 @@ def format_plan(plan: MemoryPlan) -> str:
     """A small table in GB, for the CLI."""
     rows = [
         ("weights (bf16, every GPU)", plan.weights),
-        (f"gradients (fp32 partition, 1/{plan.gpus})", plan.gradients),
+        (f"gradients (bf16 partition, 1/{plan.gpus})", plan.gradients),
         (f"optimizer (fp32 master + Adam, 1/{plan.gpus})", plan.optimizer),
         ("reduce buckets (bf16)", plan.buckets),
         (f"activations / micro-batch ({plan.activation_memory}, B{plan.micro_batch} T{plan.ctx_len})",
