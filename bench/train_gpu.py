@@ -79,7 +79,7 @@ def main() -> None:
         "preset": args.preset,
         "model": cfg.model.model_dump(),
         "batch": cfg.batch.model_dump(),
-        "grad_checkpoint": cfg.grad_checkpoint,
+        "activation_memory": cfg.activation_memory, "compile": cfg.compile,
         "steps": len(record.rows),
         "wkv_backend": default_backend("cuda"),
         "optimizer": "FusedAdam (DeepSpeed, guarded), ZeRO-2, bf16",

@@ -303,7 +303,7 @@ def _benchmark(model_name: str, micro_batch: int, accum: int, activation_memory:
 RUN_PRESETS = {
     "tiny": tiny,
     "7b": reference_7b,
-    "169m": lambda: _benchmark("169m", micro_batch=16, accum=4, activation_memory="none"),
+    "169m": lambda: _benchmark("169m", micro_batch=16, accum=4, activation_memory="selective"),
     "430m": lambda: _benchmark("430m", micro_batch=16, accum=4, activation_memory="selective"),
     "1b5": lambda: _benchmark("1b5", micro_batch=4, accum=8, activation_memory="selective"),
     "3b": lambda: _benchmark("3b", micro_batch=4, accum=8, activation_memory="selective"),
