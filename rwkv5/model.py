@@ -381,7 +381,7 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", **kwargs) 
 # Logits per chunk of the chunked loss: chunk_tokens * V elements (2^27: 2048 tokens at V = 65536), so its
 # float32 softmax takes 512 MiB instead of B*T*V*4 bytes (8.6 GB at B8 T4096), in few enough chunks that the
 # per-chunk update of the head's float32 gradient stays small.
-_LOSS_CHUNK_ELEMENTS = 1 << 27
+LOSS_CHUNK_ELEMENTS = 1 << 27
 
 
 def _chunk_loss_grad(logits, targets, token_weight, l2_factor: float, want_grad: bool):
@@ -404,21 +404,25 @@ def _chunk_loss_grad(logits, targets, token_weight, l2_factor: float, want_grad:
 
 class _FusedOnCuda:
     """`_chunk_loss_grad` compiled on CUDA (one pass for the softmax statistics, one for the gradient, instead
-    of a float32 copy per elementwise step); eager elsewhere, and eager for good if compiling fails."""
+    of a float32 copy per elementwise step); eager elsewhere, and eager for good if the first compile fails."""
 
     compiled = None
     failed = False
+    worked = False
 
     def __call__(self, logits, *args):
         if not logits.is_cuda or self.failed:
             return _chunk_loss_grad(logits, *args)
-        try:
-            if self.compiled is None:
-                self.compiled = torch.compile(_chunk_loss_grad, dynamic=False)
+        if self.worked:
             return self.compiled(logits, *args)
+        try:
+            self.compiled = self.compiled or torch.compile(_chunk_loss_grad, dynamic=False)
+            out = self.compiled(logits, *args)
         except Exception:  # a compiler problem must not stop training: same numbers, eager speed
             self.failed = True
             return _chunk_loss_grad(logits, *args)
+        self.worked = True
+        return out
 
 
 _chunk_step = _FusedOnCuda()
@@ -493,7 +497,7 @@ def chunked_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     else:
         m = mask.reshape(-1).to(acc)
         token_weight = m / m.sum().clamp(min=1)
-    chunk = chunk_tokens or max(1, _LOSS_CHUNK_ELEMENTS // V)
+    chunk = chunk_tokens or max(1, LOSS_CHUNK_ELEMENTS // V)
     # L2-wrap scales by all B*T positions, masked or not, as `_L2Wrap` does.
     l2_factor = 1e-4 / (B * T) if l2_wrap else 0.0
     return _ChunkedHeadLoss.apply(hidden.reshape(B * T, C), weight, flat_t, token_weight, l2_factor, chunk)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 from rwkv5.config import count_parameters
 from rwkv5.errors import ConfigError
-from rwkv5.model import _LOSS_CHUNK_ELEMENTS
+from rwkv5.model import LOSS_CHUNK_ELEMENTS
 from rwkv5.train.config import RunConfig
 
 __all__ = ["MemoryPlan", "plan_memory", "block_activation_elements", "format_plan"]
@@ -103,7 +103,7 @@ def plan_memory(cfg: RunConfig, gpus: int, gpu_memory_gb: float, micro_batch: in
     # The loss keeps d(hidden) per token and the head's weight gradient (bf16) until backward.
     activations = 2.0 * tokens * per_token + 2.0 * tokens * C + 2.0 * V * C
     block_transient = 2.0 * tokens * block_activation_elements("none", C, F)
-    chunk = max(1, _LOSS_CHUNK_ELEMENTS // V)
+    chunk = max(1, LOSS_CHUNK_ELEMENTS // V)
     loss_transient = 4.0 * V * C + 8.0 * min(chunk, tokens) * V  # fp32 dW, chunk logits bf16 + fp32 + grad
     transient = max(block_transient, loss_transient)
     step_extra = 6.0 * P / gpus

@@ -51,3 +51,37 @@ def test_two_ranks_losses_do_not_depend_on_overlap_buckets_or_accumulation(token
     # follow weights updated from bf16 gradients summed in another order.
     assert got["micro1_accum2"][0] == pytest.approx(ref[0], rel=1e-4)
     assert got["micro1_accum2"] == pytest.approx(ref, rel=1e-2)
+
+
+def test_loop_reads_device_values_once_per_step_whatever_the_accumulation(monkeypatch, token_data, small_run,
+                                                                          tmp_path):
+    """The loop's own host reads of tensors (item, float, tolist) do not grow with the micro-batches per step:
+    losses are summed on the device and read once, after the last micro-batch."""
+    import inspect
+
+    import torch
+
+    from rwkv5.train import worker
+
+    reads = []
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            if inspect.currentframe().f_back.f_code.co_filename == worker.__file__:
+                reads.append(name)
+            return real(self, *args, **kwargs)
+
+        return read
+
+    for name in ("item", "tolist", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    counts = {}
+    for micro in (4, 1):  # global batch 4: 1 and 4 micro-batches per step
+        reads.clear()
+        cfg = small_run(2, **{"batch.micro_batch": micro, "milestones.fraction": 1.0})
+        state = worker.train(worker.TrainJob(cfg, f"reads-{micro}", str(token_data), str(tmp_path)))
+        assert state.step == 2
+        counts[micro] = len(reads)
+    assert counts[1] == counts[4] and 2 <= counts[4] <= 2 * 2, counts
