@@ -71,7 +71,7 @@ def finetune_run_config(
         checkpoint=CheckpointConfig(every_steps=checkpoint_every, keep_last=2),
         milestones=MilestoneConfig(fraction=1.0),
         metrics=MetricsConfig(mlflow_experiment="rwkv5-finetune"),
-        grad_checkpoint=grad_checkpoint,
+        activation_memory="full" if grad_checkpoint else "none",
     )
 
 
