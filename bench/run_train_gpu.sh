@@ -21,8 +21,8 @@ if [[ $stages == *,build,* ]]; then
   stamp build
 fi
 if [[ $stages == *,b7,* ]]; then
-  timeout ${B7_LIMIT:-330} python3 bench/train_throughput.py --preset 7b --layers 4 --grad-accum 64 \
-    --steps ${B7_STEPS:-5} --warmup 2 ${B7_BLOCKS---blocks} --out "$OUT/train-7b-L4.json" 2>&1 \
+  timeout ${B7_LIMIT:-330} python3 bench/train_throughput.py --preset 7b --layers ${B7_LAYERS:-4} --grad-accum 64 \
+    --steps ${B7_STEPS:-5} --warmup 2 ${B7_BLOCKS---blocks} --out "$OUT/train-7b-L${B7_LAYERS:-4}.json" 2>&1 \
     | grep -v -E "^\[|Warning|warn\(" | tail -25
   stamp b7
 fi
