@@ -369,6 +369,12 @@ def write_manifest(
     An identical manifest already there is left untouched: a re-run that found nothing to do changes no file
     (the pipeline's re-run check, and anything syncing the dataset, goes by modification times)."""
     manifest = DatasetManifest(Path(out_dir), tokenizer_fingerprint, tuple(shards), extra=dict(extra or {}))
+    seen: set[str] = set()
+    for info in manifest.shards:
+        if info.path in seen:
+            raise ShardError(f"{manifest.path}: shard {info.path} would be listed twice; two inputs wrote "
+                             "the same shard name, so one of them was overwritten")
+        seen.add(info.path)
     text = json.dumps(manifest.to_json(), indent=1) + "\n"
     try:
         unchanged = manifest.path.read_text(encoding="utf-8") == text

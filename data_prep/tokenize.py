@@ -342,7 +342,7 @@ def plan_tasks(src: str | os.PathLike, out: str | os.PathLike, config: TokenizeC
     """One task per `*.jsonl.zst` under `src`, in sorted path order (the manifests' order).
 
     Raises:
-        SourceError: `src` is not a directory or holds no input file.
+        SourceError: `src` is not a directory, holds no input file, or two inputs map to one shard prefix.
     """
     src_root, out_root = Path(src).resolve(), Path(out).resolve()
     if not src_root.is_dir():
@@ -355,9 +355,18 @@ def plan_tasks(src: str | os.PathLike, out: str | os.PathLike, config: TokenizeC
     # Resolved here, once: every worker then runs the same implementation (and logs no fallback of its own).
     impl = config.tokenizer_impl or default_impl()
     tasks = []
+    owners: dict[tuple[str, str], str] = {}
     for path in paths:
         rel = path.relative_to(src_root).as_posix()
         split, prefix = _split_and_prefix(rel)
+        # `x.jsonl.zst` and `train/x.jsonl.zst` both map to train's `x`: one input's shards would overwrite
+        # the other's. Refused before any work, so neither is tokenized into the wrong shards.
+        other = owners.setdefault((split, prefix), rel)
+        if other != rel:
+            first, second = sorted((other, rel))
+            raise SourceError(f"{src}: inputs {first!r} and {second!r} would both be written as shards "
+                              f"{split}/{prefix}-*.arrow; files outside a split folder count as 'train', so "
+                              f"move or rename one of them")
         tasks.append(
             FileTask(
                 src=str(path),

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from data_prep.errors import ErrorBudgetExceeded
+from data_prep.errors import ErrorBudgetExceeded, SourceError
 from data_prep.jsonl import Document, iter_documents
 from data_prep.loader import PackedDataset
 from data_prep.shards import open_shard, read_manifest, verify_dataset
@@ -253,6 +253,28 @@ def test_bad_input_counted_and_quarantined(tmp_path):
     _write(truncated, good * 3)
     repaired = tokenize(src, out, loose)
     assert repaired.processed == 1 and not repaired.quarantined and repaired.documents == 4 * 40 + 120 - 40
+
+
+@pytest.mark.parametrize("first, second", [("train/x", "x"), ("other/c/x", "train/other/c/x")],
+                         ids=["top-level", "nested"])
+def test_inputs_sharing_a_shard_name_are_refused_before_work(first, second, tmp_path):
+    # Outside a split folder a file counts as `train`, so both inputs map to one shard prefix (issue 18, bug 2).
+    src, out = tmp_path / "src", tmp_path / "out"
+    for rel in (first, second):
+        _write(src / f"{rel}.jsonl.zst", [_line(f"document of {rel} " * 20, SOURCES[0])])
+    with pytest.raises(SourceError, match=rf"'{first}\.jsonl\.zst' and '{second}\.jsonl\.zst'"):
+        tokenize(src, out, TokenizeConfig(workers=1, progress=False))
+    assert not out.exists() or not any(out.rglob("*.arrow")), "work started before the clash was refused"
+
+
+def test_manifest_refuses_a_shard_listed_twice(corpus, clean_run, tmp_path):
+    from data_prep.errors import ShardError
+    from data_prep.shards import write_manifest
+
+    manifest = read_manifest(clean_run[0] / "train")
+    with pytest.raises(ShardError, match="listed twice"):
+        write_manifest(tmp_path, manifest.tokenizer, [manifest.shards[0], manifest.shards[0]])
+    assert not (tmp_path / "manifest.json").exists()
 
 
 def test_cli(corpus, tmp_path):
