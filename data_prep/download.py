@@ -5,7 +5,8 @@
 Guarantees:
 - A file reaches its final path only after its sha256 matched the source's LFS metadata (or its git blob id,
   for files the Hub keeps in git; a folder source without a manifest is checked by size and its sha256
-  recorded). Bytes that fail verification are deleted and fetched again, never kept.
+  recorded). Bytes that fail verification are deleted and fetched again, never kept; a local copy that
+  fails leaves the manifest and its path before the refetch starts, so a failed refetch leaves no stale entry.
 - A re-run skips what the manifest says is verified (same sha256, same size on disk), adopts complete files the
   manifest missed (a run killed between the last rename and the next manifest write) after hashing them, and
   resumes partial files with a Range request.
@@ -273,7 +274,9 @@ class _Run:
                 self.on_bytes(file.size, received=False)
                 self.finish(file, "adopted", sha256, checked)
                 return
-            logger.info("%s: local copy does not match the source (%s); fetching it again", file.path, problem)
+            self._forget(file, dest)
+            logger.info("%s: local copy does not match the source (%s); deleted, fetching it again", file.path,
+                        problem)
         try:
             sha256, checked = self._fetch_verified(file, dest)
         except FetchFailed as exc:
@@ -281,6 +284,15 @@ class _Run:
             self.finish(file, "failed", failure=str(exc))
             return
         self.finish(file, "downloaded", sha256, checked)
+
+    def _forget(self, file: RemoteFile, dest: Path) -> None:
+        """Take a file that failed verification out of the manifest and off its final path, before anything
+        else: if the refetch fails too, a re-run must not find it "already verified" (and tokenize must never
+        read it)."""
+        with self.lock:
+            if self.manifest.files.pop(file.path, None) is not None:
+                self._write_manifest()
+        dest.unlink(missing_ok=True)
 
     def _verify(self, file: RemoteFile, path: Path) -> tuple[str, str | None, str]:
         """(sha256, problem or None, what it was checked against) of a complete local file."""

@@ -214,6 +214,29 @@ def test_local_copy_that_differs_is_replaced(served: HubStandIn, slim_dir: Path,
     assert _data_files(out) == _data_files(slim_dir)
 
 
+def test_corrupt_copy_leaves_manifest_and_path_even_when_refetch_fails(served: HubStandIn, slim_dir: Path,
+                                                                     tmp_path: Path) -> None:
+    # Issue 18, bug 1: a failed refetch used to leave the corrupt file and its old manifest entry in place.
+    out = tmp_path / "raw"
+    download(_source(), out, retry=FAST, progress=False)
+    bad = "train/chunk1/example_train_0.jsonl.zst"
+    data = bytearray((out / bad).read_bytes())
+    data[10] ^= 0xFF
+    (out / bad).write_bytes(bytes(data))
+
+    served.inject(Fault("status", status=500, times=None))
+    with pytest.raises(DownloadError, match=bad) as info:
+        download(_source(), out, retry=FAST, progress=False, verify_existing=True)
+    assert info.value.summary.failures.keys() == {bad}
+    assert not (out / bad).exists()
+    assert bad not in json.loads((out / MANIFEST_NAME).read_text())["files"]
+
+    served.faults.clear()
+    fixed = download(_source(), out, retry=FAST, progress=False)
+    assert (fixed.downloaded, fixed.skipped) == (1, 7)
+    assert _data_files(out) == _data_files(slim_dir)
+
+
 _CHILD = textwrap.dedent(
     """
     import sys
