@@ -388,7 +388,7 @@ def release(
 @one_line_errors
 def eval_(
     checkpoint: str = typer.Argument(..., help="Native checkpoint, or an RWKV-LM / rwkv-package .pth."),
-    lambada: str = typer.Option(None, help="LAMBADA (OpenAI) JSONL file: last-word accuracy and perplexity."),
+    lambada: str = typer.Option(None, help="LAMBADA (OpenAI) JSONL file, or 'shipped' (the package's copy): last-word accuracy and perplexity."),
     validation: str = typer.Option(None, help="Tokenized validation split: loss and perplexity per source."),
     limit: int = typer.Option(None, help="Only the first N LAMBADA passages / validation windows."),
     out: str = typer.Option(None, help="JSON report path. Default: CHECKPOINT's name + .eval.json."),

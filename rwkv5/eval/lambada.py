@@ -1,8 +1,14 @@
 """LAMBADA (OpenAI variant): accuracy and perplexity of each passage's last word, in RNN mode.
 
 Each line of the JSONL file is `{"text": ...}`; the target is the text after the last space and the context
-everything before it. As in RWKV-LM's evaluation, the context follows an end-of-document token (id 0) and
-the target is scored with its leading space. The context is run once (`infer.prefill`), then the target's
+everything before it. The convention is RWKV's own LAMBADA evaluation (BlinkDL/RWKV-LM `RWKV-v7/rwkv_v7_demo.py`:
+`src = [0] + tokenizer.encode(context)`, `dst = tokenizer.encode(" " + target)`): the context follows an
+end-of-document token (id 0) and the target is scored with its leading space. The lm-eval adapter
+(`rwkv5.eval.lm_eval_adapter`) puts the same token before every context, so its `lambada_openai` numbers equal
+these (tests/rwkv5/eval/test_lm_eval_adapter.py).
+
+The data: `SHIPPED_LAMBADA`, the OpenAI variant's 5,153 test passages, ships with the package (origin and
+licence: `rwkv5/eval/assets/README.md`); `HUB_LAMBADA` is the same set on the Hugging Face Hub. The context is run once (`infer.prefill`), then the target's
 tokens are scored from the carried state in one more forward call: a prediction is correct when every
 target token is the most likely one (greedy), and the perplexity is exp of the mean negative
 log-likelihood of the whole word (per word, not per token).
@@ -20,7 +26,13 @@ import torch
 from rwkv5.errors import DataError
 from rwkv5.infer import DEFAULT_CHUNK_LEN, EOD_ID, prefill
 
-__all__ = ["LambadaResult", "fetch_lambada", "read_lambada", "score_continuation", "lambada_eval"]
+__all__ = ["SHIPPED_LAMBADA", "HUB_LAMBADA", "LambadaResult", "fetch_lambada", "read_lambada", "score_continuation", "lambada_eval"]
+
+
+SHIPPED_LAMBADA = Path(__file__).resolve().parent / "assets" / "lambada_test.jsonl"
+"""LAMBADA (OpenAI variant, 5,153 passages) as shipped with the package; `fetch_lambada("shipped")` names it."""
+HUB_LAMBADA = "hf://datasets/EleutherAI/lambada_openai/data/lambada_test_en.jsonl"
+"""The same test set on the Hub (lm-eval's `lambada_openai` reads this repository)."""
 
 
 @dataclass
@@ -36,8 +48,10 @@ class LambadaResult:
 
 
 def fetch_lambada(uri: str, cache_dir: str | Path) -> Path:
-    """A local path for a LAMBADA file given as a path or an fsspec URL (e.g.
-    hf://datasets/EleutherAI/lambada_openai/lambada_test_en.jsonl); a URL is fetched once into `cache_dir`."""
+    """A local path for a LAMBADA file given as "shipped" (`SHIPPED_LAMBADA`), a path or an fsspec URL (e.g.
+    `HUB_LAMBADA`); a URL is fetched once into `cache_dir`."""
+    if uri == "shipped":
+        return SHIPPED_LAMBADA
     if "://" not in uri or uri.startswith("file://"):
         return Path(uri.removeprefix("file://"))
     import shutil
@@ -54,12 +68,13 @@ def fetch_lambada(uri: str, cache_dir: str | Path) -> Path:
 
 
 def read_lambada(path: str | Path, limit: int | None = None) -> list[tuple[str, str]]:
-    """(context, " target") pairs of a LAMBADA JSONL file; `limit` keeps the first ones.
+    """(context, " target") pairs of a LAMBADA JSONL file ("shipped": `SHIPPED_LAMBADA`); `limit` keeps the
+    first ones.
 
     Raises:
         DataError: missing file, bad JSON, or a passage without a space (no last word to predict).
     """
-    path = Path(path)
+    path = SHIPPED_LAMBADA if str(path) == "shipped" else Path(path)
     if not path.is_file():
         raise DataError(f"{path}: LAMBADA file not found")
     pairs: list[tuple[str, str]] = []

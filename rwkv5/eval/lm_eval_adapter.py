@@ -9,14 +9,21 @@ entry-point group, no plugin variable, `--include_path` is for tasks only). So t
 `rwkv5` when imported and `main` hands the arguments to lm-eval's own CLI unchanged. From Python,
 `import rwkv5.eval.lm_eval_adapter` before `lm_eval.simple_evaluate(model="rwkv5", ...)` does the same.
 
-How requests map onto RNN mode: a context is run once (`infer.prefill`) and the state after it is reused,
-both for all continuations of one context (multiple-choice tasks send the same context several times in a
-row) and for the continuation itself; a rolling log-likelihood is the whole document scored after an
-end-of-document token, with no window, since the state carries all of the past.
+How requests map onto RNN mode: every context starts after the end-of-document token (id 0), as in RWKV's own
+LAMBADA evaluation and `rwkv5 eval` (`rwkv5.eval.lambada`), so `lambada_openai` here and `rwkv5 eval --lambada`
+give the same numbers. A context is run once (`infer.prefill`) and the state after it is reused, both for all
+continuations of one context (multiple-choice tasks send the same context several times in a row) and for the
+continuation itself; a rolling log-likelihood is the whole document scored after the end-of-document token,
+with no window, since the state carries all of the past.
+
+On a machine without CUDA a CUDA device (lm-eval asks for "cuda:0" unless told `--device`) becomes the CPU,
+with one warning line. A failure (a missing checkpoint, a bad model argument) is one line on stderr and exit
+status 1; RWKV5_TRACEBACK=1 shows the traceback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -66,7 +73,7 @@ class RWKV5LM(TemplateLM):
             dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
             if dtype not in dtypes:
                 raise ConfigError(f"lm_eval rwkv5: dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            device = _usable_device(device)
             load = load_rwkv_pth if str(checkpoint).endswith(".pth") else load_checkpoint
             model = load(str(checkpoint), device, dtypes[dtype])
             model = model[0] if isinstance(model, tuple) else model
@@ -101,7 +108,8 @@ class RWKV5LM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         results = []
         for (text_pair, context, continuation) in tqdm(requests, disable=disable_tqdm, desc="rwkv5 loglikelihood"):
-            logits, state = self._after(context)
+            # lm-eval sends [eot] as the context of an empty one, the bare tokens otherwise.
+            logits, state = self._after(context if context[:1] == [EOD_ID] else [EOD_ID, *context])
             result = score_continuation(self.model, logits, state, continuation, self.chunk_len)
             self.cache_hook.add_partial("loglikelihood", text_pair, result)
             results.append(result)
@@ -151,13 +159,31 @@ class RWKV5LM(TemplateLM):
         return text
 
 
+def _usable_device(device: str | None) -> str:
+    """`device`, or the CPU (with one warning line) where it names CUDA and this machine has none."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"rwkv5-lm-eval: warning: no CUDA on this machine; running on the CPU instead of {device}",
+              file=sys.stderr, flush=True)
+        return "cpu"
+    return device
+
+
 def main(argv: list[str] | None = None) -> None:
     """`lm_eval` with the `rwkv5` model registered: the same arguments as lm-eval's own CLI."""
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except Exception as exc:  # one line for a person; the traceback on request
+        if os.environ.get("RWKV5_TRACEBACK") == "1":
+            raise
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"rwkv5-lm-eval: error: {type(exc).__name__}: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

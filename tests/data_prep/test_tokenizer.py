@@ -17,7 +17,10 @@ import pytest
 from data_prep.errors import TokenizationError, TokenizerError
 from data_prep.tokenizer import DEFAULT_VOCAB_PATH, VOCAB_SIZE, load_tokenizer, read_vocab
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+REFERENCE_TEXTS = (  # public texts in the repository (origins: tests/data/README.md, rwkv5/eval/assets/README.md)
+    (Path(__file__).resolve().parents[1] / "data" / "rwkv-lm-demo.jsonl", 1),
+    (Path(__file__).resolve().parents[2] / "rwkv5" / "eval" / "assets" / "lambada_test.jsonl", 10),
+)
 
 VARIED_TEXTS = {
     "empty": "",
@@ -84,17 +87,11 @@ def test_batch_matches_single(reference, fast):
     assert reference.encode_batch(texts) == expected
 
 
-def test_fast_matches_reference_on_shared_data(reference, fast):
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} is absent (it only exists on the development machines)")
+def test_fast_matches_reference_on_reference_texts(reference, fast):
     texts = []
-    for name, stride in (("rwkv-lm-demo.jsonl", 1), ("lambada_test.jsonl", 10)):
-        path = SHARED_DATA / name
-        if path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines()
-            texts += [json.loads(line)["text"] for line in lines[::stride]]
-    if not texts:
-        pytest.skip(f"no jsonl files in {SHARED_DATA}")
+    for path, stride in REFERENCE_TEXTS:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        texts += [json.loads(line)["text"] for line in lines[::stride]]
     fast_ids = fast.encode_batch(texts)
     for text, ids in zip(texts, fast_ids):
         assert ids == reference.encode(text), text[:80]

@@ -17,8 +17,9 @@ pytest.importorskip("deepspeed")
 from flows.milestone import evaluate_stage, finetune_stage  # noqa: E402
 from rwkv5.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
 from rwkv5.config import model_preset  # noqa: E402
+from rwkv5.eval.lambada import SHIPPED_LAMBADA  # noqa: E402
 
-LAMBADA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lambada_test.jsonl"
+LAMBADA = SHIPPED_LAMBADA
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,6 @@ def test_finetune_stage_trains_under_deepspeed_and_is_reused(tmp_path, base, mon
     assert trace.stat().st_mtime_ns == seen
 
 
-@pytest.mark.skipif(not LAMBADA.is_file(), reason=f"{LAMBADA} absent (project reference data)")
 def test_evaluate_stage_reports_validation_per_source_and_lambada(tmp_path, base):
     from data_prep.shards import write_token_dataset
 

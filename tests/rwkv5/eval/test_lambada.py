@@ -12,12 +12,10 @@ import torch
 
 from rwkv5.config import ModelConfig
 from rwkv5.errors import DataError
-from rwkv5.eval.lambada import lambada_eval, read_lambada
+from rwkv5.eval.lambada import SHIPPED_LAMBADA, fetch_lambada, lambada_eval, read_lambada
 from tests.support.byte_tokenizer import ByteTokenizer
 
-SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-LAMBADA = SHARED_DATA / "lambada_test.jsonl"
-needs_lambada = pytest.mark.skipif(not LAMBADA.is_file(), reason=f"{LAMBADA} absent (project reference data)")
+LAMBADA = SHIPPED_LAMBADA
 CFG = ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=260)
 
 
@@ -28,7 +26,12 @@ def _slice(tmp_path: Path, n: int) -> Path:
     return path
 
 
-@needs_lambada
+def test_shipped_lambada_is_the_openai_test_set(tmp_path):
+    pairs = read_lambada(fetch_lambada("shipped", tmp_path))
+    assert read_lambada("shipped", limit=2) == pairs[:2]
+    assert len(pairs) == 5153 and all(target.startswith(" ") and " " not in target[1:] for _, target in pairs)
+
+
 def test_rnn_mode_scores_equal_one_parallel_pass(random_model, tmp_path):
     model = random_model(CFG)
     tok = ByteTokenizer()
@@ -97,7 +100,6 @@ def _validation_split(root: Path) -> Path:
 
 
 @pytest.mark.slow
-@needs_lambada
 def test_cli_eval_prints_writes_json_and_logs_to_mlflow(tmp_path, mlflow_server):
     import mlflow
     from typer.testing import CliRunner

@@ -1,4 +1,5 @@
-"""lm-eval adapter: requests answered in RNN mode equal one parallel pass; the CLI wrapper runs local tasks."""
+"""lm-eval adapter: requests answered in RNN mode equal one parallel pass and `rwkv5 eval`'s LAMBADA numbers; the
+CLI wrapper runs local tasks, falls back to the CPU without CUDA and fails in one line."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 from rwkv5.config import ModelConfig  # noqa: E402
+from rwkv5.eval.lambada import SHIPPED_LAMBADA, lambada_eval, read_lambada  # noqa: E402
 from rwkv5.eval.lm_eval_adapter import RWKV5LM  # noqa: E402
 from tests.support.byte_tokenizer import ByteTokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
-LAMBADA = ROOT.parent / "shared" / "data" / "lambada_test.jsonl"
+LAMBADA = SHIPPED_LAMBADA
 CFG = ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=260)
 
 
@@ -43,7 +45,7 @@ def test_loglikelihood_equals_parallel_pass(lm):
     pairs = [("The quick brown", " fox jumps over"), ("The quick brown", " cat"), ("", "hello")]
     got = lm.loglikelihood([_req("loglikelihood", *p) for p in pairs], disable_tqdm=True)
     for (context, continuation), (ll, greedy) in zip(pairs, got):
-        ctx = tok.encode(context) if context else [0]
+        ctx = [0] + tok.encode(context)  # every context follows the end-of-document token
         cont = tok.encode(continuation)
         logp = _logprobs(lm.model, ctx + cont[:-1])[len(ctx) - 1 :]
         assert ll == pytest.approx(sum(float(logp[i, t]) for i, t in enumerate(cont)), rel=1e-5)
@@ -85,8 +87,46 @@ test_split: test
 """
 
 
+def test_lambada_numbers_equal_rwkv5_eval(lm, tmp_path):
+    """The same passages through lm-eval's loglikelihood requests and `rwkv5 eval`'s LAMBADA: same numbers."""
+    data = tmp_path / "lambada_slice.jsonl"
+    with open(LAMBADA, encoding="utf-8") as f:
+        data.write_text("".join(next(f) for _ in range(4)), encoding="utf-8")
+    pairs = read_lambada(data)
+    got = lm.loglikelihood([_req("loglikelihood", *p) for p in pairs], disable_tqdm=True)
+    ours = lambada_eval(lm.model, ByteTokenizer().encode, data, chunk_len=8)
+    assert math.exp(-sum(ll for ll, _ in got) / len(got)) == pytest.approx(ours.ppl, rel=1e-5)
+    assert sum(greedy for _, greedy in got) / len(got) == ours.accuracy
+
+
+def test_cuda_device_without_cuda_runs_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """lm-eval passes device="cuda:0" unless told otherwise; a machine without CUDA runs on the CPU."""
+    from rwkv5.checkpoint import save_checkpoint
+    from rwkv5.model import RWKV5
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(RWKV5(CFG), ckpt)
+    lm = RWKV5LM(checkpoint=str(ckpt), tokenizer=ByteTokenizer(), device="cuda:0")
+    assert lm.device.type == "cpu"
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "running on the CPU" in warning[0]
+
+
+def test_cli_failure_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "rwkv5.eval.lm_eval_adapter", "--model", "rwkv5", "--model_args",
+         f"checkpoint={tmp_path / 'absent.safetensors'}", "--tasks", "lambada_openai", "--device", "cpu"],
+        env=os.environ | {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}, cwd=ROOT, capture_output=True,
+        text=True, timeout=600,
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    assert line.startswith("rwkv5-lm-eval: error: CheckpointError:") and "absent.safetensors" in line
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not LAMBADA.is_file(), reason=f"{LAMBADA} absent (project reference data)")
 def test_cli_wrapper_runs_local_tasks_on_a_tiny_checkpoint(tmp_path):
     """`python -m rwkv5.eval.lm_eval_adapter --model rwkv5 ...` (= `rwkv5-lm-eval`) on three local task files."""
     from rwkv5.checkpoint import save_checkpoint

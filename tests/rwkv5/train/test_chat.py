@@ -21,8 +21,7 @@ from rwkv5.train.chat import (
 from rwkv5.model import l2wrap, lm_loss
 from tests.support.byte_tokenizer import ByteTokenizer
 
-SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-DEMO = SHARED_DATA / "rwkv-lm-demo.jsonl"
+DEMO = Path(__file__).resolve().parents[2] / "data" / "rwkv-lm-demo.jsonl"  # tests/data/README.md: origin
 # A small vocabulary keeps the head cheap; 260 covers the byte-level stand-in tokenizer below.
 CFG = ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=260)
 
@@ -138,7 +137,6 @@ def test_read_chat_jsonl_names_the_bad_line(tmp_path):
         encode_chat_samples([{"text": "User: only a question"}], ByteTokenizer().encode)
 
 
-@pytest.mark.skipif(not DEMO.is_file(), reason=f"{DEMO} absent (reference data of the project checkout)")
 def test_finetune_on_demo_chat_lowers_assistant_loss(random_model):
     tok = ByteTokenizer()
     # The four samples whose answer starts earliest (byte tokens make prompts long).

@@ -15,8 +15,7 @@ from rwkv5.model import RWKV5
 from rwkv5.train.callbacks import Callback
 from rwkv5.train.config import BatchConfig
 
-SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-DEMO = SHARED_DATA / "rwkv-lm-demo.jsonl"
+DEMO = Path(__file__).resolve().parents[2] / "data" / "rwkv-lm-demo.jsonl"  # tests/data/README.md: origin
 
 
 class Record(Callback):
@@ -53,7 +52,6 @@ def test_chat_batches_pad_with_masked_positions():
     assert mb.mask[short].tolist() == [1, 0, 0, 0]  # only the real target counts
 
 
-@pytest.mark.skipif(not DEMO.is_file(), reason=f"{DEMO} absent (project reference data)")
 def test_finetune_under_deepspeed_from_a_base_checkpoint(tmp_path, random_model):
     pytest.importorskip("deepspeed")
     from rwkv5.checkpoint import read_checkpoint, save_checkpoint
