@@ -32,7 +32,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from data_prep.errors import DownloadError, SourceError
-from data_prep.source import MANIFEST_FORMAT, MANIFEST_NAME, FetchFailed, RemoteFile, Selection, Source
+from data_prep.source import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    FetchFailed,
+    RemoteFile,
+    Selection,
+    Source,
+    redact_url,
+)
 
 __all__ = ["DownloadSummary", "Manifest", "RetryPolicy", "download", "file_digests"]
 
@@ -166,7 +174,7 @@ class Manifest:
             if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
                 raise SourceError(f"{path}: not a download manifest (format {MANIFEST_FORMAT!r} expected)")
             if _source_identity(data.get("source", {})) != _source_identity(source):
-                raise SourceError(f"{path.parent}: holds files of {data.get('source')}, not of {source}; "
+                raise SourceError(f"{path.parent}: holds files of {redact_url(data.get('source'))}, not of {source}; "
                                   "download into another folder")
             root = path.parent
             # Entries whose file was deleted since are not local any more.

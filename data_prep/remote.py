@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 from data_prep.atomic import TEMP_MARK, atomic_write_bytes
 from data_prep.errors import ShardError, SourceError
 from data_prep.shards import MANIFEST_NAME, OpenShard, ShardInfo, file_sha256, open_shard, read_manifest
+from data_prep.source import redact_url
 
 __all__ = [
     "CACHE_BYTES_ENV",
@@ -70,7 +71,8 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     try:
         fs, path = fsspec.core.url_to_fs(uri)
     except (ImportError, ValueError) as exc:
-        raise SourceError(f"{uri}: no pyarrow or fsspec filesystem for this scheme ({exc})") from None
+        raise SourceError(f"{redact_url(uri)}: no pyarrow or fsspec filesystem for this scheme "
+                          f"({redact_url(exc)})") from None
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
@@ -188,9 +190,9 @@ class RemoteDataset:
             with self.fs.open_input_stream(src) as remote:
                 data = remote.read()
         except FileNotFoundError:
-            raise ShardError(f"{self.uri}/{MANIFEST_NAME}: no dataset manifest in the store") from None
+            raise ShardError(f"{redact_url(self.uri)}/{MANIFEST_NAME}: no dataset manifest in the store") from None
         except OSError as exc:
-            raise ShardError(f"{self.uri}/{MANIFEST_NAME}: unreadable: {exc}") from None
+            raise ShardError(f"{redact_url(self.uri)}/{MANIFEST_NAME}: unreadable: {redact_url(exc)}") from None
         atomic_write_bytes(self.local_root / MANIFEST_NAME, data)
 
     def shard_path(self, info: ShardInfo) -> Path:

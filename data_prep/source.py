@@ -14,6 +14,7 @@ import email.utils
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import re
 import time
@@ -36,6 +37,7 @@ __all__ = [
     "Selection",
     "Source",
     "open_source",
+    "redact_url",
 ]
 
 DEFAULT_REPO_ID = "cerebras/SlimPajama-627B"
@@ -164,6 +166,39 @@ class Source(Protocol):
         """What the manifest records about the source (never a credential)."""
 
 
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s@]*@")
+
+
+def redact_url(text: str) -> str:
+    """`text` with the userinfo of every URL in it removed (`http://user:token@host/x` -> `http://host/x`).
+
+    Applied to every URL this package stores or logs: an endpoint such as `HF_ENDPOINT=http://user:token@host`
+    carries a credential that must not reach a manifest, a log line or a summary."""
+    return _USERINFO.sub(r"\g<scheme>", str(text))
+
+
+# Loggers of the HTTP stack that put request URLs, userinfo included, into their messages.
+_URL_LOGGERS = ("httpx2", "httpx", "huggingface_hub", "huggingface_hub.utils._http", "huggingface_hub.file_download")
+
+
+class _RedactUrls(logging.Filter):
+    """Rewrites a record's message without URL userinfo; installed on `_URL_LOGGERS` once an endpoint has some."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_url(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+def _redact_http_logs() -> None:
+    for name in _URL_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _RedactUrls) for f in logger.filters):
+            logger.addFilter(_RedactUrls())
+
+
 def _check_relative(path: str, where: str) -> str:
     parts = path.split("/")
     if not path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
@@ -217,20 +252,22 @@ class HubSource:
         self.revision = revision
         self.repo_type = repo_type
         self.endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+        if redact_url(self.endpoint) != self.endpoint:
+            _redact_http_logs()  # the HTTP client logs each request's URL, credential included
         self._token = token if token is not None else get_token()
         self._api = HfApi(endpoint=self.endpoint, token=self._token or False)
         self._commit: str | None = None
         self._timeout = timeout
 
     def __repr__(self) -> str:
-        return f"HubSource({self.repo_id!r}, revision={self.revision!r}, endpoint={self.endpoint!r})"
+        return f"HubSource({self.repo_id!r}, revision={self.revision!r}, endpoint={redact_url(self.endpoint)!r})"
 
     def describe(self) -> dict:
         return {"kind": "hub", "repo_id": self.repo_id, "repo_type": self.repo_type, "revision": self.revision,
-                "commit": self._commit, "endpoint": self.endpoint}
+                "commit": self._commit, "endpoint": redact_url(self.endpoint)}
 
     def _where(self) -> str:
-        return f"{self.endpoint} {self.repo_type} {self.repo_id}@{self.revision}"
+        return f"{redact_url(self.endpoint)} {self.repo_type} {self.repo_id}@{self.revision}"
 
     def _listing_error(self, exc: Exception, what: str) -> SourceError | FetchFailed:
         """A listing error as a message that says what to do, without the token.
@@ -255,7 +292,7 @@ class HubSource:
             detail = f"HTTP {status} ({server_says}) from {response.url}"
         else:
             detail = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-        message = f"{self._where()}: {what} failed: {detail}"
+        message = f"{self._where()}: {what} failed: {redact_url(detail)}"
         if status in (408, 429) or (status or 0) >= 500 or isinstance(exc, httpx2.TransportError):
             retry_after = _retry_after(response.headers) if response is not None else None
             return FetchFailed(message, retryable=True, retry_after=retry_after)
@@ -318,7 +355,7 @@ class HubSource:
                                       timeout=httpx2.Timeout(timeout[1], connect=timeout[0])) as response:
                 status = response.status_code
                 if status >= 400:
-                    on_hub = str(response.url).startswith(self.endpoint + "/")
+                    on_hub = redact_url(response.url).startswith(redact_url(self.endpoint) + "/")
                     message = f"{file.path}: HTTP {status} from {'the Hub' if on_hub else response.url.host}"
                     if status in (401, 403) and on_hub:
                         sent = "a token was sent but is not allowed" if self._token else "no token was sent"
@@ -336,7 +373,7 @@ class HubSource:
                     out.write(chunk)
                     on_bytes(len(chunk))
         except httpx2.TransportError as exc:  # timeouts, resets, bodies shorter than Content-Length
-            raise FetchFailed(f"{file.path}: {type(exc).__name__}: {exc}", retryable=True) from None
+            raise FetchFailed(f"{file.path}: {type(exc).__name__}: {redact_url(exc)}", retryable=True) from None
 
 
 class LocalSource:
@@ -357,14 +394,14 @@ class LocalSource:
         self._fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         self._root = root.rstrip("/") or "/"
         if not self._fs.isdir(self._root):
-            raise SourceError(f"source {self.url}: not a directory")
+            raise SourceError(f"source {redact_url(self.url)}: not a directory")
 
     def __repr__(self) -> str:
-        return f"LocalSource({self.url!r})"
+        return f"LocalSource({redact_url(self.url)!r})"
 
     def describe(self) -> dict:
         # Normalized (`file:///abs/path`), so the same folder is recognized however it was typed.
-        return {"kind": "local", "url": self._fs.unstrip_protocol(self._root)}
+        return {"kind": "local", "url": redact_url(self._fs.unstrip_protocol(self._root))}
 
     def resolve(self) -> None:
         return None
@@ -376,7 +413,7 @@ class LocalSource:
         try:
             manifest = json.loads(self._fs.cat_file(path))
         except (OSError, ValueError) as exc:
-            raise SourceError(f"source {self.url}: unreadable {MANIFEST_NAME}: {exc}") from None
+            raise SourceError(f"source {redact_url(self.url)}: unreadable {MANIFEST_NAME}: {exc}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             return {}
         return manifest.get("files", {})
@@ -387,9 +424,10 @@ class LocalSource:
         for prefix in selection.prefixes():
             base = f"{self._root}/{prefix}" if prefix else self._root
             if prefix and not self._fs.isdir(base):
-                raise SourceError(f"source {self.url}: no folder {prefix!r} (check the split/chunk selection)")
+                raise SourceError(f"source {redact_url(self.url)}: no folder {prefix!r} "
+                                  "(check the split/chunk selection)")
             for full, info in self._fs.find(base, detail=True, withdirs=False).items():
-                path = _check_relative(full[len(self._root):].lstrip("/"), f"source {self.url}")
+                path = _check_relative(full[len(self._root):].lstrip("/"), f"source {redact_url(self.url)}")
                 if path == MANIFEST_NAME or any(part.startswith(".") for part in path.split("/")):
                     continue  # our own bookkeeping (manifest, `.incomplete/` partial files) is not data
                 known = checksums.get(path, {})
@@ -406,7 +444,7 @@ class LocalSource:
                     out.write(chunk)
                     on_bytes(len(chunk))
         except FileNotFoundError:
-            raise FetchFailed(f"{file.path}: no longer in {self.url}", retryable=False) from None
+            raise FetchFailed(f"{file.path}: no longer in {redact_url(self.url)}", retryable=False) from None
         except OSError as exc:
             raise FetchFailed(f"{file.path}: {type(exc).__name__}: {exc}", retryable=True) from None
 

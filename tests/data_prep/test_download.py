@@ -301,6 +301,29 @@ def test_token_is_required_sent_and_never_written(served: HubStandIn, tmp_path: 
     assert not any(secret in text for text in written)
 
 
+def test_endpoint_credential_is_never_stored_or_logged(served: HubStandIn, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       caplog: pytest.LogCaptureFixture,
+                                                       capfd: pytest.CaptureFixture) -> None:
+    # Issue 18, bug 4: HF_ENDPOINT=http://user:token@host put the token into the download manifest.
+    secret = "EndpointSecret0123456789"
+    monkeypatch.setenv("HF_ENDPOINT", served.url.replace("://", f"://user:{secret}@"))
+    caplog.set_level(logging.DEBUG)
+    served.inject(Fault("status", status=500, routes=("tree",), methods=("GET",)),
+                  Fault("status", status=503, times=2))  # listing and file errors log messages with URLs
+    out = tmp_path / "raw"
+    summary = download(_source(), out, workers=2, retry=FAST, progress=True)
+    assert summary.downloaded == 8 and summary.retries >= 2
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["source"]["endpoint"] == served.url
+
+    captured = capfd.readouterr()
+    written = [caplog.text, captured.out, captured.err, (out / MANIFEST_NAME).read_text(),
+               json.dumps(summary.to_dict()), summary.markdown(), repr(_source())]
+    assert "500" in caplog.text  # the listing error was logged
+    assert not any(secret in text for text in written)
+
+
 def test_local_folder_source(slim_dir: Path, tmp_path: Path) -> None:
     sel = Selection(splits=("train",))
     first = download(LocalSource(slim_dir), tmp_path / "a", sel, progress=False)
