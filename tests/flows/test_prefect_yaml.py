@@ -35,13 +35,18 @@ def test_every_deployment_points_at_a_flow_with_parameters_it_takes(deployments)
         assert not unknown, (name, unknown)
 
 
-def test_tiny_is_complete_and_7b_needs_a_run_name(deployments):
-    for name, given in (("tiny", True), ("7b", False)):
+def test_pretrain_deployments_run_as_typed_with_a_default_run_name(deployments):
+    """`prefect deployment run pretrain/7b` needs no -p: the default name is the reference run, and a re-run of
+    the same name resumes it (the flow passes resume=True when the run has checkpoints)."""
+    for name in ("tiny", "7b"):
         sig = _signature(deployments[name])
         required = {p for p, v in sig.parameters.items() if v.default is inspect.Parameter.empty}
         assert required == {"run_name"}
-        assert ("run_name" in deployments[name]["parameters"]) is given
+        assert deployments[name]["parameters"]["run_name"], name
+    assert deployments["7b"]["parameters"]["run_name"] != deployments["tiny"]["parameters"]["run_name"]
     assert deployments["tiny"]["parameters"]["finetune_workers"] == 0  # in-process fine-tunes on the demo
+    src = inspect.getsource(pretrain.fn)
+    assert "preflight_stage(" in src and src.index("preflight_stage(") < src.index("download_stage(")
 
 
 def test_milestone_deployment_is_triggered_in_order_by_the_event(deployments):
