@@ -42,12 +42,16 @@ class PrefectMilestoneEvents(Callback):
         finetune_workers (int): Ray Train workers for the milestone's fine-tune, 0 = in the milestone flow's
             own process; sent in the payload, so one milestone deployment serves runs of every size.
         gpus_per_worker (int): GPUs of each of those workers.
+        lambada (str): the LAMBADA file the milestone evaluation scores ("shipped", a path or an fsspec URL;
+            "" for none), and eval_limit (int) the validation windows and passages it scores; also in the payload.
     """
 
     run_name: str = ""
     checkpoint_uri_prefix: str = "file://"
     finetune_workers: int = 1
     gpus_per_worker: int = 0
+    lambada: str = ""
+    eval_limit: int = 64
 
     def on_milestone(self, info: MilestoneInfo) -> None:
         if self.ctx.rank != 0:
@@ -68,6 +72,8 @@ class PrefectMilestoneEvents(Callback):
                 "checkpoint_uri": f"{self.checkpoint_uri_prefix}{info.path}",
                 "finetune_workers": self.finetune_workers,
                 "gpus_per_worker": self.gpus_per_worker,
+                "lambada": self.lambada,
+                "eval_limit": self.eval_limit,
             },
             id=milestone_event_id(self.run_name, percent),
         )

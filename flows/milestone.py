@@ -110,8 +110,9 @@ def milestone(
         finetune_max_len: longest chat sample kept, in tokens (longer ones are processed in segments).
         finetune_workers, gpus_per_worker: Ray Train workers of the fine-tune and GPUs each; 0 workers
             fine-tunes in this process. The pretraining event sends both.
-        lambada: LAMBADA JSONL (a path or fsspec URL, e.g.
-            hf://datasets/EleutherAI/lambada_openai/lambada_test_en.jsonl). Default: no LAMBADA score.
+        lambada: LAMBADA JSONL: "shipped" (the package's copy), a path or an fsspec URL (e.g.
+            `rwkv5.eval.lambada.HUB_LAMBADA`); the pretraining event sends it, "" for none. Default: no LAMBADA
+            score.
         eval_ctx_len: validation window length.
         eval_limit: validation windows and LAMBADA passages scored (the first ones).
         release_to: where releases go: a folder or fsspec URL (one sub-folder per milestone) or a Hub repo
@@ -123,7 +124,7 @@ def milestone(
 
     layout = Layout.default(state_dir)
     settings = _Settings(data_source, chat_data, finetune_steps, finetune_lr, finetune_max_len, finetune_workers,
-                         gpus_per_worker, lambada, eval_ctx_len, eval_limit, release_to)
+                         gpus_per_worker, lambada or None, eval_ctx_len, eval_limit, release_to)
     table = MilestoneTable(layout.milestone_results(run))
     own = {"percent": percent, "step": step, "tokens_seen": tokens_seen,
            "path": checkpoint_uri.removeprefix("file://")}

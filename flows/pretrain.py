@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, update_progress_artifact
 
 from flows.artifacts import publish_loss_curve, run_dashboard
 from flows.events import PrefectMilestoneEvents, PrefectProgress, budget_percent
@@ -22,18 +22,6 @@ __all__ = ["pretrain", "SAMPLE_SOURCE", "HUB_SOURCE"]
 SAMPLE_SOURCE = "sample"
 """Build the offline SlimPajama-format sample and use it as the source (the embedded demo)."""
 HUB_SOURCE = "cerebras/SlimPajama-627B"
-
-
-@task(name="preflight")
-def preflight_stage(run_name: str, needs: dict) -> list[dict]:
-    """Cluster GPUs, shared paths, disk, Hub access, CUDA kernel: one line per failure, before any download."""
-    from rwkv5.train.preflight import RunNeeds, run_preflight
-
-    report = run_preflight(RunNeeds(**needs))
-    create_table_artifact(key=artifact_key("preflight", run_name), table=report.rows(),
-                          description=f"{run_name}: preflight checks")
-    report.raise_if_failed()
-    return report.rows()
 
 
 @task(name="build-sample", retries=1)
@@ -70,7 +58,8 @@ def tokenize_stage(src_dir: str, out_dir: str, workers: int) -> dict:
 
 @task(name="pretrain", retries=2, retry_delay_seconds=10)
 def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, workers: int, gpus_per_worker: int,
-                   token_budget: int | None, finetune_workers: int = 1) -> dict:
+                   token_budget: int | None, finetune_workers: int = 1, lambada: str = "",
+                   eval_limit: int = 64) -> dict:
     """Train (or resume) the run; milestone events, the budget bar and the trace come from its callbacks."""
     from rwkv5.train import run_preset, with_overrides
     from rwkv5.train.callbacks import TraceCallback
@@ -85,7 +74,8 @@ def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, work
     get_run_logger().info("pretrain %s (%s preset, %d steps), resume=%s", run_name, preset, config.total_steps, resume)
     trace = Path(storage) / run_name / "trace.jsonl"
     callbacks = [PrefectMilestoneEvents(run_name=run_name, finetune_workers=finetune_workers,
-                                        gpus_per_worker=gpus_per_worker),
+                                        gpus_per_worker=gpus_per_worker, lambada=lambada or "",
+                                        eval_limit=eval_limit),
                  PrefectProgress(artifact_id=progress_id), TraceCallback(trace)]
     metrics = run_training(config, run_name, data_dir, storage, workers=workers, gpus_per_worker=gpus_per_worker,
                            resume=resume, callbacks=callbacks)
@@ -109,6 +99,8 @@ def pretrain(
     tokenize_workers: int = 0,
     token_budget: int | None = None,
     finetune_workers: int = 1,
+    lambada: str | None = None,
+    eval_limit: int = 64,
     state_dir: str | None = None,
 ) -> dict:
     """Pretrain `preset` on `source` as run `run_name` (the resume key).
@@ -126,18 +118,18 @@ def pretrain(
         token_budget: override the preset's token budget.
         finetune_workers: Ray Train workers of each milestone fine-tune (with `gpus_per_worker` GPUs each);
             0 fine-tunes in the milestone flow's own process (the CPU demo: no worker start-up per milestone).
+        lambada: LAMBADA file each milestone is scored on: "shipped" (the package's copy), a path or an fsspec
+            URL (prefect.yaml: `tiny` the shipped copy, `7b` the Hub's). Default: none. Sent in the milestone event,
+            as is `eval_limit`.
+        eval_limit: validation windows and LAMBADA passages each milestone evaluation scores (the first ones).
         state_dir: where data, checkpoints and releases live. Default: $RWKV5_HOME or ./.state.
     """
     layout = Layout.default(state_dir)
     name = "sample" if source == SAMPLE_SOURCE else source
     raw = str(layout.source_dir(name))
-    preflight_stage(run_name, {"workers": workers, "gpus_per_worker": gpus_per_worker, "source": source,
-                               "storage": str(layout.checkpoints), "data_dir": str(layout.root / "data"),
-                               "state_dir": str(layout.root), "revision": revision, "splits": tuple(splits),
-                               "fraction": fraction})
     if source == SAMPLE_SOURCE:
         source = build_sample_stage(str(layout.source_dir("sample-build")))
     download_stage(source, raw, splits, fraction, revision)
     tokenize_stage(raw, str(layout.tokens_dir(name)), tokenize_workers)
     return pretrain_stage(run_name, preset, str(layout.tokens_dir(name) / "train"), str(layout.checkpoints),
-                          workers, gpus_per_worker, token_budget, finetune_workers)
+                          workers, gpus_per_worker, token_budget, finetune_workers, lambada or "", eval_limit)

@@ -137,3 +137,20 @@ def test_cli_eval_needs_something_to_do(tmp_path):
 
     result = CliRunner().invoke(app, ["eval", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 1 and "--lambada" in result.stderr
+
+
+def test_deployments_score_lambada():
+    """`tiny` milestones score the shipped LAMBADA (a few passages), `7b` the Hub's copy; the milestone event
+    carries both settings to the `auto` deployment."""
+    import yaml
+
+    from rwkv5.eval.lambada import HUB_LAMBADA
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[3] / "prefect.yaml").read_text())
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    tiny, big = deployments["tiny"]["parameters"], deployments["7b"]["parameters"]
+    assert tiny["lambada"] == "shipped" and tiny["eval_limit"] <= 32
+    assert big["lambada"] == HUB_LAMBADA and "eval_limit" not in big
+    (trigger,) = deployments["auto"]["triggers"]
+    assert trigger["parameters"]["lambada"] == "{{ event.payload.lambada }}"
+    assert trigger["parameters"]["eval_limit"] == "{{ event.payload.eval_limit }}"
