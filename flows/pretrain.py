@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, update_progress_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact, update_progress_artifact
 
 from flows.artifacts import publish_loss_curve, run_dashboard
 from flows.events import PrefectMilestoneEvents, PrefectProgress, budget_percent
@@ -22,6 +22,18 @@ __all__ = ["pretrain", "SAMPLE_SOURCE", "HUB_SOURCE"]
 SAMPLE_SOURCE = "sample"
 """Build the offline SlimPajama-format sample and use it as the source (the embedded demo)."""
 HUB_SOURCE = "cerebras/SlimPajama-627B"
+
+
+@task(name="preflight")
+def preflight_stage(run_name: str, needs: dict) -> list[dict]:
+    """Cluster GPUs, shared paths, disk, Hub access, CUDA kernel: one line per failure, before any download."""
+    from rwkv5.train.preflight import RunNeeds, run_preflight
+
+    report = run_preflight(RunNeeds(**needs))
+    create_table_artifact(key=artifact_key("preflight", run_name), table=report.rows(),
+                          description=f"{run_name}: preflight checks")
+    report.raise_if_failed()
+    return report.rows()
 
 
 @task(name="build-sample", retries=1)
@@ -127,6 +139,10 @@ def pretrain(
     layout = Layout.default(state_dir)
     name = "sample" if source == SAMPLE_SOURCE else source
     raw = str(layout.source_dir(name))
+    preflight_stage(run_name, {"workers": workers, "gpus_per_worker": gpus_per_worker, "source": source,
+                               "storage": str(layout.checkpoints), "data_dir": str(layout.root / "data"),
+                               "state_dir": str(layout.root), "revision": revision, "splits": tuple(splits),
+                               "fraction": fraction})
     if source == SAMPLE_SOURCE:
         source = build_sample_stage(str(layout.source_dir("sample-build")))
     download_stage(source, raw, splits, fraction, revision)
