@@ -12,6 +12,8 @@ Guarantees:
   resumes partial files with a Range request.
 - 429 (honouring `Retry-After`), 5xx, timeouts and bodies cut short are retried with exponential backoff and
   jitter; files still failing are reported together after all others are done, and the manifest is written.
+- A listed name that cannot be a local file (a control character such as NUL, a component longer than the file
+  system allows) fails that file before any byte is fetched, with a one-line reason; the others still complete.
 - `manifest.json` (format `MANIFEST_FORMAT`) lists what is local: path, size, sha256, what it was checked
   against. Written atomically, every few seconds and at the end. It never holds a credential.
 """
@@ -47,6 +49,7 @@ __all__ = ["DownloadSummary", "Manifest", "RetryPolicy", "download", "file_diges
 logger = logging.getLogger(__name__)
 
 _PARTIAL_DIR = ".incomplete"
+_PART_SUFFIX = ".part"
 _CHUNK = 1 << 20
 
 
@@ -127,7 +130,8 @@ class DownloadSummary:
                 ("time", f"{self.seconds:.1f} s ({rate:.1f} MiB/s)")]
         text = "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
         if self.failures:
-            text += "\nFailed files:\n" + "".join(f"- `{p}`: {why}\n" for p, why in sorted(self.failures.items()))
+            text += "\nFailed files:\n" + "".join(f"- `{_shown(p)}`: {why}\n"
+                                                 for p, why in sorted(self.failures.items()))
         return text
 
 
@@ -144,6 +148,30 @@ def file_digests(path: Path, size: int | None = None, git_oid: bool = False) -> 
             if git is not None:
                 git.update(chunk)
     return sha.hexdigest(), git.hexdigest() if git is not None else None
+
+
+def _unsafe_name(path: str, name_max: int) -> str | None:
+    """Why `path` cannot be a local file name (a control character, a component too long), or None.
+
+    Checked against the limit of the destination's file system, the `.part` suffix of the partial file
+    included, so such a file fails with this reason before any byte is fetched instead of crashing `open`."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
+        return "its name holds a control character (NUL, newline, ...), which no local file name may hold"
+    for part in path.split("/"):
+        try:
+            size = len(part.encode("utf-8"))
+        except UnicodeEncodeError:
+            return "its name is not valid UTF-8"
+        if size + len(_PART_SUFFIX) > name_max:
+            return (f"its name has a {size}-byte component; the local file system allows "
+                    f"{name_max - len(_PART_SUFFIX)} (its limit of {name_max} less {_PART_SUFFIX!r})")
+    return None
+
+
+def _shown(path: str, limit: int = 120) -> str:
+    """`path` fit for a one-line message: control characters escaped, a very long name shortened."""
+    text = path if path.isprintable() else ascii(path)[1:-1]
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]} ({len(text)} characters)"
 
 
 def _source_identity(described: dict) -> tuple:
@@ -315,7 +343,7 @@ class _Run:
         return sha256, None, "size"
 
     def _fetch_verified(self, file: RemoteFile, dest: Path) -> tuple[str, str]:
-        part = self.out / _PARTIAL_DIR / f"{file.path}.part"
+        part = self.out / _PARTIAL_DIR / f"{file.path}{_PART_SUFFIX}"
         part.parent.mkdir(parents=True, exist_ok=True)
         timeout = (self.retry.connect_timeout, self.retry.read_timeout)
         attempt = 0
@@ -425,8 +453,17 @@ def download(
     summary = DownloadSummary(source=source.describe(), out_dir=str(out), manifest=str(manifest.path),
                               selected=len(files), bytes_selected=sum(f.size for f in files))
     todo = []
+    try:
+        name_max = os.pathconf(out, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
     for file in files:
-        if not verify_existing and manifest.is_verified(file, out / file.path):
+        problem = _unsafe_name(file.path, name_max)
+        if problem is not None:  # counted as failed now; every other file is still fetched
+            logger.error("%s: %s; not downloaded", _shown(file.path), problem)
+            summary.failed += 1
+            summary.failures[file.path] = problem
+        elif not verify_existing and manifest.is_verified(file, out / file.path):
             summary.skipped += 1
         else:
             todo.append(file)
@@ -461,7 +498,7 @@ def download(
                 summary.downloaded, summary.adopted, summary.skipped, summary.failed,
                 summary.bytes_received / 2**20, summary.seconds)
     if strict and summary.failures:
-        listed = "; ".join(f"{p}: {why}" for p, why in sorted(summary.failures.items())[:10])
+        listed = "; ".join(f"{_shown(p)}: {why}" for p, why in sorted(summary.failures.items())[:10])
         more = f" (and {summary.failed - 10} more)" if summary.failed > 10 else ""
         raise DownloadError(f"{summary.failed} of {summary.selected} files failed verification or download "
                             f"into {out}: {listed}{more}. Re-run to retry only these.", summary)

@@ -359,6 +359,30 @@ def test_local_folder_source(slim_dir: Path, tmp_path: Path) -> None:
         download(_source_for_other_folder(tmp_path), tmp_path / "a", sel, progress=False)
 
 
+class _OddNames(LocalSource):
+    """A folder source whose listing also holds names no local file system takes (a Hub repo can list them)."""
+
+    ODD = ["train/chunk1/nul\x00name.jsonl.zst", "train/chunk1/" + "n" * 300 + ".jsonl.zst"]
+
+    def list(self, selection: Selection) -> list[RemoteFile]:
+        return super().list(selection) + [RemoteFile(path, 10) for path in self.ODD]
+
+
+def test_odd_remote_names_fail_in_one_line_and_the_rest_completes(slim_dir: Path, tmp_path: Path) -> None:
+    # Issue 18, bug 3: a NUL or a 300-byte name ended the run with a raw ValueError / OSError 36.
+    out = tmp_path / "raw"
+    with pytest.raises(DownloadError) as info:
+        download(_OddNames(slim_dir), out, retry=FAST, progress=False)
+    message = str(info.value)
+    assert "\n" not in message and "\x00" not in message
+    assert "nul\\x00name.jsonl.zst: its name holds a control character" in message
+    assert "310-byte component" in message and "n" * 300 not in message
+    summary = info.value.summary
+    assert summary.failed == 2 and summary.downloaded == 8 and set(summary.failures) == set(_OddNames.ODD)
+    assert _data_files(out) == _data_files(slim_dir)
+    assert "\x00" not in summary.markdown()
+
+
 def _source_for_other_folder(tmp_path: Path) -> LocalSource:
     other = tmp_path / "other/train/chunk1"
     other.mkdir(parents=True)
