@@ -44,6 +44,8 @@ class PrefectMilestoneEvents(Callback):
         gpus_per_worker (int): GPUs of each of those workers.
         lambada (str): the LAMBADA file the milestone evaluation scores ("shipped", a path or an fsspec URL;
             "" for none), and eval_limit (int) the validation windows and passages it scores; also in the payload.
+        data_source (str): the pretraining source ("sample", a Hub repo id, a folder): the milestone evaluates
+            its validation split and names it in the model card.
     """
 
     run_name: str = ""
@@ -52,6 +54,7 @@ class PrefectMilestoneEvents(Callback):
     gpus_per_worker: int = 0
     lambada: str = ""
     eval_limit: int = 64
+    data_source: str = "sample"
 
     def on_milestone(self, info: MilestoneInfo) -> None:
         if self.ctx.rank != 0:
@@ -74,6 +77,7 @@ class PrefectMilestoneEvents(Callback):
                 "gpus_per_worker": self.gpus_per_worker,
                 "lambada": self.lambada,
                 "eval_limit": self.eval_limit,
+                "data_source": self.data_source,
             },
             id=milestone_event_id(self.run_name, percent),
         )

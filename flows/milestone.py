@@ -104,7 +104,8 @@ def milestone(
         percent: the milestone, in percent of the token budget.
         step, tokens_seen: where pretraining was.
         checkpoint_uri: the consolidated bf16 milestone checkpoint.
-        data_source: source name whose tokenized validation split is evaluated.
+        data_source: the pretraining run's source (the event sends it): its tokenized validation split is
+            evaluated, and the model card names it as the data.
         chat_data: chat JSONL for the fine-tune. Default: a small set built from local docstrings.
         finetune_steps, finetune_lr: optimizer steps and peak learning rate of the fine-tune.
         finetune_max_len: longest chat sample kept, in tokens (longer ones are processed in segments).
@@ -138,7 +139,7 @@ def _release_milestone(layout: Layout, run: str, info: dict, settings: _Settings
     """Fine-tune, evaluate and release one milestone, then add its row to the milestone table."""
     from rwkv5.eval.evaluate import flat_metrics
     from rwkv5.eval.lambada import fetch_lambada
-    from rwkv5.release.milestones import milestone_row, release_tag, release_target
+    from rwkv5.release.milestones import data_description, milestone_row, release_tag, release_target
     from rwkv5.tracking import registry_name
     from rwkv5.train.trace import loss_history, read_trace
 
@@ -155,7 +156,8 @@ def _release_milestone(layout: Layout, run: str, info: dict, settings: _Settings
     card_evals = {variant: flat_metrics(report) for variant, report in evals.items()}
     card_evals["finetune"]["sft_loss_last"] = ft["last_loss"]
     target = release_target(settings.release_to, layout.releases(run), info["percent"])
-    meta = {"run": run, "percent": info["percent"], "step": info["step"], "tokens_seen": info["tokens_seen"]}
+    meta = {"run": run, "percent": info["percent"], "step": info["step"], "tokens_seen": info["tokens_seen"],
+            "data": data_description(settings.data_source, layout.tokens_dir(settings.data_source) / "train")}
     # The curve up to this milestone only: the release's inputs must not change while training goes on.
     history = loss_history(read_trace(layout.checkpoints / run / "trace.jsonl"), before_step=info["step"])
     url = release_stage(info["path"], ft["checkpoint"], target, name, card_evals, meta, history,

@@ -19,7 +19,30 @@ from pathlib import Path
 
 from data_prep.atomic import atomic_write_text
 
-__all__ = ["release_tag", "release_target", "MilestoneTable", "release_order", "milestone_row"]
+__all__ = ["release_tag", "release_target", "MilestoneTable", "release_order", "milestone_row", "data_description"]
+
+
+def data_description(source: str, train_dir: str | Path | None = None) -> str:
+    """The model card's "data" line: what the pretraining run actually read.
+
+    Args:
+        source: the pretrain flow's source: "sample" (the offline sample), a Hub repo id, or a folder/URL.
+        train_dir: the tokenized train split; when it has a manifest, its token and document counts are added.
+    """
+    if source == "sample":
+        text = ("the offline SlimPajama-format sample built from the Python standard library (data_prep.sample), "
+                "not SlimPajama-627B")
+    elif "://" in source or Path(source).is_absolute():
+        text = f"SlimPajama-layout files from {source}"
+    else:
+        text = f"{source} from the Hugging Face Hub"
+    if train_dir is not None and (Path(train_dir) / "manifest.json").is_file():
+        from data_prep.shards import read_manifest
+
+        manifest = read_manifest(train_dir)
+        text += (f"; train split: {manifest.tokens:,} tokens in {manifest.documents:,} documents from "
+                 f"{len(manifest.by_source)} sets")
+    return text
 
 
 def release_tag(percent: int) -> str:

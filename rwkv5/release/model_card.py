@@ -67,7 +67,7 @@ def model_card(
         ]),
         "## Training\n",
         f"- tokens seen: {_fmt(base.get('tokens_seen'))}\n",
-        f"- data: {base.get('data', 'SlimPajama (cerebras/SlimPajama-627B)')}\n",
+        f"- data: {base.get('data', 'not recorded')}\n",
     ]
     parts += [f"- {k}: {_fmt(v)}\n" for k, v in sorted(facts.items()) if k != "tokens_seen"]
     if ft is not None:

@@ -155,6 +155,8 @@ def _build(out: Path, checkpoints: Mapping[str, Path], vocab: Path, name: str, e
                 raise CheckpointError(f"{path}: the fine-tune's config differs from the base's ({cfg} vs {config})")
             config = cfg
             variants[variant] = {**meta, **extra_meta}
+            if variant == "finetune" and "step" in meta:  # its own steps; extra_meta's step is pretraining's
+                variants[variant].setdefault("finetune_steps", meta["step"])
             export_rwkv_pth(state_dict, stage / variant / "model.pth", torch.bfloat16)
             export_safetensors(state_dict, cfg, stage / variant, torch.bfloat16)
             del state_dict
