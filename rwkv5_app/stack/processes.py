@@ -112,6 +112,50 @@ def _kill_group(pid: int) -> None:
         pass
 
 
+def _processes() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process, read from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name (field 2) may hold spaces and parentheses: the fields we want follow its last ')'.
+            state, ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            found.append((int(stat.parent.name), state, int(ppid), int(group)))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return found
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a process of this group still runs (zombies, which nothing may reap in a container, do not)."""
+    return any(g == group and state != "Z" for _, state, _, g in _processes())
+
+
+def _descendants(pid: int) -> list[int]:
+    """Pids of every live process below `pid` (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for child, state, ppid, _ in _processes():
+        if state != "Z":
+            children.setdefault(ppid, []).append(child)
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo.extend(children.get(child, []))
+    return found
+
+
+def _flow_run_id(pid: int) -> str | None:
+    """The Prefect flow run a process runs (a process worker starts each with PREFECT__FLOW_RUN_ID set)."""
+    try:
+        entries = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for entry in entries:
+        if entry.startswith(b"PREFECT__FLOW_RUN_ID="):
+            return entry.split(b"=", 1)[1].decode()
+    return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -8,30 +8,36 @@ so at that moment every Running or Pending run of our local work pool is such an
 crashed after the dead worker started: killed with its worker, a run can still record "Crashed" on its way out
 ("aborted by Python system exit call"), and Prefect never retries a crashed run by itself. A run whose own
 process outlived the worker (the process worker starts each run in a session of its own) and still runs here is
-left alone. Scheduling the others again is safe because every stage is idempotent: download and tokenization
-skip finished files, pretraining resumes from its last checkpoint, and a milestone already released is not
-released again.
+left alone. `rwkv5 down` stops the worker with its runs and records their ids: whatever state stopping left
+them in (Running, Crashed, Failed, Cancelled), they are scheduled again unless they completed meanwhile.
+Scheduling the others again is safe because every stage is idempotent: download and tokenization skip finished
+files, pretraining resumes from its last checkpoint, and a milestone already released is not released again.
 
-    python -m rwkv5_app.stack.recovery local-process [SINCE]   # what `rwkv5 up` runs, with PREFECT_API_URL set
+    python -m rwkv5_app.stack.recovery local-process [SINCE|-] [RUN_ID ...]   # what `rwkv5 up` runs
 
-SINCE (ISO 8601) is when the dead worker started; without it crashed runs are left alone.
+SINCE (ISO 8601) is when the dead worker started; without it (`-`) crashed runs are left alone. RUN_IDs are the
+flow runs `down` interrupted. PREFECT_API_URL must be set.
 """
 
 from __future__ import annotations
 
 import sys
+import uuid
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
 __all__ = ["reschedule_orphaned_runs"]
 
 
-def reschedule_orphaned_runs(work_pool: str, crashed_since: datetime | None = None) -> list[str]:
-    """Crash, then reschedule, every Running or Pending flow run of `work_pool`, and every run that crashed at
-    or after `crashed_since`; returns their names."""
+def reschedule_orphaned_runs(work_pool: str, crashed_since: datetime | None = None,
+                             interrupted: Iterable[str] = ()) -> list[str]:
+    """Crash, then reschedule, every Running or Pending flow run of `work_pool`, every run that crashed at
+    or after `crashed_since`, and every run of `interrupted` (ids) that did not complete; returns their names."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
+        FlowRunFilterId,
         FlowRunFilterState,
         FlowRunFilterStateType,
         WorkPoolFilter,
@@ -41,17 +47,28 @@ def reschedule_orphaned_runs(work_pool: str, crashed_since: datetime | None = No
     from prefect.states import Crashed, Scheduled
 
     types = [StateType.RUNNING, StateType.PENDING] + ([StateType.CRASHED] if crashed_since else [])
+    stopped = {str(uuid.UUID(run)) for run in interrupted}
     rescheduled = []
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=types))),
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[work_pool])),
         )
+        if stopped:
+            known = {str(run.id) for run in runs}
+            runs += [run for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[uuid.UUID(run) for run in sorted(stopped)]))) if str(run.id) not in known]
         alive = _flow_runs_alive_here()
         for run in runs:
             if str(run.id) in alive:
                 continue  # its process outlived the worker and is still running it: not an orphan
-            if run.state.type == StateType.CRASHED:
+            if str(run.id) in stopped:
+                if run.state is None or run.state.type in (StateType.COMPLETED, StateType.SCHEDULED):
+                    continue  # done meanwhile, or already waiting for a worker
+                if run.state.type in (StateType.RUNNING, StateType.PENDING, StateType.CANCELLING):
+                    client.set_flow_run_state(run.id, Crashed(message="stopped by `rwkv5 down`; rescheduled by "
+                                                              "`rwkv5 up`"), force=True)
+            elif run.state.type == StateType.CRASHED:
                 if run.state.timestamp < crashed_since:
                     continue  # crashed under an earlier worker: someone has seen it, not ours to retry
             else:
@@ -81,8 +98,8 @@ def _flow_runs_alive_here() -> set[str]:
 
 
 def main() -> None:
-    since = datetime.fromisoformat(sys.argv[2]) if len(sys.argv) > 2 else None
-    for name in reschedule_orphaned_runs(sys.argv[1], since):
+    since = datetime.fromisoformat(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2] != "-" else None
+    for name in reschedule_orphaned_runs(sys.argv[1], since, sys.argv[3:]):
         print(name)
 
 

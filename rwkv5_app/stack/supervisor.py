@@ -12,11 +12,15 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from data_prep.atomic import atomic_write_text
 from rwkv5_app.stack.processes import (
     START_ATTEMPTS,
     ServiceExitedError,
     _alive,
+    _descendants,
     _ensure_token,
+    _flow_run_id,
+    _group_alive,
     _healthy,
     _kill_group,
     _log_file,
@@ -44,12 +48,16 @@ def _prefect(cfg: StackConfig, env: dict[str, str], *args: str) -> subprocess.Co
     return subprocess.run([_bin("prefect"), *args], env=env, capture_output=True, text=True, cwd=os.getcwd())
 
 
-def _reschedule_orphans(env: dict[str, str], dead_worker_started: datetime | None) -> list[str]:
-    """No worker of ours is alive: runs it left Running, and runs that crashed since it started, are orphans
-    (`rwkv5_app.stack.recovery`); schedule them again."""
-    since = [dead_worker_started.isoformat()] if dead_worker_started else []
-    done = subprocess.run([sys.executable, "-m", "rwkv5_app.stack.recovery", WORK_POOL, *since], env=env,
-                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+_WORKER = "prefect-worker"
+
+
+def _reschedule_orphans(env: dict[str, str], dead_worker_started: datetime | None,
+                        interrupted: list[str]) -> list[str]:
+    """No worker of ours is alive: runs it left Running, runs that crashed since it started, and the runs `down`
+    interrupted are orphans (`rwkv5_app.stack.recovery`); schedule them again."""
+    since = dead_worker_started.isoformat() if dead_worker_started else "-"
+    done = subprocess.run([sys.executable, "-m", "rwkv5_app.stack.recovery", WORK_POOL, since, *interrupted],
+                          env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     if done.returncode != 0:
         raise RuntimeError(f"could not reschedule orphaned flow runs: {done.stderr.strip()[-2000:]}")
     return done.stdout.split()
@@ -87,7 +95,7 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
     result: dict[str, str] = {}
     for svc in services(cfg):
         try:
-            if svc.name == "prefect-worker":
+            if svc.name == _WORKER:
                 server_ok = not is_failure(result.get("prefect-server", ""))
                 result[svc.name] = _up_worker(cfg, svc, env, prefect_ok=server_ok)
             else:
@@ -127,7 +135,7 @@ def _up_service(cfg: StackConfig, svc: Service, env: dict[str, str], timeout: fl
 
 
 def _up_worker(cfg: StackConfig, svc: Service, env: dict[str, str], prefect_ok: bool) -> str:
-    """The process worker, after rescheduling the runs a dead worker of ours left Running."""
+    """The process worker, after rescheduling the runs a dead worker of ours left Running, or `down` stopped."""
     if _read_pid(cfg, svc.name) is not None:
         return "running"
     if not prefect_ok:
@@ -136,10 +144,15 @@ def _up_worker(cfg: StackConfig, svc: Service, env: dict[str, str], prefect_ok: 
     if created.returncode != 0 and "already exists" not in (created.stdout + created.stderr):
         raise RuntimeError(f"could not create work pool {WORK_POOL}: {created.stderr.strip()}")
     _limit_milestone_queue(cfg, env)
-    # The pid file of a dead worker of ours is still there: its time is when that worker started.
+    # The pid file of a dead worker of ours is still there: its time is when that worker started. After `down`,
+    # its marker says when the worker it stopped started and which flow runs that worker was running.
     stale = _pid_file(cfg, svc.name)
     started = datetime.fromtimestamp(stale.stat().st_mtime, timezone.utc) if stale.is_file() else None
-    orphans = _reschedule_orphans(env, started)
+    stopped_started, interrupted = _read_interrupted(cfg)
+    if stopped_started is not None:
+        started = min(started, stopped_started) if started is not None else stopped_started
+    orphans = _reschedule_orphans(env, started, interrupted)
+    _interrupted_file(cfg).unlink(missing_ok=True)
     _start(cfg, svc, env)
     return "started" + (f" (rescheduled {', '.join(orphans)})" if orphans else "")
 
@@ -165,25 +178,85 @@ def point_prefect_profile(cfg: StackConfig) -> str:
     return found.group(1) if found else "active"
 
 
+def _interrupted_file(cfg: StackConfig) -> Path:
+    return cfg.state_dir / "run" / f"{_WORKER}.interrupted.json"
+
+
+def _read_interrupted(cfg: StackConfig) -> tuple[datetime | None, list[str]]:
+    """(when the worker `down` stopped had started, ids of the flow runs it was running), or (None, [])."""
+    path = _interrupted_file(cfg)
+    try:
+        data = json.loads(path.read_text())
+        return datetime.fromisoformat(data["worker_started"]), [str(run) for run in data["flow_runs"]]
+    except FileNotFoundError:
+        return None, []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RuntimeError(f"{path}: unreadable record of the runs `rwkv5 down` interrupted ({exc}); "
+                           "reschedule them by hand and delete it") from None
+
+
+def _mark_interrupted(cfg: StackConfig, pid: int | None) -> list[int]:
+    """Before the worker is stopped: record when it started and the flow runs it is running, so the next `up`
+    schedules them again (`down` removes the pid file, whose time `up` would otherwise go by). Returns the
+    process groups of those runs: the process worker starts each run in a session of its own, so stopping
+    the worker's group would leave them running against a stack that is going away."""
+    pid_file = _pid_file(cfg, _WORKER)
+    if not pid_file.is_file():
+        return []
+    started = datetime.fromtimestamp(pid_file.stat().st_mtime, timezone.utc)
+    runs: set[str] = set()
+    groups: set[int] = set()
+    for child in _descendants(pid) if pid is not None else []:
+        run = _flow_run_id(child)
+        if run is not None:
+            runs.add(run)
+        try:
+            groups.add(os.getpgid(child))
+        except ProcessLookupError:  # ended meanwhile
+            pass
+    groups.discard(pid)
+    # A second `down` before any `up` keeps what the first recorded.
+    try:
+        earlier, earlier_runs = _read_interrupted(cfg)
+    except RuntimeError:  # unreadable: what this `down` sees replaces it
+        earlier, earlier_runs = None, []
+    if earlier is not None:
+        started = min(started, earlier)
+        runs.update(earlier_runs)
+    atomic_write_text(_interrupted_file(cfg),
+                      json.dumps({"worker_started": started.isoformat(), "flow_runs": sorted(runs)}))
+    return sorted(groups)
+
+
 def down(cfg: StackConfig | None = None, timeout: float = 30.0) -> dict[str, str]:
-    """Stop the processes `up` started (by pid file), newest first; returns {service: state}."""
+    """Stop the processes `up` started (by pid file), newest first; returns {service: state}.
+
+    The worker goes with the flow runs it was running, and they are recorded so that the next `up` schedules
+    them again (they resume from their last checkpoint)."""
     cfg = cfg or StackConfig()
     result: dict[str, str] = {}
     for svc in reversed(services(cfg)):
         pid = _read_pid(cfg, svc.name)
+        runs = _mark_interrupted(cfg, pid) if svc.name == _WORKER else []
         if pid is None:
             _pid_file(cfg, svc.name).unlink(missing_ok=True)
             result[svc.name] = "not started by us"
             continue
-        try:
-            os.killpg(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        for group in [pid, *runs]:
+            try:
+                os.killpg(group, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and (_alive(pid) or any(map(_group_alive, runs))):
             time.sleep(0.2)
         if _alive(pid):
             os.killpg(pid, signal.SIGKILL)
+        for group in filter(_group_alive, runs):
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # ended meanwhile
+                pass
         _pid_file(cfg, svc.name).unlink(missing_ok=True)
         result[svc.name] = "stopped"
     return result

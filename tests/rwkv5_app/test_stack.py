@@ -4,7 +4,15 @@ what `up` started."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
 import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +90,54 @@ def test_services_do_not_inherit_a_distributed_rendezvous(cfg, monkeypatch):
     finally:
         stack.down(cfg)
     assert "rendezvous: []" in (cfg.state_dir / "logs" / "env.log").read_text()
+
+
+def test_down_stops_and_records_the_worker_runs_so_up_reschedules_them(cfg, monkeypatch):
+    """Issue 18, bug 6: `down` removed the worker's pid file, so the next `up` forgot the runs it had stopped.
+    A stand-in worker starts a "flow run" in a session of its own, as the process worker does."""
+    run_id = str(uuid.uuid4())
+    child = (f"import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; "
+             f"time.sleep(600)'], env={{**os.environ, 'PREFECT__FLOW_RUN_ID': '{run_id}'}}, "
+             "start_new_session=True); time.sleep(600)")
+    worker = Service("prefect-worker", [sys.executable, "-c", child], None, 0, "http://127.0.0.1:9/")
+    calls = []
+    monkeypatch.setattr(supervisor, "services", lambda _cfg: [worker])
+    monkeypatch.setattr(supervisor, "_prefect", lambda *a: subprocess.CompletedProcess(a, 0, "", ""))
+    monkeypatch.setattr(supervisor, "_limit_milestone_queue", lambda *a: None)
+    monkeypatch.setattr(supervisor, "_reschedule_orphans",
+                        lambda env, since, runs=(): calls.append((since, list(runs))) or [])
+    try:
+        try:
+            assert stack.up(cfg) == {"prefect-worker": "started"}
+            pid_file = cfg.state_dir / "run" / "prefect-worker.pid"
+            started = datetime.fromtimestamp(pid_file.stat().st_mtime, timezone.utc)
+            deadline = time.monotonic() + 60
+            while not _flow_run_processes(run_id):
+                assert time.monotonic() < deadline, "the stand-in flow run never started"
+                time.sleep(0.1)
+        finally:
+            assert stack.down(cfg, timeout=10) == {"prefect-worker": "stopped"}
+        assert not _flow_run_processes(run_id), "the flow run outlived `down`"
+        marker = cfg.state_dir / "run" / "prefect-worker.interrupted.json"
+        assert json.loads(marker.read_text())["flow_runs"] == [run_id]
+        try:
+            stack.up(cfg)
+        finally:
+            stack.down(cfg, timeout=10)
+        assert calls == [(None, []), (started, [run_id])]  # the stopped run, and when its worker started
+    finally:
+        for pid in _flow_run_processes(run_id):  # only if `down` left it behind
+            os.kill(pid, signal.SIGKILL)
+
+
+def _flow_run_processes(run_id: str) -> list[int]:
+    """Pids of the live processes that run flow run `run_id`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if (f"PREFECT__FLOW_RUN_ID={run_id}".encode() in (proc / "environ").read_bytes().split(b"\0")
+                    and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"):
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found
