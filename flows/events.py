@@ -13,12 +13,16 @@ from dataclasses import dataclass
 from rwkv5.train.callbacks import Callback, MilestoneInfo, StepInfo
 from rwkv5.train.milestones import percent_of
 
-__all__ = ["MILESTONE_EVENT", "milestone_event_id", "run_resource_id", "PrefectMilestoneEvents",
+__all__ = ["MILESTONE_EVENT", "PROGRESS_EVENT", "progress_line", "milestone_event_id", "run_resource_id",
+           "PrefectMilestoneEvents",
            "PrefectProgress", "budget_percent"]
 
 logger = logging.getLogger(__name__)
 
 MILESTONE_EVENT = "rwkv5.pretrain.milestone"
+PROGRESS_EVENT = "rwkv5.pretrain.progress"
+"""Emitted every `PrefectProgress.every_steps`; `prefect deployment run ... --watch` prints its resource name,
+which is the readable progress line (`progress_line`)."""
 _NAMESPACE = uuid.UUID("5b0f2a7e-8d0e-4c47-9a55-7f3c1f0a5e52")
 
 
@@ -90,12 +94,20 @@ def budget_percent(tokens_seen: int, token_budget: int) -> float:
     return min(100.0, 100.0 * tokens_seen / token_budget)
 
 
+def progress_line(run_name: str, info: StepInfo, total_steps: int, token_budget: int) -> str:
+    """`tiny-demo: step 40/200, 20% of the token budget, loss 6.812, 1.52 s/step`."""
+    return (f"{run_name}: step {info.step + 1}/{total_steps}, {budget_percent(info.tokens_seen, token_budget):.0f}% "
+            f"of the token budget, loss {info.loss:.3f}, {info.step_time_s:.2f} s/step")
+
+
 @dataclass
 class PrefectProgress(Callback):
-    """Updates the token-budget progress artifact in place (created by the flow, passed by id)."""
+    """Every `every_steps` steps: updates the token-budget progress artifact in place (created by the flow,
+    passed by id) and emits `PROGRESS_EVENT`, whose line the terminal watching the flow run shows."""
 
     artifact_id: str = ""
     every_steps: int = 10
+    run_name: str = ""
 
     def post_step(self, info: StepInfo, metrics: dict[str, float]) -> None:
         if self.ctx.rank != 0 or not self.artifact_id:
@@ -104,9 +116,15 @@ class PrefectProgress(Callback):
         if done % self.every_steps and done < self.ctx.config.total_steps:
             return
         from prefect.artifacts import update_progress_artifact
+        from prefect.events import emit_event
 
-        progress = budget_percent(info.tokens_seen, self.ctx.config.token_budget)
+        config = self.ctx.config
+        progress = budget_percent(info.tokens_seen, config.token_budget)
         try:
             update_progress_artifact(artifact_id=uuid.UUID(self.artifact_id), progress=progress)
+            if self.run_name:
+                line = progress_line(self.run_name, info, config.total_steps, config.token_budget)
+                emit_event(event=PROGRESS_EVENT, resource={"prefect.resource.id": run_resource_id(self.run_name),
+                                                           "prefect.resource.name": line})
         except Exception as exc:  # the dashboard must never stop training
-            logger.warning("progress artifact update failed: %s", exc)
+            logger.warning("progress update failed: %s", exc)

@@ -88,7 +88,7 @@ def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, work
     callbacks = [PrefectMilestoneEvents(run_name=run_name, finetune_workers=finetune_workers,
                                         gpus_per_worker=gpus_per_worker, lambada=lambada or "",
                                         eval_limit=eval_limit, data_source=data_source),
-                 PrefectProgress(artifact_id=progress_id), TraceCallback(trace)]
+                 PrefectProgress(artifact_id=progress_id, run_name=run_name), TraceCallback(trace)]
     metrics = run_training(config, run_name, data_dir, storage, workers=workers, gpus_per_worker=gpus_per_worker,
                            resume=resume, callbacks=callbacks)
     if metrics.get("tokens_seen") is not None:  # also when a re-run found nothing left to train
