@@ -48,6 +48,7 @@ class PrefectMilestoneEvents(Callback):
         gpus_per_worker (int): GPUs of each of those workers.
         lambada (str): the LAMBADA file the milestone evaluation scores ("shipped", a path or an fsspec URL;
             "" for none), and eval_limit (int) the validation windows and passages it scores; also in the payload.
+        finetune_steps (int): optimizer steps of the milestone's chat fine-tune; in the payload.
         data_source (str): the pretraining source ("sample", a Hub repo id, a folder): the milestone evaluates
             its validation split and names it in the model card.
     """
@@ -59,6 +60,7 @@ class PrefectMilestoneEvents(Callback):
     lambada: str = ""
     eval_limit: int = 64
     data_source: str = "sample"
+    finetune_steps: int = 10
 
     def on_milestone(self, info: MilestoneInfo) -> None:
         if self.ctx.rank != 0:
@@ -82,6 +84,7 @@ class PrefectMilestoneEvents(Callback):
                 "lambada": self.lambada,
                 "eval_limit": self.eval_limit,
                 "data_source": self.data_source,
+                "finetune_steps": self.finetune_steps,
             },
             id=milestone_event_id(self.run_name, percent),
         )

@@ -71,7 +71,7 @@ def tokenize_stage(src_dir: str, out_dir: str, workers: int) -> dict:
 @task(name="pretrain", retries=2, retry_delay_seconds=10)
 def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, workers: int, gpus_per_worker: int,
                    token_budget: int | None, finetune_workers: int = 1, lambada: str = "",
-                   eval_limit: int = 64, data_source: str = SAMPLE_SOURCE) -> dict:
+                   eval_limit: int = 64, data_source: str = SAMPLE_SOURCE, finetune_steps: int = 10) -> dict:
     """Train (or resume) the run; milestone events, the budget bar and the trace come from its callbacks."""
     from rwkv5.train import run_preset, with_overrides
     from rwkv5.train.callbacks import TraceCallback
@@ -87,7 +87,8 @@ def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, work
     trace = Path(storage) / run_name / "trace.jsonl"
     callbacks = [PrefectMilestoneEvents(run_name=run_name, finetune_workers=finetune_workers,
                                         gpus_per_worker=gpus_per_worker, lambada=lambada or "",
-                                        eval_limit=eval_limit, data_source=data_source),
+                                        eval_limit=eval_limit, data_source=data_source,
+                                        finetune_steps=finetune_steps),
                  PrefectProgress(artifact_id=progress_id, run_name=run_name), TraceCallback(trace)]
     metrics = run_training(config, run_name, data_dir, storage, workers=workers, gpus_per_worker=gpus_per_worker,
                            resume=resume, callbacks=callbacks)
@@ -113,6 +114,7 @@ def pretrain(
     finetune_workers: int = 1,
     lambada: str | None = None,
     eval_limit: int = 64,
+    finetune_steps: int = 10,
     state_dir: str | None = None,
 ) -> dict:
     """Pretrain `preset` on `source` as run `run_name` (the resume key).
@@ -134,6 +136,7 @@ def pretrain(
             URL (prefect.yaml: `tiny` the shipped copy, `7b` the Hub's). Default: none. Sent in the milestone event,
             as is `eval_limit`.
         eval_limit: validation windows and LAMBADA passages each milestone evaluation scores (the first ones).
+        finetune_steps: optimizer steps of each milestone's chat fine-tune (also sent in the event).
         state_dir: where data, checkpoints and releases live. Default: $RWKV5_HOME or ./.state.
     """
     layout = Layout.default(state_dir)
@@ -148,4 +151,5 @@ def pretrain(
     download_stage(source, raw, splits, fraction, revision)
     tokenize_stage(raw, str(layout.tokens_dir(name)), tokenize_workers)
     return pretrain_stage(run_name, preset, str(layout.tokens_dir(name) / "train"), str(layout.checkpoints),
-                          workers, gpus_per_worker, token_budget, finetune_workers, lambada or "", eval_limit, name)
+                          workers, gpus_per_worker, token_budget, finetune_workers, lambada or "", eval_limit, name,
+                          finetune_steps)
