@@ -1,7 +1,7 @@
 """The whole pipeline through real services: `rwkv5 up` (Prefect server and process worker, MLflow server, Ray
-head), `prefect deployment run pretrain/tiny`, its worker killed mid-pretraining and the run retried to
-completion, ten milestone runs started by the milestone events, a re-run that skips finished work, and the
-dashboard in Chromium.
+head), `prefect deployment run pretrain/tiny`, its worker killed mid-pretraining and the run retried, then the
+whole stack stopped by `rwkv5 down` mid-pretraining and started again, the run completed, ten milestone runs
+started by the milestone events, a re-run that skips finished work, and the dashboard in Chromium.
 
 One stack and one run serve every test of the module (they run in file order): the run that survives the
 killed worker is also the finished run the other tests inspect, so the ten milestone flow runs (each a new
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -147,7 +148,8 @@ def _descendants(pid: int) -> list[int]:
 @pytest.fixture(scope="module")
 def finished_run(stack):
     """`pretrain/tiny` with its worker (and the flow run it started) killed mid-pretraining, a new worker from
-    `rwkv5 up`, the run retried to completion, then its ten milestone runs."""
+    `rwkv5 up`, the retried run stopped by `rwkv5 down` and `rwkv5 up` again, the run completed, then its ten
+    milestone runs."""
     trace = Layout(stack.state_dir).checkpoints / RUN / "trace.jsonl"
     _start_deployment(stack, "pretrain/tiny", {"run_name": RUN, "token_budget": BUDGET})
     deadline = time.monotonic() + 1500
@@ -164,8 +166,15 @@ def finished_run(stack):
         os.killpg(group, signal.SIGKILL)
     time.sleep(5)
     restarted = up(stack)  # a new worker; the orphaned run is rescheduled and picked up again
+    # Then `rwkv5 down` mid-pretraining and `up`: the run `down` stopped is scheduled again (issue 18, bug 6).
+    while len(trace.read_text().splitlines()) < 24:  # the retried run is past milestone 5
+        assert time.monotonic() < deadline + 1500, "the retried run never got going"
+        time.sleep(1)
+    down(stack)
+    resumed = up(stack)
     flow_run = _wait_final(stack, RUN, timeout=1800)
-    return {"restarted": restarted, "flow_run": flow_run, "milestones": _wait_milestones(stack, RUN, 1800)}
+    return {"restarted": restarted, "resumed": resumed, "flow_run": flow_run,
+            "milestones": _wait_milestones(stack, RUN, 1800)}
 
 
 def test_milestone_queue_takes_one_run_at_a_time(stack):
@@ -177,6 +186,7 @@ def test_milestone_queue_takes_one_run_at_a_time(stack):
 
 def test_killed_worker_run_is_retried_without_lost_or_duplicated_milestones(stack, finished_run):
     assert "rescheduled" in finished_run["restarted"]["prefect-worker"], finished_run["restarted"]
+    assert "rescheduled" in finished_run["resumed"]["prefect-worker"], finished_run["resumed"]
     flow_run = finished_run["flow_run"]
     assert flow_run.state.is_completed(), flow_run.state
     assert flow_run.run_count >= 2  # the same flow run, run again
@@ -190,6 +200,12 @@ def test_pretrain_deployment_fires_ten_milestones_in_order(stack, finished_run):
         release = layout.releases(RUN) / f"m{percent:03d}"
         manifest = json.loads((release / "manifest.json").read_text())
         assert {"base/model.pth", "finetune/model.pth"} <= {f["path"] for f in manifest["files"]}
+        card = (release / "README.md").read_text()
+        assert "- data: the offline SlimPajama-format sample" in card and "cerebras/SlimPajama-627B" not in card
+        assert re.search(r"- fine-tune: chat data, \d+ steps", card), card
+    preflight = _artifact(stack, artifact_key("preflight", RUN))
+    rows = json.loads(preflight.data) if isinstance(preflight.data, str) else preflight.data
+    assert {row["result"] for row in rows} <= {"ok", "skipped"}, rows
     for key in ("download-sample", "tokenize-sample", f"budget-{RUN}", f"mlflow-{RUN}", f"ray-{RUN}",
                 f"loss-curve-{RUN}", f"milestones-{RUN}"):
         assert _artifact(stack, artifact_key(key)) is not None, key
