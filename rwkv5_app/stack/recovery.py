@@ -25,7 +25,8 @@ import sys
 import uuid
 from collections.abc import Iterable
 from datetime import datetime
-from pathlib import Path
+
+from rwkv5_app.stack.processes import _flow_run_id, _processes
 
 __all__ = ["reschedule_orphaned_runs"]
 
@@ -85,16 +86,7 @@ def reschedule_orphaned_runs(work_pool: str, crashed_since: datetime | None = No
 def _flow_runs_alive_here() -> set[str]:
     """Ids of the flow runs some process of this machine is running (a process worker starts each in its own
     session with PREFECT__FLOW_RUN_ID set, so it can outlive a killed worker)."""
-    alive = set()
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            entries = environ.read_bytes().split(b"\0")
-        except OSError:  # gone meanwhile, or another user's
-            continue
-        for entry in entries:
-            if entry.startswith(b"PREFECT__FLOW_RUN_ID="):
-                alive.add(entry.split(b"=", 1)[1].decode())
-    return alive
+    return {run for pid, state, _, _ in _processes() if state != "Z" and (run := _flow_run_id(pid)) is not None}
 
 
 def main() -> None:
