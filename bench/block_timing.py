@@ -7,7 +7,6 @@ card. MFU here is 6 x the block's matmul parameters x tokens / time / 989e12, th
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -21,18 +20,10 @@ PEAK = 989e12
 
 
 def _time_ms(fn, warmup: int = 3, reps: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    """Median CUDA-event milliseconds of fn(): the kernel benchmark's timer."""
+    from wkv_kernel import cuda_time  # bench/ is on sys.path: the scripts run from there
+
+    return cuda_time(fn, warmup, reps)
 
 
 class FlaAnchorBlock(nn.Module):
