@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -25,9 +26,17 @@ sys.path.insert(0, str(REPO))
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768 and up): the Ray head picks its own helper ports (metrics,
+    agents) at random from that range, and one of them could take an MLflow or Prefect port picked there before
+    that service binds it (seen once: MLflow's URL answered with Ray's metrics)."""
+    for port in random.Random().sample(range(20000, 32000), 500):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def _load() -> str:
