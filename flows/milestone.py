@@ -124,9 +124,8 @@ def milestone(
     from rwkv5.train.milestones import completed, run_dir_of
 
     if finetune_workers == 0 and gpus_per_worker == 0:
-        # The CPU demo: this run's fine-tune and evaluations share the cores with the pretraining process. One
-        # thread here leaves it the rest; two threads each oversubscribed 2 cores and slowed pretraining steps
-        # from 1.6 s to 4-8 s while a milestone ran (bench/NOTES.md, "First run").
+        # The CPU demo: this run's fine-tune and evaluations share the cores with the pretraining process; one
+        # thread here leaves it the rest instead of oversubscribing them (bench/NOTES.md, "First run").
         import torch
 
         torch.set_num_threads(1)
