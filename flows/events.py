@@ -45,7 +45,7 @@ class PrefectMilestoneEvents(Callback):
             (e.g. "file://"; an object-store prefix on clusters).
         finetune_workers (int): Ray Train workers for the milestone's fine-tune, 0 = in the milestone flow's
             own process; sent in the payload, so one milestone deployment serves runs of every size.
-        gpus_per_worker (int): GPUs of each of those workers.
+        gpus_per_worker (float): GPUs of each of those workers (a fraction shares a GPU).
         lambada (str): the LAMBADA file the milestone evaluation scores ("shipped", a path or an fsspec URL;
             "" for none), and eval_limit (int) the validation windows and passages it scores; also in the payload.
         finetune_steps (int): optimizer steps of the milestone's chat fine-tune; in the payload.
@@ -56,7 +56,7 @@ class PrefectMilestoneEvents(Callback):
     run_name: str = ""
     checkpoint_uri_prefix: str = "file://"
     finetune_workers: int = 1
-    gpus_per_worker: int = 0
+    gpus_per_worker: float = 0
     lambada: str = ""
     eval_limit: int = 64
     data_source: str = "sample"

@@ -24,7 +24,7 @@ __all__ = ["milestone"]
 
 @task(name="fine-tune", retries=1)
 def finetune_stage(base: str, storage: str, run_name: str, chat_data: str | None, steps: int, lr: float,
-                   max_len: int, workers: int, gpus_per_worker: int) -> dict:
+                   max_len: int, workers: int, gpus_per_worker: float) -> dict:
     """Chat SFT of the milestone through the pretraining loop (DeepSpeed ZeRO-2, bf16, segmented loss)."""
     from rwkv5.train.finetune import finetune_milestone
 
@@ -70,7 +70,7 @@ class _Settings:
     finetune_lr: float
     finetune_max_len: int
     finetune_workers: int
-    gpus_per_worker: int
+    gpus_per_worker: float
     lambada: str | None
     eval_ctx_len: int
     eval_limit: int
@@ -90,7 +90,7 @@ def milestone(
     finetune_lr: float = 1e-4,
     finetune_max_len: int = 1024,
     finetune_workers: int = 1,
-    gpus_per_worker: int = 0,
+    gpus_per_worker: float = 0,
     lambada: str | None = None,
     eval_ctx_len: int = 128,
     eval_limit: int = 64,

@@ -69,7 +69,7 @@ def tokenize_stage(src_dir: str, out_dir: str, workers: int) -> dict:
 
 
 @task(name="pretrain", retries=2, retry_delay_seconds=10)
-def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, workers: int, gpus_per_worker: int,
+def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, workers: int, gpus_per_worker: float,
                    token_budget: int | None, finetune_workers: int = 1, lambada: str = "",
                    eval_limit: int = 64, data_source: str = SAMPLE_SOURCE, finetune_steps: int = 10) -> dict:
     """Train (or resume) the run; milestone events, the budget bar and the trace come from its callbacks."""
@@ -108,7 +108,7 @@ def pretrain(
     splits: list[str] = ["train", "validation"],  # noqa: B006 - Prefect parameters are immutable copies
     fraction: float = 1.0,
     workers: int = 2,
-    gpus_per_worker: int = 0,
+    gpus_per_worker: float = 0,
     tokenize_workers: int = 0,
     token_budget: int | None = None,
     finetune_workers: int = 1,

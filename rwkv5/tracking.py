@@ -92,7 +92,11 @@ class MLflowCallback(Callback):
             self._monitor = SystemMetricsMonitor(self.run_id, resume_logging=not fresh)
             self._monitor.start()
         if fresh:
-            mlflow.log_params(_flatten(ctx.config.model_dump()) | {"world_size": ctx.world_size})
+            from rwkv5.wkv import default_backend
+
+            # The WKV variant the model's layers dispatch to on this device ("cuda" = our kernel was loaded).
+            mlflow.log_params(_flatten(ctx.config.model_dump())
+                              | {"world_size": ctx.world_size, "wkv_backend": default_backend(ctx.device)})
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self._active:

@@ -286,7 +286,7 @@ def train(
     storage: str = typer.Option("runs", help="Checkpoint root every worker can write."),
     workers: int = typer.Option(1, help="Ray Train workers (Ray of RAY_ADDRESS, or a local one); 0 trains in "
                                            "this process (or in each torchrun process) without Ray."),
-    gpus_per_worker: int = typer.Option(0, help="0: CPU with gloo; 1: one GPU per worker with NCCL."),
+    gpus_per_worker: float = typer.Option(0, help="0: CPU with gloo; 1: one GPU per worker with NCCL; 0.5 shares one."),
     resume: bool = typer.Option(False, "--resume", help="Continue a run that already has checkpoints."),
     init_missing: bool = typer.Option(False, "--init-missing",
                                       help="Resume from a checkpoint lacking parameters, initialising them fresh."),

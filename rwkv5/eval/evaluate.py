@@ -94,16 +94,30 @@ def validation_loss(
     return ValidationResult(loss=sum(sums.values()) / max(tokens, 1), tokens=tokens, by_source=by_source)
 
 
+def eval_device(model_bytes: int) -> torch.device:
+    """The GPU when one is visible and has room for the model twice over (weights, activations, logits); else
+    the CPU. On one GPU shared with training, a small model's evaluation takes seconds there instead of tens
+    of seconds on the cores; beside a full training GPU (a large model) it stays on the CPU."""
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        if free > 2 * model_bytes:
+            return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def evaluate_saved(checkpoint: str | os.PathLike, validation: str | None = None, lambada: str | None = None,
                    ctx_len: int = 128, limit: int | None = None) -> dict:
-    """`evaluate_checkpoint` of a saved checkpoint (native or RWKV .pth) in float32 on the CPU, with the RWKV
-    World tokenizer: what a milestone evaluates for its base and its fine-tune."""
+    """`evaluate_checkpoint` of a saved checkpoint (native or RWKV .pth) in float32 (on `eval_device`), with
+    the RWKV World tokenizer: what a milestone evaluates for its base and its fine-tune. The report's
+    "device" says where it ran."""
     from data_prep.tokenizer import load_tokenizer
     from rwkv5.checkpoint import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint, dtype=torch.float32)
-    return evaluate_checkpoint(model.eval(), load_tokenizer().encode, lambada=lambada, validation=validation,
-                               limit=limit, ctx_len=ctx_len)
+    device = eval_device(sum(p.numel() * p.element_size() for p in model.parameters()))
+    report = evaluate_checkpoint(model.to(device).eval(), load_tokenizer().encode, lambada=lambada,
+                                 validation=validation, limit=limit, ctx_len=ctx_len)
+    return report | {"device": device.type}
 
 
 def evaluate_checkpoint(

@@ -180,7 +180,7 @@ class FinetuneTask:
 
 
 def finetune(config: RunConfig, task: FinetuneTask, run_name: str, storage: str | Path, *, workers: int = 0,
-             gpus_per_worker: int = 0, resume: bool = False, callbacks=()) -> dict:
+             gpus_per_worker: float = 0, resume: bool = False, callbacks=()) -> dict:
     """Fine-tune as training run `run_name` (checkpoints in storage/run_name), in this process or on Ray Train
     workers (`rwkv5.train.launch.run_training` decides by `workers`); returns the final metrics."""
     from rwkv5.train.launch import run_training
@@ -194,7 +194,7 @@ def finetune(config: RunConfig, task: FinetuneTask, run_name: str, storage: str 
 
 def finetune_milestone(base: str, storage: str | Path, run_name: str, chat_data: str | None = None,
                        steps: int = 10, lr: float = 1e-4, max_len: int = 1024, workers: int = 0,
-                       gpus_per_worker: int = 0) -> dict:
+                       gpus_per_worker: float = 0) -> dict:
     """Chat SFT of a milestone checkpoint `base` as run `run_name`: the milestone flow's fine-tune.
 
     A finished fine-tune is reused and an interrupted one resumes from its checkpoint, so a retried flow run

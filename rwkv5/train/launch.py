@@ -60,6 +60,12 @@ def check_resume(storage_path: str | Path, run_name: str, resume: bool) -> list[
     return found
 
 
+def check_gpus_per_worker(gpus: float) -> None:
+    """Ray's rule for GPU requests: whole GPUs, or one fraction of a single GPU (0.5 lets two runs share it)."""
+    if gpus < 0 or (gpus > 1 and not float(gpus).is_integer()):
+        raise ConfigError(f"gpus_per_worker must be 0, a fraction of one GPU or a whole number, got {gpus}")
+
+
 def ensure_ray(address: str | None = None) -> None:
     """Use the Ray of this process if started, else join `address` / RAY_ADDRESS, else start a local one."""
     import ray
@@ -81,7 +87,7 @@ def launch(
     data_dir: str | Path,
     storage_path: str | Path,
     workers: int = 1,
-    gpus_per_worker: int = 0,
+    gpus_per_worker: float = 0,
     resume: bool = False,
     init_missing: bool = False,
     callbacks: list[Callback] | None = None,
@@ -98,7 +104,8 @@ def launch(
         data_dir: dataset directory every worker can read (shared path or URI such as s3://bucket/tokens).
         storage_path: checkpoint root every worker can write (shared path, or a URI such as s3://bucket/runs).
         workers (int): data-parallel workers. Default: 1.
-        gpus_per_worker (int): 0 runs on CPU with gloo; 1 gives each worker a GPU and NCCL. Default: 0.
+        gpus_per_worker (float): 0 runs on CPU with gloo; 1 gives each worker a GPU and NCCL. A fraction
+            (0.5) shares a GPU: on one GPU, pretraining and the milestone fine-tunes run side by side. Default: 0.
         resume (bool): continue a run that has checkpoints. Default: False.
         init_missing (bool): resume from a checkpoint lacking parameters (surgery). Default: False.
         callbacks (list[Callback]): extra hooks run on every worker. Default: none.
@@ -113,6 +120,7 @@ def launch(
 
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
+    check_gpus_per_worker(gpus_per_worker)
     config.batch.grad_accum(workers)
     storage = _location(storage_path)
     check_resume(storage, run_name, resume)
@@ -191,7 +199,7 @@ def run_training(
     storage_path: str | Path,
     *,
     workers: int = 0,
-    gpus_per_worker: int = 0,
+    gpus_per_worker: float = 0,
     resume: bool = False,
     init_missing: bool = False,
     callbacks: list[Callback] | None = None,

@@ -75,7 +75,7 @@ class RunNeeds:
     """
 
     workers: int
-    gpus_per_worker: int
+    gpus_per_worker: float
     storage: str
     data_dir: str
     state_dir: str
@@ -113,7 +113,7 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
 
 
-def _cluster_resources(workers: int, gpus_per_worker: int, total: dict, most: dict | None) -> tuple[str, str]:
+def _cluster_resources(workers: int, gpus_per_worker: float, total: dict, most: dict | None) -> tuple[str, str]:
     have_gpus, have_cpus = int(total.get("GPU", 0)), int(total.get("CPU", 0))
     if most:  # an autoscaling cluster starts GPU nodes when training asks: count what it may grow to
         have_gpus, have_cpus = max(have_gpus, int(most.get("GPU", 0))), max(have_cpus, int(most.get("CPU", 0)))
@@ -136,7 +136,7 @@ def _autoscaler_maximum() -> dict | None:
         return None
 
 
-def cluster_resources(workers: int, gpus_per_worker: int, total: dict | None = None,
+def cluster_resources(workers: int, gpus_per_worker: float, total: dict | None = None,
                       most: dict | None = None) -> Check:
     """GPUs >= workers x gpus_per_worker and a CPU per worker in the Ray cluster (joined as `launch` does).
 
@@ -313,7 +313,7 @@ def _build_kernel() -> str:
     return source_hash()
 
 
-def _kernel_build(gpus_per_worker: int, timeout: float) -> tuple[str, str]:
+def _kernel_build(gpus_per_worker: float, timeout: float) -> tuple[str, str]:
     import ray
 
     build = ray.remote(num_gpus=gpus_per_worker, num_cpus=0)(_build_kernel)
@@ -324,7 +324,7 @@ def _kernel_build(gpus_per_worker: int, timeout: float) -> tuple[str, str]:
         return "failed", f"WKV5 CUDA extension did not build on a GPU worker: {lines[-1] if lines else exc}"
 
 
-def kernel_build(gpus_per_worker: int, timeout: float = 900.0) -> Check:
+def kernel_build(gpus_per_worker: float, timeout: float = 900.0) -> Check:
     """The CUDA kernel builds (or loads from the kernel cache: seconds) in a Ray task holding a worker's GPUs."""
     return _timed("cuda kernel", _kernel_build, gpus_per_worker, timeout)
 

@@ -7,7 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["WORK_POOL", "MILESTONE_QUEUE", "SERVICE_ENV", "StackConfig", "Service", "services", "offline_env"]
+__all__ = ["WORK_POOL", "MILESTONE_QUEUE", "SERVICE_ENV", "StackConfig", "Service", "services", "offline_env",
+           "visible_gpus"]
 
 WORK_POOL = "local-process"
 MILESTONE_QUEUE = "milestones"
@@ -81,6 +82,8 @@ class StackConfig:
     ray_port: int = 6379
     ray_dashboard_port: int = 8265
     ray_client_port: int = 10001
+    gpus: int | None = None
+    """GPUs the Ray head offers; None counts this machine's (`visible_gpus`)."""
 
     @property
     def prefect_api_url(self) -> str:
@@ -132,6 +135,13 @@ class Service:
     settle_s: float = 0.0  # once ready, it must stay alive this long to count as started
 
 
+def visible_gpus() -> int:
+    """CUDA devices this machine shows (CUDA_VISIBLE_DEVICES applies); 0 without torch's CUDA build or a GPU."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def _bin(name: str) -> str:
     """A console script of this interpreter's environment (works without activating a venv)."""
     candidate = Path(sys.executable).parent / name
@@ -145,6 +155,10 @@ def services(cfg: StackConfig) -> list[Service]:
     2-core machine while a Prefect server is starting beside it.
     """
     ml = cfg.state_dir / "mlflow"
+    gpus = visible_gpus() if cfg.gpus is None else cfg.gpus
+    # Said, not left to Ray's own detection, so the head offers exactly the GPUs torch sees (the pretraining and
+    # milestone workers ask Ray for them); a CPU machine's head is started as before.
+    gpu_args = [f"--num-gpus={gpus}"] if gpus > 0 else []
     return [
         Service(
             "ray-head",
@@ -154,7 +168,7 @@ def services(cfg: StackConfig) -> list[Service]:
                 _bin("ray"), "start", "--head", "--block", f"--node-ip-address={cfg.host}",
                 f"--port={cfg.ray_port}", "--include-dashboard=true", f"--dashboard-host={cfg.host}",
                 f"--dashboard-port={cfg.ray_dashboard_port}", f"--temp-dir={cfg.state_dir / 'ray'}",
-                f"--ray-client-server-port={cfg.ray_client_port}",
+                f"--ray-client-server-port={cfg.ray_client_port}", *gpu_args,
             ],
             f"{cfg.ray_dashboard_url}/api/version",
             cfg.ray_port,

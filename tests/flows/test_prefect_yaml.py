@@ -28,7 +28,7 @@ def _signature(deployment: dict) -> inspect.Signature:
 
 
 def test_every_deployment_points_at_a_flow_with_parameters_it_takes(deployments):
-    assert set(deployments) == {"tiny", "7b", "auto"}
+    assert set(deployments) == {"tiny", "1gpu", "7b", "auto"}
     for name, d in deployments.items():
         params = _signature(d).parameters
         unknown = set(d.get("parameters", {})) - set(params)
@@ -38,12 +38,13 @@ def test_every_deployment_points_at_a_flow_with_parameters_it_takes(deployments)
 def test_pretrain_deployments_run_as_typed_with_a_default_run_name(deployments):
     """`prefect deployment run pretrain/7b` needs no -p: the default name is the reference run, and a re-run of
     the same name resumes it (the flow passes resume=True when the run has checkpoints)."""
-    for name in ("tiny", "7b"):
+    for name in ("tiny", "1gpu", "7b"):
         sig = _signature(deployments[name])
         required = {p for p, v in sig.parameters.items() if v.default is inspect.Parameter.empty}
         assert required == {"run_name"}
         assert deployments[name]["parameters"]["run_name"], name
-    assert deployments["7b"]["parameters"]["run_name"] != deployments["tiny"]["parameters"]["run_name"]
+    names = [deployments[name]["parameters"]["run_name"] for name in ("tiny", "1gpu", "7b")]
+    assert len(set(names)) == 3  # each deployment resumes its own run
     assert deployments["tiny"]["parameters"]["finetune_workers"] == 0  # in-process fine-tunes on the demo
     src = inspect.getsource(pretrain.fn)
     assert "preflight_stage(" in src and src.index("preflight_stage(") < src.index("download_stage(")
@@ -67,3 +68,27 @@ def test_milestone_deployment_is_triggered_in_order_by_the_event(deployments):
     assert required <= given <= set(sig.parameters)
     for param, template in trigger["parameters"].items():
         assert template == f"{{{{ event.payload.{param} }}}}", param
+
+
+def test_the_one_gpu_deployment_fits_one_80gb_gpu_with_its_milestones(deployments):
+    """pretrain/1gpu: one Ray Train worker and, beside it, one milestone fine-tune worker share one GPU; the
+    preset's plan fits 80 GB with the fine-tune's room; ten milestones fall on distinct steps; LAMBADA is shipped."""
+    from rwkv5.train.config import run_preset, with_overrides
+    from rwkv5.train.launch import check_gpus_per_worker
+    from rwkv5.train.memory_plan import plan_memory
+    from rwkv5.train.preflight import cluster_resources
+
+    p = deployments["1gpu"]["parameters"]
+    assert p["workers"] == 1 and p["finetune_workers"] == 1
+    gpus = p["gpus_per_worker"]
+    check_gpus_per_worker(gpus)
+    assert 0 < gpus < 1 and (p["workers"] + p["finetune_workers"]) * gpus <= 1  # the event sends the same share
+    one_gpu = {"GPU": 1.0, "CPU": 16.0}
+    assert cluster_resources(p["workers"], gpus, total=one_gpu).status == "ok"  # the preflight's check
+    assert cluster_resources(p["workers"], 1.5, total=one_gpu).status == "failed"
+    config = with_overrides(run_preset(p["preset"]), {"token_budget": p["token_budget"]})
+    assert config.batch.ctx_len == 4096 and p["source"] == "sample" and p["lambada"] == "shipped"
+    steps = config.total_steps
+    assert steps >= 10 and steps % round(1 / config.milestones.fraction) == 0  # ten milestones, equally spaced
+    plan = plan_memory(config, gpus=1, gpu_memory_gb=80)
+    assert plan.peak < 0.5 * 80e9  # half the card: the other half is the fine-tune's and the allocator's

@@ -39,3 +39,19 @@ def test_a_run_shorter_than_the_sampling_interval_still_logs_system_metrics(mlfl
     assert "system/cpu_utilization_percentage" in system
     history = client.get_metric_history(first, "system/cpu_utilization_percentage")
     assert sorted(m.step for m in history) == [0, 1]
+
+
+def test_a_run_records_the_wkv_backend_its_device_dispatches_to(mlflow_server, tmp_path, monkeypatch):
+    """The run's params say which WKV variant trained it; RWKV5_WKV_BACKEND (the override) shows it is read
+    from the dispatch, not written as a constant."""
+    import mlflow
+
+    from rwkv5.wkv import default_backend
+
+    monkeypatch.delenv("RWKV5_WKV_BACKEND", raising=False)
+    run_id = _open_and_close(mlflow_server, "backend-default", tmp_path)
+    assert mlflow.MlflowClient(mlflow_server).get_run(run_id).data.params["wkv_backend"] == \
+        default_backend("cpu") == "chunk"
+    monkeypatch.setenv("RWKV5_WKV_BACKEND", "naive")
+    run_id = _open_and_close(mlflow_server, "backend-forced", tmp_path)
+    assert mlflow.MlflowClient(mlflow_server).get_run(run_id).data.params["wkv_backend"] == "naive"

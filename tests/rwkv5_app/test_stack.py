@@ -141,3 +141,22 @@ def _flow_run_processes(run_id: str) -> list[int]:
         except OSError:  # gone meanwhile
             continue
     return found
+
+
+def _ray_head_argv(cfg) -> list[str]:
+    from rwkv5_app.stack.services import services
+
+    return next(svc.argv for svc in services(cfg) if svc.name == "ray-head")
+
+
+def test_ray_head_offers_the_gpus_torch_sees(tmp_path, monkeypatch):
+    import importlib
+
+    services_module = importlib.import_module("rwkv5_app.stack.services")
+
+    monkeypatch.setattr(services_module, "visible_gpus", lambda: 1)
+    assert "--num-gpus=1" in _ray_head_argv(StackConfig(state_dir=tmp_path))
+    assert "--num-gpus=4" in _ray_head_argv(StackConfig(state_dir=tmp_path, gpus=4))
+    monkeypatch.setattr(services_module, "visible_gpus", lambda: 0)
+    cpu_argv = _ray_head_argv(StackConfig(state_dir=tmp_path))
+    assert not [arg for arg in cpu_argv if arg.startswith("--num-gpus")]  # a CPU head starts as it always did

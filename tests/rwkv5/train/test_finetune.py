@@ -1,4 +1,5 @@
-"""Chat fine-tuning through the pretraining worker loop: DeepSpeed ZeRO-2 bf16 on one gloo rank (no Ray)."""
+"""Chat fine-tuning through the pretraining worker loop: DeepSpeed ZeRO-2 bf16 on one gloo rank, in this process
+and on a Ray Train worker."""
 
 from __future__ import annotations
 
@@ -80,3 +81,27 @@ def test_finetune_under_deepspeed_from_a_base_checkpoint(tmp_path, random_model)
     with pytest.raises(CheckpointError, match="differs from the fine-tune run's model config"):
         FinetuneTask(str(chat), str(base)).init_model(RWKV5(cfg_model.model_copy(update={"n_layer": 3})))
 
+
+
+def test_a_milestone_fine_tune_runs_on_ray_train_workers(ray_cluster, tmp_path, random_model):
+    """The milestone flow's fine-tune of a GPU deployment goes through Ray Train (`workers` >= 1); here on one
+    CPU worker with gloo. It tunes the base and leaves the one milestone the milestone flow releases."""
+    pytest.importorskip("deepspeed")
+    from rwkv5.checkpoint import read_checkpoint, save_checkpoint
+    from rwkv5.train.finetune import finetune_milestone
+
+    cfg_model = model_preset("tiny")
+    base = save_checkpoint(random_model(cfg_model, seed=6), tmp_path / "base.safetensors")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(DEMO.read_text(encoding="utf-8").splitlines(keepends=True)[:4]), encoding="utf-8")
+    result = finetune_milestone(str(base), tmp_path / "finetunes", "run-m010", str(chat), steps=2, max_len=160,
+                                lr=1e-3, workers=1, gpus_per_worker=0)
+
+    assert result["steps"] == 2 and math.isfinite(result["last_loss"])
+    tuned, config, meta = read_checkpoint(result["checkpoint"])
+    base_sd, _, _ = read_checkpoint(base)
+    assert config == cfg_model and meta["step"] == 2
+    assert not torch.equal(tuned["head.weight"].float(), base_sd["head.weight"].bfloat16().float())
+    again = finetune_milestone(str(base), tmp_path / "finetunes", "run-m010", str(chat), steps=2, max_len=160,
+                               workers=1)
+    assert again == result  # a retried milestone run reuses the finished fine-tune: no second Ray launch

@@ -18,3 +18,14 @@ def test_launcher_sees_checkpoints_on_the_store(s3_bucket, s3_server):
     with pytest.raises(ConfigError, match="1 checkpoint.*step_00000004.*--resume"):
         check_resume(storage, "old", resume=False)
     assert check_resume(storage, "old", resume=True) == [f"{storage}/old/step_00000004"]
+
+
+def test_gpus_per_worker_is_whole_gpus_or_a_fraction_of_one():
+    from rwkv5.errors import ConfigError
+    from rwkv5.train.launch import check_gpus_per_worker
+
+    for fine in (0, 0.25, 0.5, 1, 2, 8.0):
+        check_gpus_per_worker(fine)
+    for bad in (-1, 1.5, 2.5):
+        with pytest.raises(ConfigError, match="gpus_per_worker"):
+            check_gpus_per_worker(bad)
