@@ -120,10 +120,10 @@ def _cluster_resources(workers: int, gpus_per_worker: float, total: dict, most: 
     need_gpus = workers * gpus_per_worker
     found = f"Ray cluster has {have_gpus} GPUs and {have_cpus} CPUs" + (" (autoscaler maximum)" if most else "")
     if have_gpus < need_gpus:
-        return "failed", f"{found}; the run needs {need_gpus} GPUs ({workers} workers x {gpus_per_worker})"
+        return "failed", f"{found}; the run needs {need_gpus:g} GPUs ({workers} workers x {gpus_per_worker:g})"
     if have_cpus < workers:
         return "failed", f"{found}; the run needs {workers} CPUs (one per worker)"
-    return "ok", f"{found}; the run needs {need_gpus} GPUs and {workers} CPUs"
+    return "ok", f"{found}; the run needs {need_gpus:g} GPUs and {workers} CPUs"
 
 
 def _autoscaler_maximum() -> dict | None:
