@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -42,21 +43,14 @@ def _one_finetune(base: str, storage: Path, name: str, gpus: float, variant: dic
     from rwkv5_app.stack.services import SERVICE_ENV
     from rwkv5.train.finetune import finetune_milestone
 
-    env = {**SERVICE_ENV, **variant}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        ray.init(include_dashboard=False, log_to_driver=False)  # its processes inherit `env`
-        start = time.perf_counter()
-        finetune_milestone(base, storage, name, steps=5, workers=1, gpus_per_worker=gpus)
-        return time.perf_counter() - start
-    finally:
-        ray.shutdown()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with mock.patch.dict(os.environ, {**SERVICE_ENV, **variant}):
+        ray.init(include_dashboard=False, log_to_driver=False)  # its processes inherit the variant's settings
+        try:
+            start = time.perf_counter()
+            finetune_milestone(base, storage, name, steps=5, workers=1, gpus_per_worker=gpus)
+            return time.perf_counter() - start
+        finally:
+            ray.shutdown()
 
 
 def main() -> None:
