@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,18 +167,14 @@ def _releases(layout, run_name: str) -> list[dict]:
 def _environment() -> dict:
     import torch
 
-    names = ("torch", "deepspeed", "ray", "prefect", "mlflow", "triton")
+    versions = {}
+    for name in ("torch", "deepspeed", "ray", "prefect", "mlflow", "triton"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
     return {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            "cuda": torch.version.cuda, "python": platform.python_version(),
-            "versions": {n: version(n) for n in names if _installed(n)}}
-
-
-def _installed(name: str) -> bool:
-    try:
-        version(name)
-        return True
-    except Exception:
-        return False
+            "cuda": torch.version.cuda, "python": platform.python_version(), "versions": versions}
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ while [[ ! -f $result ]] && (( $(date +%s) - t0 < wait_s )); do
   shown=$lines
 done
 if [[ -f $result ]]; then
-  sleep 15  # the stack's shutdown (`down`) follows the JSON
+  for _ in $(seq 60); do pgrep -f bench/pipeline_1gpu.py > /dev/null || break; sleep 1; done  # its `down`
   sed -n "$((shown + 1)),\$p" /tmp/pipeline.log
   cp "$result" "$OUT/"
   stamp "run recorded"

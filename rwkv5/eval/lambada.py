@@ -47,13 +47,21 @@ class LambadaResult:
         return {"accuracy": self.accuracy, "ppl": self.ppl, "samples": self.samples}
 
 
-def fetch_lambada(uri: str, cache_dir: str | Path) -> Path:
-    """A local path for a LAMBADA file given as "shipped" (`SHIPPED_LAMBADA`), a path or an fsspec URL (e.g.
-    `HUB_LAMBADA`); a URL is fetched once into `cache_dir`."""
+def _local_path(uri: str) -> Path | None:
+    """The file that "shipped", a path or a file:// URL names; None for a remote URL."""
     if uri == "shipped":
         return SHIPPED_LAMBADA
     if "://" not in uri or uri.startswith("file://"):
         return Path(uri.removeprefix("file://"))
+    return None
+
+
+def fetch_lambada(uri: str, cache_dir: str | Path) -> Path:
+    """A local path for a LAMBADA file given as "shipped" (`SHIPPED_LAMBADA`), a path or an fsspec URL (e.g.
+    `HUB_LAMBADA`); a URL is fetched once into `cache_dir`."""
+    local = _local_path(uri)
+    if local is not None:
+        return local
     import shutil
 
     import fsspec
@@ -74,7 +82,7 @@ def read_lambada(path: str | Path, limit: int | None = None) -> list[tuple[str, 
     Raises:
         DataError: missing file, bad JSON, or a passage without a space (no last word to predict).
     """
-    path = SHIPPED_LAMBADA if str(path) == "shipped" else Path(path)
+    path = _local_path(str(path)) or Path(path)
     if not path.is_file():
         raise DataError(f"{path}: LAMBADA file not found")
     pairs: list[tuple[str, str]] = []
