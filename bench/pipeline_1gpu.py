@@ -150,16 +150,18 @@ def _mlflow_record(tracking_uri: str, run_name: str) -> dict:
 
 
 def _releases(layout, run_name: str) -> list[dict]:
+    from rwkv5.release.publish import read_manifest
+    from rwkv5.release.targets import LocalTarget
+
     root = layout.releases(run_name)
     found = []
     for folder in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
-        manifest = folder / "manifest.json"
-        entry = {"release": str(folder), "manifest": manifest.is_file()}
-        if manifest.is_file():
-            data = json.loads(manifest.read_text())
-            entry["name"] = data["name"]
-            entry["files"] = {f["path"]: f["bytes"] for f in data["files"]}
-            entry["evals"] = {variant: v["evals"] for variant, v in data["variants"].items()}
+        manifest = read_manifest(LocalTarget(folder))
+        entry = {"release": str(folder), "manifest": manifest is not None}
+        if manifest is not None:
+            entry["name"] = manifest["name"]
+            entry["files"] = {f["path"]: f["bytes"] for f in manifest["files"]}
+            entry["evals"] = {variant: v["evals"] for variant, v in manifest["variants"].items()}
         found.append(entry)
     return found
 
@@ -191,7 +193,8 @@ def main() -> None:
     from rwkv5_app.stack import StackConfig, down, up
 
     cfg = StackConfig()
-    run_name = _deployment_parameters(args.deployment)["run_name"]
+    parameters = _deployment_parameters(args.deployment)
+    run_name = parameters["run_name"]
     t = time.monotonic()
     up(cfg, deploy=REPO / "prefect.yaml")
     timings = {"rwkv5_up_s": round(time.monotonic() - t, 1)}
@@ -208,7 +211,7 @@ def main() -> None:
         layout = Layout.default(str(cfg.state_dir))
         record = {
             "command": f"prefect deployment run {args.deployment} (bench/pipeline_1gpu.py, after rwkv5 up)",
-            "deployment": args.deployment, "parameters": _deployment_parameters(args.deployment),
+            "deployment": args.deployment, "parameters": parameters,
             "environment": _environment(),
             "timings": timings,
             "prefect": _prefect_record(cfg.prefect_api_url, run_name, pretrain_id),

@@ -112,9 +112,10 @@ def evaluate_saved(checkpoint: str | os.PathLike, validation: str | None = None,
     "device" says where it ran."""
     from data_prep.tokenizer import load_tokenizer
     from rwkv5.checkpoint import load_checkpoint
+    from rwkv5.quantize import weight_bytes
 
     model, _ = load_checkpoint(checkpoint, dtype=torch.float32)
-    device = eval_device(sum(p.numel() * p.element_size() for p in model.parameters()))
+    device = eval_device(weight_bytes(model))
     report = evaluate_checkpoint(model.to(device).eval(), load_tokenizer().encode, lambada=lambada,
                                  validation=validation, limit=limit, ctx_len=ctx_len)
     return report | {"device": device.type}
