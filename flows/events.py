@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rwkv5.train.callbacks import Callback, MilestoneInfo, StepInfo
+from rwkv5.train.milestone_settings import MilestoneSettings
 from rwkv5.train.milestones import percent_of
 
 __all__ = ["MILESTONE_EVENT", "PROGRESS_EVENT", "progress_line", "milestone_event_id", "run_resource_id",
-           "PrefectMilestoneEvents",
-           "PrefectProgress", "budget_percent"]
+           "milestone_parameters", "PrefectMilestoneEvents", "PrefectProgress", "budget_percent", "emit_progress_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,32 +35,30 @@ def run_resource_id(run_name: str) -> str:
     return f"rwkv5.run.{run_name}"
 
 
+def milestone_parameters(run_name: str, info: dict, settings: MilestoneSettings,
+                         checkpoint_uri_prefix: str = "file://") -> dict:
+    """The milestone flow's parameters for one milestone (`info`: percent, step, tokens_seen, path): what the
+    event carries in `dedicated` mode and what the pretrain flow passes in `shared` mode."""
+    return {"run": run_name, "percent": info["percent"], "step": info["step"], "tokens_seen": info["tokens_seen"],
+            "checkpoint_uri": f"{checkpoint_uri_prefix}{info['path']}", "settings": settings.model_dump()}
+
+
 @dataclass
 class PrefectMilestoneEvents(Callback):
-    """Emits `rwkv5.pretrain.milestone` for each milestone; the milestone deployment's trigger picks it up.
+    """Emits `rwkv5.pretrain.milestone` for each milestone; the milestone deployment's trigger picks it up
+    (milestone mode `dedicated`).
 
     Args:
         run_name (str): the pretraining run.
+        settings (MilestoneSettings): what each milestone run does (fine-tune workers and steps, chat data,
+            evaluation, release); one payload field, so one milestone deployment serves runs of every size.
         checkpoint_uri_prefix (str): prepended to the milestone path to form the event's checkpoint URI
             (e.g. "file://"; an object-store prefix on clusters).
-        finetune_workers (int): Ray Train workers for the milestone's fine-tune, 0 = in the milestone flow's
-            own process; sent in the payload, so one milestone deployment serves runs of every size.
-        gpus_per_worker (float): GPUs of each of those workers (a fraction shares a GPU).
-        lambada (str): the LAMBADA file the milestone evaluation scores ("shipped", a path or an fsspec URL;
-            "" for none), and eval_limit (int) the validation windows and passages it scores; also in the payload.
-        finetune_steps (int): optimizer steps of the milestone's chat fine-tune; in the payload.
-        data_source (str): the pretraining source ("sample", a Hub repo id, a folder): the milestone evaluates
-            its validation split and names it in the model card.
     """
 
     run_name: str = ""
+    settings: MilestoneSettings = field(default_factory=MilestoneSettings)
     checkpoint_uri_prefix: str = "file://"
-    finetune_workers: int = 1
-    gpus_per_worker: float = 0
-    lambada: str = ""
-    eval_limit: int = 64
-    data_source: str = "sample"
-    finetune_steps: int = 10
 
     def on_milestone(self, info: MilestoneInfo) -> None:
         if self.ctx.rank != 0:
@@ -69,23 +67,12 @@ class PrefectMilestoneEvents(Callback):
         from prefect.events.worker import EventsWorker
 
         percent = percent_of(info.index, self.ctx.config.milestones.fraction)
+        row = {"percent": percent, "step": info.step, "tokens_seen": info.tokens_seen, "path": info.path}
         emit_event(
             event=MILESTONE_EVENT,
             resource={"prefect.resource.id": run_resource_id(self.run_name), "prefect.resource.name": self.run_name},
-            payload={
-                "run": self.run_name,
-                "percent": percent,
-                "index": info.index,
-                "step": info.step,
-                "tokens_seen": info.tokens_seen,
-                "checkpoint_uri": f"{self.checkpoint_uri_prefix}{info.path}",
-                "finetune_workers": self.finetune_workers,
-                "gpus_per_worker": self.gpus_per_worker,
-                "lambada": self.lambada,
-                "eval_limit": self.eval_limit,
-                "data_source": self.data_source,
-                "finetune_steps": self.finetune_steps,
-            },
+            payload=milestone_parameters(self.run_name, row, self.settings, self.checkpoint_uri_prefix)
+            | {"index": info.index},
             id=milestone_event_id(self.run_name, percent),
         )
         EventsWorker.drain_all(timeout=30)  # delivered before training goes on (or the process dies)
@@ -119,15 +106,21 @@ class PrefectProgress(Callback):
         if done % self.every_steps and done < self.ctx.config.total_steps:
             return
         from prefect.artifacts import update_progress_artifact
-        from prefect.events import emit_event
 
         config = self.ctx.config
         progress = budget_percent(info.tokens_seen, config.token_budget)
         try:
             update_progress_artifact(artifact_id=uuid.UUID(self.artifact_id), progress=progress)
             if self.run_name:
-                line = progress_line(self.run_name, info, config.total_steps, config.token_budget)
-                emit_event(event=PROGRESS_EVENT, resource={"prefect.resource.id": run_resource_id(self.run_name),
-                                                           "prefect.resource.name": line})
+                emit_progress_line(self.run_name,
+                                   progress_line(self.run_name, info, config.total_steps, config.token_budget))
         except Exception as exc:  # the dashboard must never stop training
             logger.warning("progress update failed: %s", exc)
+
+
+def emit_progress_line(run_name: str, line: str) -> None:
+    """One line for the terminal that watches the flow run (`--watch` prints the event's resource name)."""
+    from prefect.events import emit_event
+
+    emit_event(event=PROGRESS_EVENT, resource={"prefect.resource.id": run_resource_id(run_name),
+                                               "prefect.resource.name": line})

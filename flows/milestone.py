@@ -1,6 +1,7 @@
 """The `milestone` flow: fine-tune, evaluate and release one pretraining milestone.
 
-Triggered by the `rwkv5.pretrain.milestone` event (see prefect.yaml). Runs go one at a time, in the order the
+Started by the `rwkv5.pretrain.milestone` event (see prefect.yaml) in milestone mode `dedicated`, or by the
+pretrain flow while pretraining is paused (`shared`, `flows.milestone_runs`). Runs go one at a time, in the order the
 events created them: the deployment's concurrency limit of 1 (ENQUEUE) guards the slot, and the work queue
 `milestones`, limited to 1 by `rwkv5 up`, makes the worker take the earliest waiting run (the deployment limit
 alone hands refused runs a later start time each, which reorders them). The run holding the slot also
@@ -12,12 +13,12 @@ already done, so a retried or re-sent milestone never releases twice.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from flows.paths import Layout, artifact_key
+from rwkv5.train.milestone_settings import MilestoneSettings, settings_from
 
 __all__ = ["milestone"]
 
@@ -60,23 +61,6 @@ def release_stage(base: str, finetune: str, to: str, name: str, evals: dict, met
     return report.url
 
 
-@dataclass(frozen=True)
-class _Settings:
-    """The milestone flow's knobs, the same for every milestone it releases."""
-
-    data_source: str
-    chat_data: str | None
-    finetune_steps: int
-    finetune_lr: float
-    finetune_max_len: int
-    finetune_workers: int
-    gpus_per_worker: float
-    lambada: str | None
-    eval_ctx_len: int
-    eval_limit: int
-    release_to: str | None
-
-
 @flow(name="milestone", log_prints=True)
 def milestone(
     run: str,
@@ -84,17 +68,7 @@ def milestone(
     step: int,
     tokens_seen: int,
     checkpoint_uri: str,
-    data_source: str = "sample",
-    chat_data: str | None = None,
-    finetune_steps: int = 10,
-    finetune_lr: float = 1e-4,
-    finetune_max_len: int = 1024,
-    finetune_workers: int = 1,
-    gpus_per_worker: float = 0,
-    lambada: str | None = None,
-    eval_ctx_len: int = 128,
-    eval_limit: int = 64,
-    release_to: str | None = None,
+    settings: MilestoneSettings | None = None,
     state_dir: str | None = None,
 ) -> dict:
     """Fine-tune, evaluate and release the milestone at `percent` of run `run`'s token budget.
@@ -104,34 +78,22 @@ def milestone(
         percent: the milestone, in percent of the token budget.
         step, tokens_seen: where pretraining was.
         checkpoint_uri: the consolidated bf16 milestone checkpoint.
-        data_source: the pretraining run's source (the event sends it): its tokenized validation split is
-            evaluated, and the model card names it as the data.
-        chat_data: chat JSONL for the fine-tune. Default: a small set built from local docstrings.
-        finetune_steps, finetune_lr: optimizer steps and peak learning rate of the fine-tune.
-        finetune_max_len: longest chat sample kept, in tokens (longer ones are processed in segments).
-        finetune_workers, gpus_per_worker: Ray Train workers of the fine-tune and GPUs each; 0 workers
-            fine-tunes in this process. The pretraining event sends both.
-        lambada: LAMBADA JSONL: "shipped" (the package's copy), a path or an fsspec URL (e.g.
-            `rwkv5.eval.lambada.HUB_LAMBADA`); the pretraining event sends it, "" for none. Default: no LAMBADA
-            score.
-        eval_ctx_len: validation window length.
-        eval_limit: validation windows and LAMBADA passages scored (the first ones).
-        release_to: where releases go: a folder or fsspec URL (one sub-folder per milestone) or a Hub repo
-            `hf://org/name` (one branch per milestone). Default: the state directory's releases/<run>/.
+        settings: what the run does (`rwkv5.train.milestone_settings.MilestoneSettings`: fine-tune workers,
+            GPUs, steps and data, evaluation, release target, the pretraining source); the pretraining event
+            (or, in shared mode, the pretrain flow) sends the run's. Default: its defaults.
         state_dir: the state directory. Default: $RWKV5_HOME or ./.state.
     """
     from rwkv5.release.milestones import MilestoneTable, release_order
     from rwkv5.train.milestones import completed, run_dir_of
 
-    if finetune_workers == 0 and gpus_per_worker == 0:
+    settings = settings_from(settings)
+    if settings.finetune_workers == 0 and not settings.gpus_per_worker:
         # The CPU demo: this run's fine-tune and evaluations share the cores with the pretraining process; one
         # thread here leaves it the rest instead of oversubscribing them (bench/NOTES.md, "First run").
         import torch
 
         torch.set_num_threads(1)
     layout = Layout.default(state_dir)
-    settings = _Settings(data_source, chat_data, finetune_steps, finetune_lr, finetune_max_len, finetune_workers,
-                         gpus_per_worker, lambada or None, eval_ctx_len, eval_limit, release_to)
     table = MilestoneTable(layout.milestone_results(run))
     own = {"percent": percent, "step": step, "tokens_seen": tokens_seen,
            "path": checkpoint_uri.removeprefix("file://")}
@@ -141,7 +103,7 @@ def milestone(
     return table.get(percent)
 
 
-def _release_milestone(layout: Layout, run: str, info: dict, settings: _Settings, table) -> None:
+def _release_milestone(layout: Layout, run: str, info: dict, settings: MilestoneSettings, table) -> None:
     """Fine-tune, evaluate and release one milestone, then add its row to the milestone table."""
     from rwkv5.eval.evaluate import flat_metrics
     from rwkv5.eval.lambada import fetch_lambada
@@ -152,7 +114,7 @@ def _release_milestone(layout: Layout, run: str, info: dict, settings: _Settings
     name = f"{run}-{release_tag(info['percent'])}"
     ft = finetune_stage(info["path"], str(layout.finetunes), name, settings.chat_data, settings.finetune_steps,
                         settings.finetune_lr, settings.finetune_max_len, settings.finetune_workers,
-                        settings.gpus_per_worker)
+                        settings.gpus_per_worker or 0)
     validation = str(layout.tokens_dir(settings.data_source) / "validation")
     lambada = str(fetch_lambada(settings.lambada, layout.root / "eval-data")) if settings.lambada else None
     evals = {variant: evaluate_stage(checkpoint, validation, lambada, settings.eval_ctx_len, settings.eval_limit)

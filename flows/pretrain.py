@@ -1,21 +1,31 @@
 """The `pretrain` flow: download -> tokenize -> pretrain. Each task is one call into the libraries.
 
 Every stage is idempotent (verified files, finished shards and the latest checkpoint are kept), so a re-run
-of the same deployment skips what is done and resumes training. Milestones emit Prefect events from the
-training workers; the `milestone` deployment's trigger runs the fine-tune/eval/release without making
-pretraining wait.
+of the same deployment skips what is done and resumes training. Where milestones run is decided in preflight
+(`milestone_mode`): `dedicated` milestones are started by Prefect events from the training workers and run
+beside pretraining; `shared` ones are started here after pretraining has stopped at the milestone, and
+pretraining resumes once the milestone run has completed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact, update_progress_artifact
 
 from flows.artifacts import publish_loss_curve, run_dashboard
-from flows.events import PrefectMilestoneEvents, PrefectProgress, budget_percent
+from flows.events import (
+    PrefectMilestoneEvents,
+    PrefectProgress,
+    budget_percent,
+    emit_progress_line,
+    milestone_parameters,
+)
+from flows.milestone_runs import run_milestone
 from flows.paths import Layout, artifact_key
+from rwkv5.train.milestone_settings import MilestoneSettings, settings_from
 
 __all__ = ["pretrain", "SAMPLE_SOURCE", "HUB_SOURCE"]
 
@@ -25,15 +35,16 @@ HUB_SOURCE = "cerebras/SlimPajama-627B"
 
 
 @task(name="preflight")
-def preflight_stage(run_name: str, needs: dict) -> list[dict]:
-    """Cluster GPUs, shared paths, disk, Hub access, CUDA kernel: one line per failure, before any download."""
+def preflight_stage(run_name: str, needs: dict) -> str:
+    """Cluster GPUs, where milestones run, shared paths, disk, Hub access, CUDA kernel: one line per failure,
+    before any download. Returns the milestone mode the run uses ("shared" or "dedicated")."""
     from rwkv5.train.preflight import RunNeeds, run_preflight
 
     report = run_preflight(RunNeeds(**needs))
     create_table_artifact(key=artifact_key("preflight", run_name), table=report.rows(),
                           description=f"{run_name}: preflight checks")
     report.raise_if_failed()
-    return report.rows()
+    return report.milestone_mode
 
 
 @task(name="build-sample", retries=1)
@@ -70,33 +81,56 @@ def tokenize_stage(src_dir: str, out_dir: str, workers: int) -> dict:
 
 @task(name="pretrain", retries=2, retry_delay_seconds=10)
 def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, workers: int, gpus_per_worker: float,
-                   token_budget: int | None, finetune_workers: int = 1, lambada: str = "",
-                   eval_limit: int = 64, data_source: str = SAMPLE_SOURCE, finetune_steps: int = 10) -> dict:
-    """Train (or resume) the run; milestone events, the budget bar and the trace come from its callbacks."""
+                   token_budget: int | None, progress_id: str, settings: MilestoneSettings, shared: bool) -> dict:
+    """Train (or resume) the run: to the end of the budget, or (`shared`) to the next milestone, where training
+    stops so that the milestone run can use the GPUs. Milestone events (`dedicated`), the budget bar and the trace
+    come from its callbacks."""
     from rwkv5.train import run_preset, with_overrides
     from rwkv5.train.callbacks import TraceCallback
     from rwkv5.train.checkpoint import list_checkpoints
     from rwkv5.train.launch import run_training
 
-    config = run_preset(preset)
-    if token_budget:
-        config = with_overrides(config, {"token_budget": token_budget})
-    progress_id = run_dashboard(run_name)
+    overrides = {"token_budget": token_budget} if token_budget else {}
+    config = with_overrides(run_preset(preset), overrides | {"milestones.pause": shared})
     resume = bool(list_checkpoints(Path(storage) / run_name))  # a re-run of the same run continues it
-    get_run_logger().info("pretrain %s (%s preset, %d steps), resume=%s", run_name, preset, config.total_steps, resume)
+    get_run_logger().info("pretrain %s (%s preset, %d steps), resume=%s, milestones %s", run_name, preset,
+                          config.total_steps, resume, "shared" if shared else "dedicated")
     trace = Path(storage) / run_name / "trace.jsonl"
-    callbacks = [PrefectMilestoneEvents(run_name=run_name, finetune_workers=finetune_workers,
-                                        gpus_per_worker=gpus_per_worker, lambada=lambada or "",
-                                        eval_limit=eval_limit, data_source=data_source,
-                                        finetune_steps=finetune_steps),
-                 PrefectProgress(artifact_id=progress_id, run_name=run_name), TraceCallback(trace)]
+    callbacks = [PrefectProgress(artifact_id=progress_id, run_name=run_name), TraceCallback(trace)]
+    if not shared:
+        callbacks.insert(0, PrefectMilestoneEvents(run_name=run_name, settings=settings))
     metrics = run_training(config, run_name, data_dir, storage, workers=workers, gpus_per_worker=gpus_per_worker,
                            resume=resume, callbacks=callbacks)
     if metrics.get("tokens_seen") is not None:  # also when a re-run found nothing left to train
         update_progress_artifact(artifact_id=progress_id,
                                  progress=budget_percent(metrics["tokens_seen"], config.token_budget))
     publish_loss_curve(run_name, trace)
-    return {"run_name": run_name, "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    return {"run_name": run_name, "finished": metrics.get("step", 0) >= config.total_steps,
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+
+
+@task(name="milestone-runs")
+def milestone_runs_stage(run_name: str, storage: str, results_dir: str, settings: MilestoneSettings,
+                         progress_id: str) -> list[int]:
+    """Shared mode: a milestone flow run for each milestone pretraining has written and nothing has released
+    yet, in percent order, each waited for; the budget bar says pretraining is paused meanwhile."""
+    from rwkv5.release.milestones import MilestoneTable
+    from rwkv5.train.milestones import completed
+
+    table, done = MilestoneTable(results_dir), []
+    for info in table.unreleased(completed(Path(storage) / run_name)):
+        if table.get(info["percent"]) is not None:  # released meanwhile by the run of an earlier milestone
+            continue
+        pause = f"{run_name}: pretraining paused at {info['percent']}% for its milestone run (fine-tune, evaluation, release)"
+        update_progress_artifact(artifact_id=progress_id, progress=float(info["percent"]), description=pause)
+        emit_progress_line(run_name, pause)
+        run_milestone(milestone_parameters(run_name, info, settings))
+        done.append(info["percent"])
+    if done:
+        update_progress_artifact(artifact_id=progress_id, progress=float(done[-1]),
+                                 description=f"{run_name}: tokens seen / token budget (milestones {', '.join(f'{p}%' for p in done)} "
+                                             f"released; pretraining resumed)")
+    return done
 
 
 @flow(name="pretrain", log_prints=True)
@@ -111,16 +145,14 @@ def pretrain(
     gpus_per_worker: float = 0,
     tokenize_workers: int = 0,
     token_budget: int | None = None,
-    finetune_workers: int = 1,
-    lambada: str | None = None,
-    eval_limit: int = 64,
-    finetune_steps: int = 10,
+    milestone_mode: Literal["auto", "shared", "dedicated"] = "auto",
+    milestones: MilestoneSettings | None = None,
     state_dir: str | None = None,
 ) -> dict:
-    """Pretrain `preset` on `source` as run `run_name` (the resume key).
+    """Pretrain `preset` on `source` as run `run_name` (the resume key), with a milestone run at every 10%.
 
     Args:
-        run_name: names the run's checkpoints, MLflow run and milestone events; the same name resumes.
+        run_name: names the run's checkpoints, MLflow run and milestone runs; the same name resumes.
         preset: run preset (`tiny`, `7b`, or a model preset name for short runs).
         source: "sample" (built offline), a Hub dataset repo id, or a local/fsspec folder in SlimPajama layout.
         revision: Hub revision to pin.
@@ -130,26 +162,36 @@ def pretrain(
             in the flow run's own process, without Ray (`rwkv5.train.launch.run_training`).
         tokenize_workers: tokenizer processes (0 = one per core).
         token_budget: override the preset's token budget.
-        finetune_workers: Ray Train workers of each milestone fine-tune (with `gpus_per_worker` GPUs each);
-            0 fine-tunes in the milestone flow's own process (the CPU demo: no worker start-up per milestone).
-        lambada: LAMBADA file each milestone is scored on: "shipped" (the package's copy), a path or an fsspec
-            URL (prefect.yaml: `tiny` the shipped copy, `7b` the Hub's). Default: none. Sent in the milestone event,
-            as is `eval_limit`.
-        eval_limit: validation windows and LAMBADA passages each milestone evaluation scores (the first ones).
-        finetune_steps: optimizer steps of each milestone's chat fine-tune (also sent in the event).
+        milestone_mode: "dedicated" runs each milestone (fine-tune, evaluation, release) beside pretraining,
+            started by the milestone event; "shared" stops pretraining at each milestone, runs the milestone on
+            the freed GPUs and resumes; "auto" picks dedicated where the cluster holds pretraining and one
+            fine-tune at once, else shared (the preflight table says which, and why).
+        milestones: what each milestone run does (`rwkv5.train.milestone_settings.MilestoneSettings`: fine-tune
+            workers, GPUs and steps, chat data, LAMBADA, evaluation size, release target). Default: its defaults.
         state_dir: where data, checkpoints and releases live. Default: $RWKV5_HOME or ./.state.
     """
     layout = Layout.default(state_dir)
     name = "sample" if source == SAMPLE_SOURCE else source
     raw = str(layout.source_dir(name))
-    preflight_stage(run_name, {"workers": workers, "gpus_per_worker": gpus_per_worker, "source": source,
-                               "storage": str(layout.checkpoints), "data_dir": str(layout.root / "data"),
-                               "state_dir": str(layout.root), "revision": revision, "splits": tuple(splits),
-                               "fraction": fraction})
+    settings = settings_from(milestones).for_run(name, gpus_per_worker)
+    mode = preflight_stage(run_name, {
+        "workers": workers, "gpus_per_worker": gpus_per_worker, "source": source,
+        "storage": str(layout.checkpoints), "data_dir": str(layout.root / "data"), "state_dir": str(layout.root),
+        "revision": revision, "splits": tuple(splits), "fraction": fraction, "milestone_mode": milestone_mode,
+        "finetune_workers": settings.finetune_workers, "finetune_gpus_per_worker": settings.gpus_per_worker})
     if source == SAMPLE_SOURCE:
         source = build_sample_stage(str(layout.source_dir("sample-build")))
     download_stage(source, raw, splits, fraction, revision)
     tokenize_stage(raw, str(layout.tokens_dir(name)), tokenize_workers)
-    return pretrain_stage(run_name, preset, str(layout.tokens_dir(name) / "train"), str(layout.checkpoints),
-                          workers, gpus_per_worker, token_budget, finetune_workers, lambada or "", eval_limit, name,
-                          finetune_steps)
+    progress_id = run_dashboard(run_name)
+    train = (run_name, preset, str(layout.tokens_dir(name) / "train"), str(layout.checkpoints), workers,
+             gpus_per_worker, token_budget, progress_id, settings)
+    if mode == "dedicated":
+        return pretrain_stage(*train, shared=False)
+    result = None
+    while True:  # shared: milestone runs first (one a crashed attempt left too), then on to the next milestone
+        milestone_runs_stage(run_name, str(layout.checkpoints), str(layout.milestone_results(run_name)), settings,
+                             progress_id)
+        if result is not None and result["finished"]:
+            return result
+        result = pretrain_stage(*train, shared=True)

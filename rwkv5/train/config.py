@@ -137,6 +137,9 @@ class StabilityConfig(_Section):
 class MilestoneConfig(_Section):
     fraction: float = 0.1
     """A consolidated bf16 checkpoint is written each time this fraction of the token budget is passed."""
+    pause: bool = False
+    """End training right after each milestone is written (its checkpoint saved, its hooks run), so that the
+    milestone run can use the GPUs; the next launch resumes from that checkpoint (milestone mode `shared`)."""
 
     @model_validator(mode="after")
     def _check(self) -> "MilestoneConfig":

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rwkv5.errors import Rwkv5Error
+from rwkv5.train.milestone_settings import Placement, place_milestones
 
 __all__ = ["Check", "Preflight", "PreflightFailed", "RunNeeds", "cluster_resources", "shared_paths", "disk_space",
-           "estimate_bytes", "hub_access", "kernel_build", "run_preflight"]
+           "estimate_bytes", "hub_access", "kernel_build", "milestone_placement", "run_preflight"]
 
 # SlimPajama-627B per split: (compressed bytes on the Hub, tokens). Shards hold uint16 ids: 2 bytes a token.
 SLIMPAJAMA_SPLITS = {"train": (895e9, 627e9), "validation": (1e9, 0.5e9), "test": (1e9, 0.5e9)}
@@ -72,6 +73,10 @@ class RunNeeds:
         revision: the Hub revision. Default: "main".
         splits: splits that will be downloaded. Default: train and validation.
         fraction: fraction of the files. Default: 1.0.
+        milestone_mode: where milestone runs go: "auto", "shared" or "dedicated"
+            (`rwkv5.train.milestone_settings`). Default: "auto".
+        finetune_workers: Ray Train workers of each milestone fine-tune; 0 = the milestone flow's process.
+        finetune_gpus_per_worker: GPUs each of those workers asks for.
     """
 
     workers: int
@@ -83,13 +88,22 @@ class RunNeeds:
     revision: str = "main"
     splits: tuple[str, ...] = ("train", "validation")
     fraction: float = 1.0
+    milestone_mode: str = "auto"
+    finetune_workers: int = 0
+    finetune_gpus_per_worker: float = 0.0
 
 
 @dataclass
 class Preflight:
-    """The checks of one run, in the order they ran."""
+    """The checks of one run, in the order they ran, and where its milestones go (None when that check failed)."""
 
     checks: list[Check]
+    placement: Placement | None = None
+
+    @property
+    def milestone_mode(self) -> str | None:
+        """"shared" or "dedicated"; None when the milestone check failed."""
+        return self.placement.mode if self.placement else None
 
     def failures(self) -> list[str]:
         return [f"{c.name}: {c.detail}" for c in self.checks if c.failed]
@@ -136,6 +150,21 @@ def _autoscaler_maximum() -> dict | None:
         return None
 
 
+def _ray_totals() -> tuple[dict, dict | None]:
+    """The resources of RAY_ADDRESS's (or a local) Ray, joined as `launch` does, and its autoscaler maximum."""
+    import ray
+
+    from rwkv5.train.launch import ensure_ray
+
+    ensure_ray()
+    return ray.cluster_resources(), _autoscaler_maximum()
+
+
+def _most(total: dict, most: dict | None, key: str) -> float:
+    """What the cluster has of `key`, or may grow to under its autoscaler."""
+    return max(float(total.get(key, 0)), float((most or {}).get(key, 0)))
+
+
 def cluster_resources(workers: int, gpus_per_worker: float, total: dict | None = None,
                       most: dict | None = None) -> Check:
     """GPUs >= workers x gpus_per_worker and a CPU per worker in the Ray cluster (joined as `launch` does).
@@ -145,13 +174,29 @@ def cluster_resources(workers: int, gpus_per_worker: float, total: dict | None =
         most: what its autoscaler may grow it to. Default: read from the cluster when `total` is not given.
     """
     if total is None:
-        import ray
-
-        from rwkv5.train.launch import ensure_ray
-
-        ensure_ray()
-        total, most = ray.cluster_resources(), _autoscaler_maximum()
+        total, most = _ray_totals()
     return _timed("gpus", _cluster_resources, workers, gpus_per_worker, total, most)
+
+
+def milestone_placement(needs: "RunNeeds", total: dict | None = None,
+                        most: dict | None = None) -> tuple[Check, Placement]:
+    """Where the run's milestone runs go (`rwkv5.train.milestone_settings.place_milestones`), as a check row
+    that states the choice and the GPU numbers behind it; it fails for a `dedicated` that does not fit.
+
+    Args:
+        total, most: the cluster's resources and its autoscaler maximum. Default: read from Ray when the run
+            or its fine-tunes use Ray workers.
+    """
+    start = time.perf_counter()
+    uses_ray = needs.workers > 0 or needs.finetune_workers > 0
+    if uses_ray and total is None:
+        total, most = _ray_totals()
+    gpus = _most(total, most, "GPU") if uses_ray else None
+    cpus = _most(total, most, "CPU") if uses_ray else None
+    placement = place_milestones(needs.milestone_mode, needs.workers, needs.gpus_per_worker, needs.finetune_workers,
+                                 needs.finetune_gpus_per_worker, gpus, cpus)
+    check = Check("milestones", "ok" if placement.ok else "failed", placement.detail, time.perf_counter() - start)
+    return check, placement
 
 
 def _write_probe(path: str, name: str, text: str) -> None:
@@ -339,6 +384,8 @@ def run_preflight(needs: RunNeeds) -> Preflight:
     gpu = on_ray and needs.gpus_per_worker > 0
     checks = [cluster_resources(needs.workers, needs.gpus_per_worker) if on_ray
               else _skip("gpus", "trains in this process, without Ray")]
+    placement_check, placement = milestone_placement(needs)
+    checks.append(placement_check)
     checks.append(shared_paths({"storage": needs.storage, "data": needs.data_dir}, on_ray))
     checks.append(disk_space(needs.state_dir, needs.source, tuple(needs.splits), needs.fraction))
     local = needs.source == "sample" or "://" in needs.source or Path(needs.source).is_dir()
@@ -350,4 +397,4 @@ def run_preflight(needs: RunNeeds) -> Preflight:
         checks.append(_skip("cuda kernel", "not tried: the cluster lacks the GPUs"))
     else:
         checks.append(kernel_build(needs.gpus_per_worker))
-    return Preflight(checks)
+    return Preflight(checks, placement if placement.ok else None)

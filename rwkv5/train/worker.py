@@ -227,6 +227,7 @@ class _Loop:
         self.time_first = time_first_micro_batch
 
     def run(self) -> None:
+        """Steps until the budget (or `stop_at_step`) is spent, or until a milestone with `milestones.pause`."""
         cfg = self.cfg
         end = cfg.total_steps if cfg.stop_at_step is None else min(cfg.total_steps, cfg.stop_at_step)
         self._finish_pending_milestones()
@@ -247,6 +248,8 @@ class _Loop:
                 self.state.milestones_fired += due
                 self._save(metrics)
                 self._fire_milestones(due)
+                if cfg.milestones.pause:
+                    break
             elif self.state.step % cfg.checkpoint.every_steps == 0:
                 self._save(metrics)
         if self.saved_step != self.state.step:

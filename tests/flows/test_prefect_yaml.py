@@ -45,7 +45,7 @@ def test_pretrain_deployments_run_as_typed_with_a_default_run_name(deployments):
         assert deployments[name]["parameters"]["run_name"], name
     names = [deployments[name]["parameters"]["run_name"] for name in ("tiny", "1gpu", "7b")]
     assert len(set(names)) == 3  # each deployment resumes its own run
-    assert deployments["tiny"]["parameters"]["finetune_workers"] == 0  # in-process fine-tunes on the demo
+    assert deployments["tiny"]["parameters"]["milestones"]["finetune_workers"] == 0  # in-process on the demo
     src = inspect.getsource(pretrain.fn)
     assert "preflight_stage(" in src and src.index("preflight_stage(") < src.index("download_stage(")
 
@@ -68,27 +68,40 @@ def test_milestone_deployment_is_triggered_in_order_by_the_event(deployments):
     assert required <= given <= set(sig.parameters)
     for param, template in trigger["parameters"].items():
         assert template == f"{{{{ event.payload.{param} }}}}", param
+    assert "settings" in given  # every milestone setting travels as one object
 
 
-def test_the_one_gpu_deployment_fits_one_80gb_gpu_with_its_milestones(deployments):
-    """pretrain/1gpu: one Ray Train worker and, beside it, one milestone fine-tune worker share one GPU; the
-    preset's plan fits 80 GB with the fine-tune's room; ten milestones fall on distinct steps; LAMBADA is shipped."""
+def test_every_deployment_s_milestone_settings_validate(deployments):
+    """One settings object per deployment, checked as the flow checks it; the 7b fine-tunes on PIPPA."""
+    from rwkv5.train.milestone_settings import MILESTONE_MODES, settings_from
+
+    for name in ("tiny", "1gpu", "7b"):
+        params = deployments[name]["parameters"]
+        settings_from(params["milestones"])
+        assert params["milestone_mode"] in MILESTONE_MODES
+    assert settings_from(deployments["7b"]["parameters"]["milestones"]).chat_data == (
+        "hf://datasets/PygmalionAI/PIPPA/pippa_deduped.jsonl")
+
+
+def test_the_one_gpu_deployment_fits_one_80gb_gpu_and_shares_it_with_its_milestones(deployments):
+    """pretrain/1gpu: one Ray Train worker with the whole GPU; the milestone fine-tune would need it too, so auto
+    resolves to shared on a one-GPU cluster; the preset's plan fits 80 GB; ten milestones fall on distinct steps."""
     from rwkv5.train.config import run_preset, with_overrides
-    from rwkv5.train.launch import check_gpus_per_worker
     from rwkv5.train.memory_plan import plan_memory
+    from rwkv5.train.milestone_settings import place_milestones, settings_from
     from rwkv5.train.preflight import cluster_resources
 
     p = deployments["1gpu"]["parameters"]
-    assert p["workers"] == 1 and p["finetune_workers"] == 1
-    gpus = p["gpus_per_worker"]
-    check_gpus_per_worker(gpus)
-    assert 0 < gpus < 1 and (p["workers"] + p["finetune_workers"]) * gpus <= 1  # the event sends the same share
+    settings = settings_from(p["milestones"]).for_run("sample", p["gpus_per_worker"])
+    assert p["workers"] == 1 and p["gpus_per_worker"] == 1 and settings.finetune_workers == 1
     one_gpu = {"GPU": 1.0, "CPU": 16.0}
-    assert cluster_resources(p["workers"], gpus, total=one_gpu).status == "ok"  # the preflight's check
-    assert cluster_resources(p["workers"], 1.5, total=one_gpu).status == "failed"
+    assert cluster_resources(p["workers"], p["gpus_per_worker"], total=one_gpu).status == "ok"
+    placement = place_milestones(p["milestone_mode"], p["workers"], p["gpus_per_worker"], settings.finetune_workers,
+                                 settings.gpus_per_worker, cluster_gpus=1, cluster_cpus=16)
+    assert placement.mode == "shared"
     config = with_overrides(run_preset(p["preset"]), {"token_budget": p["token_budget"]})
-    assert config.batch.ctx_len == 4096 and p["source"] == "sample" and p["lambada"] == "shipped"
+    assert config.batch.ctx_len == 4096 and p["source"] == "sample" and settings.lambada == "shipped"
     steps = config.total_steps
     assert steps >= 10 and steps % round(1 / config.milestones.fraction) == 0  # ten milestones, equally spaced
     plan = plan_memory(config, gpus=1, gpu_memory_gb=80)
-    assert plan.peak < 0.5 * 80e9  # half the card: the other half is the fine-tune's and the allocator's
+    assert plan.peak < 0.9 * 80e9

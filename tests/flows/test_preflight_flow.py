@@ -58,6 +58,7 @@ def test_7b_deployment_fails_in_preflight_before_any_download(prefect_server, ra
     lines = {line.split(":")[0]: line for line in str(raised.value).splitlines()[1:]}
     assert lines["gpus"].startswith("gpus: Ray cluster has 0 GPUs") and "needs 8 GPUs" in lines["gpus"]
     assert lines["hub"].startswith("hub: Hub not usable") and "Connection refused" in lines["hub"]
+    assert "a milestone fine-tune never fits" in lines["milestones"]  # 8 fine-tune GPUs on a CPU-only Ray
     assert not (tmp_path / "state" / "data" / "cerebras-slimpajama-627b").exists()  # nothing downloaded
     rows = _artifact_rows(f"preflight-{params['run_name']}")
     assert [r["result"] for r in rows if r["check"] in ("gpus", "hub")] == ["failed", "failed"]
@@ -68,6 +69,11 @@ def test_tiny_deployment_passes_its_preflight(prefect_server, tmp_path):
     state = tmp_path / "state"
     needs = {"workers": params["workers"], "gpus_per_worker": params["gpus_per_worker"], "source": params["source"],
              "storage": str(state / "checkpoints"), "data_dir": str(state / "data"), "state_dir": str(state)}
-    rows = preflight_stage(params["run_name"], needs)
+    needs |= {"milestone_mode": params["milestone_mode"],
+              "finetune_workers": params["milestones"]["finetune_workers"]}
+    assert preflight_stage(params["run_name"], needs) == "dedicated"
+    rows = _artifact_rows(f"preflight-{params['run_name']}")
     assert {r["result"] for r in rows} <= {"ok", "skipped"}
-    assert {r["check"]: r["result"] for r in rows}["shared paths"] == "ok"
+    results = {r["check"]: r for r in rows}
+    assert results["shared paths"]["result"] == "ok"
+    assert results["milestones"]["detail"].startswith("auto -> dedicated")

@@ -148,10 +148,9 @@ def test_deployments_score_lambada():
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[3] / "prefect.yaml").read_text())
     deployments = {d["name"]: d for d in spec["deployments"]}
-    tiny, big = deployments["tiny"]["parameters"], deployments["7b"]["parameters"]
+    tiny, big = deployments["tiny"]["parameters"]["milestones"], deployments["7b"]["parameters"]["milestones"]
     assert tiny["lambada"] == "shipped" and tiny["eval_limit"] <= 32
     assert big["lambada"] == HUB_LAMBADA and "eval_limit" not in big and "finetune_steps" not in big
     assert 0 < tiny["finetune_steps"] < 10  # fewer than the flow's default: ten milestone runs go in a row
     (trigger,) = deployments["auto"]["triggers"]
-    assert trigger["parameters"]["lambada"] == "{{ event.payload.lambada }}"
-    assert trigger["parameters"]["eval_limit"] == "{{ event.payload.eval_limit }}"
+    assert trigger["parameters"]["settings"] == "{{ event.payload.settings }}"  # LAMBADA settings travel in it

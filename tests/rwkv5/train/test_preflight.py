@@ -100,7 +100,8 @@ def test_tiny_run_passes_without_starting_ray(tmp_path, monkeypatch):
     monkeypatch.setattr("rwkv5.train.launch.ensure_ray", no_ray)
     state = tmp_path / "state"
     report = run_preflight(RunNeeds(0, 0, str(state / "checkpoints"), str(state / "data"), str(state), "sample"))
-    assert [c.status for c in report.checks] == ["skipped", "ok", "ok", "skipped", "skipped"]
+    assert [c.status for c in report.checks] == ["skipped", "ok", "ok", "ok", "skipped", "skipped"]
+    assert report.milestone_mode == "dedicated"  # both sides in processes of their own
     report.raise_if_failed()
 
 
@@ -109,11 +110,71 @@ def test_7b_on_a_cpu_cluster_without_the_hub_fails_fast_with_one_line_each(ray_c
     state = tmp_path / "state"
     start = time.perf_counter()
     report = run_preflight(RunNeeds(8, 1, str(state / "checkpoints"), str(state / "data"), str(state),
-                                    "cerebras/SlimPajama-627B", fraction=1e-6))
+                                    "cerebras/SlimPajama-627B", fraction=1e-6, finetune_workers=8,
+                                    finetune_gpus_per_worker=1))
     assert time.perf_counter() - start < 30
     with pytest.raises(PreflightFailed) as raised:
         report.raise_if_failed()
     lines = str(raised.value).splitlines()[1:]
-    assert [line.split(":")[0] for line in lines] == ["gpus", "hub"]
+    assert [line.split(":")[0] for line in lines] == ["gpus", "milestones", "hub"]
     assert "the run needs 8 GPUs" in lines[0]
+    assert "a milestone fine-tune never fits" in lines[1] and report.milestone_mode is None
     assert report.checks[-1].status == "skipped"  # no kernel build without a GPU worker
+
+
+_PLACEMENT_ON_A_GPU_CLUSTER = """
+import json, os, sys
+from ray.cluster_utils import Cluster
+from rwkv5.train.preflight import RunNeeds, milestone_placement
+
+workers, gpus, finetune_workers = (int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]))
+needs = RunNeeds(workers, gpus, "unused", "unused", "unused", "sample", milestone_mode="auto",
+                 finetune_workers=finetune_workers, finetune_gpus_per_worker=gpus)
+cluster = Cluster()
+try:
+    cluster.add_node(num_cpus=16, num_gpus=8, include_dashboard=False)  # declared, as `ray start --num-gpus 8`
+    cluster.wait_for_nodes()
+    cluster.connect()
+    rows = []
+    for _ in range(2):  # one node of 8 GPUs, then a second one: 16
+        check, placement = milestone_placement(needs)
+        rows.append({"status": check.status, "detail": check.detail, "mode": placement.mode})
+        if len(rows) == 1:
+            cluster.add_node(num_cpus=16, num_gpus=8)
+            cluster.wait_for_nodes()
+    print("RESULT " + json.dumps(rows))
+finally:
+    import ray
+
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_auto_resolves_on_ray_clusters_that_declare_8_and_16_gpus(tmp_path):
+    """The 7b deployment's numbers on a real local Ray cluster (its own, in a child process; the GPUs are declared,
+    not present): shared on one node of 8 GPUs, dedicated once a second node makes 16."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[3]
+    spec = yaml.safe_load((repo / "prefect.yaml").read_text())
+    (params,) = [d["parameters"] for d in spec["deployments"] if d["name"] == "7b"]
+    args = [str(params["workers"]), str(params["gpus_per_worker"]), str(params["milestones"]["finetune_workers"])]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    done = subprocess.run([sys.executable, "-c", _PLACEMENT_ON_A_GPU_CLUSTER, *args], capture_output=True, text=True,
+                          cwd=repo, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    one_node, two_nodes = json.loads(line.removeprefix("RESULT "))
+    assert one_node["status"] == "ok" and one_node["mode"] == "shared"
+    assert one_node["detail"].startswith("auto -> shared: the cluster has 8 GPUs and 16 CPUs")
+    assert "pretraining takes 8 GPUs (8 x 1), a fine-tune 8 GPUs (8 x 1)" in one_node["detail"]
+    assert two_nodes["status"] == "ok" and two_nodes["mode"] == "dedicated"
+    assert two_nodes["detail"].startswith("auto -> dedicated: the cluster has 16 GPUs and 32 CPUs")

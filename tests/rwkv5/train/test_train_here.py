@@ -41,3 +41,28 @@ def test_stopped_run_resumes_exactly_and_needs_resume(token_data, small_run, tmp
 def test_remote_storage_is_refused_with_the_paths(token_data, small_run):
     with pytest.raises(ConfigError, match="s3://bucket/runs"):
         train_here(small_run(2), "remote", token_data, "s3://bucket/runs")
+
+
+def test_a_run_paused_at_every_milestone_trains_like_one_that_never_paused(token_data, small_run, tmp_path):
+    """Milestone mode `shared`: training ends at each milestone (its checkpoint saved, its files written) and a
+    new launch resumes it; step for step, the same samples and the same losses as the straight run."""
+    steps = 8
+    straight_cfg = small_run(steps, **{"milestones.fraction": 0.25, "checkpoint.every_steps": 3})
+    train_here(straight_cfg, "straight", token_data, tmp_path, callbacks=[TraceCallback(tmp_path / "a.jsonl")])
+
+    paused_cfg = straight_cfg.model_copy(update={"milestones": straight_cfg.milestones.model_copy(
+        update={"pause": True})})
+    trace, stops = tmp_path / "b.jsonl", []
+    while not stops or stops[-1] < steps:
+        state = train_here(paused_cfg, "paused", token_data, tmp_path, resume=bool(stops),
+                           callbacks=[TraceCallback(trace)])
+        stops.append(state.step)
+        done = sorted(p.parent.name for p in (tmp_path / "paused" / "milestones").glob("m*/done.json"))
+        assert len(done) == len(stops), "each launch ends right after its milestone is written"
+    assert stops == [2, 4, 6, 8]
+
+    want, got = _rows(tmp_path / "a.jsonl"), _rows(trace)
+    assert sorted(got) == sorted(want) == list(range(steps))
+    for step in want:
+        assert got[step]["ids"] == want[step]["ids"], f"step {step} read other samples"
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-6), step
