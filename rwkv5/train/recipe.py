@@ -23,7 +23,7 @@ real `train()` on one H100: bench/results/train-7b-L8-1gpu-h100.json (bench/NOTE
 throughput"). It is the best measured stand-in for the 8-GPU run, whose all-gather and reduce-scatter it
 does not contain."""
 
-HOUR_S = 3600.0
+_HOUR_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -76,15 +76,15 @@ def plan_recipe(cfg: RunConfig, gpus: int, mfu: float | None = None) -> Recipe:
         sequences_per_step=cfg.batch.global_batch, ctx_len=cfg.batch.ctx_len, tokens_per_step=cfg.tokens_per_step,
         total_steps=cfg.total_steps, mfu=mfu, tokens_per_s=tokens_per_s, step_s=step_s,
         checkpoint_every_steps=cfg.checkpoint.every_steps, checkpoint_interval_s=interval_s,
-        hour_mfu=mfu * interval_s / HOUR_S, run_s=cfg.total_steps * step_s,
+        hour_mfu=mfu * interval_s / _HOUR_S, run_s=cfg.total_steps * step_s,
     )
 
 
 def _duration(seconds: float) -> str:
     if seconds >= 2 * 86400:
         return f"{seconds / 86400:.1f} days"
-    if seconds >= 2 * HOUR_S:
-        return f"{seconds / HOUR_S:.1f} h"
+    if seconds >= 2 * _HOUR_S:
+        return f"{seconds / _HOUR_S:.1f} h"
     if seconds >= 120:
         return f"{seconds / 60:.0f} min"
     return f"{seconds:.0f} s"

@@ -32,9 +32,9 @@ def test_7b_checkpoints_at_most_an_hour_apart_at_the_recorded_mfu():
     record = json.loads(RECORD.read_text())
     assert REFERENCE_MFU == pytest.approx(record["mfu"], abs=5e-4)
     recipe = plan_recipe(run_preset("7b"), gpus=8)
-    assert recipe.mfu == REFERENCE_MFU
+    # Within the hour with a margin for the 8-GPU communication the measurement lacks, not needlessly often.
     assert 0.75 * 3600 <= recipe.checkpoint_interval_s <= 3600, recipe
-    assert recipe.hour_mfu < REFERENCE_MFU
+    assert recipe.hour_mfu == pytest.approx(REFERENCE_MFU * recipe.checkpoint_interval_s / 3600)
 
 
 def test_expected_step_time_reproduces_the_recorded_measurement():
