@@ -47,12 +47,16 @@ def plan(
     preset: str = typer.Option("7b", help="Run preset name."),
     gpus: int = typer.Option(8, help="Data-parallel GPUs (ZeRO-2 partitions over them)."),
     gpu_memory: float = typer.Option(80.0, help="Memory of one GPU in GB."),
+    mfu: float | None = typer.Option(None, help="MFU of the expected speed. Default: the recorded 7b-width measurement."),
 ) -> None:
-    """Print the memory a run preset needs per GPU under ZeRO-2 (computed, nothing allocated)."""
+    """Print a run preset's memory per GPU under ZeRO-2 and its recipe: batch, steps, expected speed, checkpoints."""
     from rwkv5.train.config import run_preset
     from rwkv5.train.memory_plan import format_plan, plan_memory
+    from rwkv5.train.recipe import format_recipe, plan_recipe
 
-    typer.echo(format_plan(plan_memory(run_preset(preset), gpus, gpu_memory)))
+    cfg = run_preset(preset)
+    typer.echo(format_plan(plan_memory(cfg, gpus, gpu_memory)))
+    typer.echo(format_recipe(plan_recipe(cfg, gpus, mfu)))
 
 
 @data_app.command("download")

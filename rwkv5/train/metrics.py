@@ -10,12 +10,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["mfu", "StepTimer"]
+__all__ = ["mfu", "tokens_per_s_at", "StepTimer"]
 
 
 def mfu(matmul_params: int, tokens_per_s: float, peak_flops: float, devices: int = 1) -> float:
     """Model FLOP utilisation in [0, 1] for `tokens_per_s` summed over `devices` devices."""
     return 6.0 * matmul_params * tokens_per_s / (peak_flops * devices)
+
+
+def tokens_per_s_at(matmul_params: int, mfu_value: float, peak_flops: float, devices: int = 1) -> float:
+    """Tokens/s summed over `devices` devices that run at `mfu_value`: `mfu` solved for the throughput."""
+    return mfu_value * peak_flops * devices / (6.0 * matmul_params)
 
 
 @dataclass

@@ -15,7 +15,7 @@ def test_7b_preset_fits_8x80gb_with_headroom_and_one_more_sequence_would_not():
     cfg = run_preset("7b")
     plan = plan_memory(cfg, gpus=8, gpu_memory_gb=80)
     assert plan.fits(0.10), plan
-    assert plan.grad_accum == 64 and plan.activation_memory == "selective" and plan.micro_batch == 2
+    assert plan.grad_accum == 7 and plan.activation_memory == "selective" and plan.micro_batch == 2
     assert not plan_memory(cfg, 8, 80, micro_batch=plan.micro_batch + 1).fits(0.10)
     assert not plan_memory(cfg, 8, 80, activation_memory="none").fits(0.10)
 
