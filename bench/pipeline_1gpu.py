@@ -166,6 +166,43 @@ def _releases(layout, run_name: str) -> list[dict]:
     return found
 
 
+def _milestone_mode(api_url: str, run_name: str) -> dict:
+    """The preflight's milestone row: the mode the run used and the GPU numbers behind it."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.paths import artifact_key
+
+    with SyncPrefectClient(api_url) as client:
+        found = client.read_latest_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key("preflight", run_name)])))
+    rows = (json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data) if found else []
+    return next((row for row in rows if row.get("check") == "milestones"), {})
+
+
+def _beside(record: dict, other: Path) -> dict:
+    """Pretraining tokens/s of this run next to an earlier record's (a ratio; cards named, since only the same
+    card compares)."""
+    if not other.is_file():
+        return {}
+    before = json.loads(other.read_text())
+    now = record["mlflow"].get("pretrain", {}).get("metrics", {}).get("tokens_per_s", {})
+    then = before.get("mlflow", {}).get("pretrain", {}).get("metrics", {}).get("tokens_per_s", {})
+    if not now.get("median") or not then.get("median"):
+        return {}
+    return {"record": str(other.relative_to(REPO)), "gpu": before.get("environment", {}).get("gpu"),
+            "gpus_per_worker": before.get("parameters", {}).get("gpus_per_worker"),
+            "tokens_per_s_median": then["median"], "this_run_tokens_per_s_median": now["median"],
+            "ratio": round(now["median"] / then["median"], 3)}
+
+
+def _complete(record: dict) -> bool:
+    """The pretrain flow run and ten milestone runs Completed, ten releases with manifests."""
+    p = record["prefect"]
+    return (p["pretrain"]["state"] == "Completed" and p["milestone_runs_completed"] >= 10
+            and sum(r["manifest"] for r in record["releases"]) >= 10)
+
+
 def _environment() -> dict:
     import torch
 
@@ -186,6 +223,8 @@ def main() -> None:
                         help="stop waiting this long after `prefect deployment run` and record what finished")
     parser.add_argument("--keep", action="store_true", help="leave the stack running")
     parser.add_argument("--deployment", default=DEPLOYMENT, help="another pretrain deployment (a CPU rehearsal)")
+    parser.add_argument("--beside", type=Path, default=REPO / "bench/results/pipeline-1gpu-h100.json",
+                        help="an earlier record whose pretraining tokens/s this run's is set beside")
     args = parser.parse_args()
     from data_prep.atomic import atomic_write_text
     from flows.paths import Layout
@@ -218,7 +257,9 @@ def main() -> None:
             "mlflow": _mlflow_record(cfg.mlflow_url, run_name),
             "milestone_table": MilestoneTable(layout.milestone_results(run_name)).rows(),
             "releases": _releases(layout, run_name),
+            "milestone_mode": _milestone_mode(cfg.prefect_api_url, run_name),
         }
+        record = {"complete": _complete(record), **record, "beside": _beside(record, args.beside)}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(record, indent=1, default=str))
         p, m = record["prefect"], record["mlflow"].get("pretrain", {})
@@ -227,6 +268,8 @@ def main() -> None:
         print(f"releases with manifest: {sum(r['manifest'] for r in record['releases'])}; "
               f"wkv_backend: {m.get('params', {}).get('wkv_backend')}; "
               f"tokens/s: {m.get('metrics', {}).get('tokens_per_s')}; mfu: {m.get('metrics', {}).get('mfu')}")
+        print(f"milestones: {record['milestone_mode'].get('detail')}; complete: {record['complete']}; "
+              f"beside: {record['beside']}")
         print(f"wrote {args.out}")
     finally:
         if not args.keep:

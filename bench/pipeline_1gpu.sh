@@ -6,7 +6,8 @@
 # extension) and bench/pipeline_1gpu.py in a session of their own (setsid), so the run outlives the call: one
 # call may run 10 minutes, and the whole run (stack start, pretraining, ten milestone runs of ~40 s each on an
 # H100) takes about that long. Each mode waits up to WAIT_S (default 540) for the run's JSON, then copies to
-# $OUT what there is: pipeline-1gpu-<card>.json, the run's log and the stack's and Ray's logs (logs.tgz).
+# $OUT what there is: $RECORD-<card>.json (default pipeline-1gpu-shared), the run's log and the stack's and
+# Ray's logs (logs.tgz).
 set -uo pipefail
 mode=${1:?start or finish}
 wait_s=${2:-540}
@@ -19,7 +20,7 @@ export TORCH_CUDA_ARCH_LIST=9.0 RWKV5_KERNEL_CACHE=/tmp/rwkv5-kernels TORCHINDUC
 export RWKV5_HOME=/tmp/rwkv5-state PREFECT_UI_ENABLED=false PREFECT_WORKER_QUERY_SECONDS=2
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 case "$gpu" in *H200*) card=h200 ;; *H100*) card=h100 ;; *) card=gpu ;; esac
-result=/tmp/pipeline-1gpu-$card.json
+result=/tmp/${RECORD:-pipeline-1gpu-shared}-$card.json
 
 if [[ $mode == start ]]; then
   echo "$gpu -> $card"

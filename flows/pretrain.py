@@ -25,6 +25,7 @@ from flows.events import (
 )
 from flows.milestone_runs import run_milestone
 from flows.paths import Layout, artifact_key
+from rwkv5.train.config import run_preset
 from rwkv5.train.milestone_settings import MilestoneSettings, settings_from
 
 __all__ = ["pretrain", "SAMPLE_SOURCE", "HUB_SOURCE"]
@@ -174,11 +175,13 @@ def pretrain(
     name = "sample" if source == SAMPLE_SOURCE else source
     raw = str(layout.source_dir(name))
     settings = settings_from(milestones).for_run(name, gpus_per_worker)
+    batch = run_preset(preset).batch
     mode = preflight_stage(run_name, {
         "workers": workers, "gpus_per_worker": gpus_per_worker, "source": source,
         "storage": str(layout.checkpoints), "data_dir": str(layout.root / "data"), "state_dir": str(layout.root),
         "revision": revision, "splits": tuple(splits), "fraction": fraction, "milestone_mode": milestone_mode,
-        "finetune_workers": settings.finetune_workers, "finetune_gpus_per_worker": settings.gpus_per_worker})
+        "finetune_workers": settings.finetune_workers, "finetune_gpus_per_worker": settings.gpus_per_worker,
+        "micro_batch": batch.micro_batch, "global_batch": batch.global_batch})
     if source == SAMPLE_SOURCE:
         source = build_sample_stage(str(layout.source_dir("sample-build")))
     download_stage(source, raw, splits, fraction, revision)

@@ -23,7 +23,7 @@ from rwkv5.errors import Rwkv5Error
 from rwkv5.train.milestone_settings import Placement, place_milestones
 
 __all__ = ["Check", "Preflight", "PreflightFailed", "RunNeeds", "cluster_resources", "shared_paths", "disk_space",
-           "estimate_bytes", "hub_access", "kernel_build", "milestone_placement", "run_preflight"]
+           "estimate_bytes", "hub_access", "kernel_build", "milestone_placement", "batch_split", "run_preflight"]
 
 # SlimPajama-627B per split: (compressed bytes on the Hub, tokens). Shards hold uint16 ids: 2 bytes a token.
 SLIMPAJAMA_SPLITS = {"train": (895e9, 627e9), "validation": (1e9, 0.5e9), "test": (1e9, 0.5e9)}
@@ -77,6 +77,8 @@ class RunNeeds:
             (`rwkv5.train.milestone_settings`). Default: "auto".
         finetune_workers: Ray Train workers of each milestone fine-tune; 0 = the milestone flow's process.
         finetune_gpus_per_worker: GPUs each of those workers asks for.
+        micro_batch, global_batch: the run preset's batch (sequences per worker per micro-step, per optimizer
+            step); 0 skips the batch check.
     """
 
     workers: int
@@ -91,6 +93,8 @@ class RunNeeds:
     milestone_mode: str = "auto"
     finetune_workers: int = 0
     finetune_gpus_per_worker: float = 0.0
+    micro_batch: int = 0
+    global_batch: int = 0
 
 
 @dataclass
@@ -197,6 +201,23 @@ def milestone_placement(needs: "RunNeeds", total: dict | None = None,
                                  needs.finetune_gpus_per_worker, gpus, cpus)
     check = Check("milestones", "ok" if placement.ok else "failed", placement.detail, time.perf_counter() - start)
     return check, placement
+
+
+def _batch_split(workers: int, micro_batch: int, global_batch: int) -> tuple[str, str]:
+    shards = max(workers, 1)
+    per_step = micro_batch * shards
+    if global_batch % per_step:
+        fits = [n for n in range(1, global_batch // micro_batch + 1) if (global_batch // micro_batch) % n == 0]
+        return "failed", (f"{global_batch} sequences per step do not split into micro-batches of {micro_batch} over "
+                          f"{shards} workers; worker counts that do: {', '.join(map(str, fits))}")
+    return "ok", (f"{global_batch} sequences per step = micro-batch {micro_batch} x {global_batch // per_step} "
+                  f"accumulations x {shards} workers")
+
+
+def batch_split(workers: int, micro_batch: int, global_batch: int) -> Check:
+    """The preset's global batch splits evenly over the workers (the sample order needs it): else one line that
+    names the worker counts that do."""
+    return _timed("batch", _batch_split, workers, micro_batch, global_batch)
 
 
 def _write_probe(path: str, name: str, text: str) -> None:
@@ -386,6 +407,8 @@ def run_preflight(needs: RunNeeds) -> Preflight:
               else _skip("gpus", "trains in this process, without Ray")]
     placement_check, placement = milestone_placement(needs)
     checks.append(placement_check)
+    if needs.global_batch:
+        checks.append(batch_split(needs.workers, needs.micro_batch, needs.global_batch))
     checks.append(shared_paths({"storage": needs.storage, "data": needs.data_dir}, on_ray))
     checks.append(disk_space(needs.state_dir, needs.source, tuple(needs.splits), needs.fraction))
     local = needs.source == "sample" or "://" in needs.source or Path(needs.source).is_dir()

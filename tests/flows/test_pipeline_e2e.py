@@ -239,3 +239,44 @@ def test_dashboard_shows_stages_and_artifacts(stack, finished_run):
         assert any(stage in t for t in texts["graph"]), (stage, texts["graph"][:20])
     assert any(artifact_key("loss-curve", RUN) in t for t in texts["artifacts"]), texts["artifacts"][:20]
     assert shot.stat().st_size > 10_000
+
+
+SHARED_RUN = "e2e-shared"
+
+
+def test_shared_mode_pauses_pretraining_for_each_milestone(stack):
+    """`pretrain/tiny` in milestone mode `shared`, as on one 8-GPU node: pretraining stops at each milestone, the
+    pretrain flow runs that milestone's flow run (a subflow of the milestone deployment) and waits for it, then
+    resumes; ten milestone runs completed in order, each before the steps after its milestone were trained, and
+    the whole token budget trained once."""
+    layout = Layout(stack.state_dir)
+    _run_deployment(stack, "pretrain/tiny", {"run_name": SHARED_RUN, "token_budget": BUDGET,
+                                             "milestone_mode": "shared"}, timeout=1800)
+    (pretrain_run,) = [r for r in _flow_runs(stack, "pretrain") if r.parameters.get("run_name") == SHARED_RUN]
+    assert pretrain_run.state.is_completed(), pretrain_run.state
+    runs = sorted(_milestone_runs(stack, SHARED_RUN), key=lambda r: int(r.parameters["percent"]))
+    assert [(int(r.parameters["percent"]), r.state.type.value) for r in runs] == [
+        (percent, "COMPLETED") for percent in PERCENTS]
+    assert all(r.parent_task_run_id is not None for r in runs)  # started by the pretrain flow, not the event
+    assert all(r.deployment_id == runs[0].deployment_id is not None for r in runs)
+
+    rows = [json.loads(line) for line in (layout.checkpoints / SHARED_RUN / "trace.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(40))  # every step once: no step trained twice or skipped
+    assert rows[-1]["tokens_seen"] == BUDGET
+    for run in runs:
+        milestone_step = int(run.parameters["step"])  # steps finished when pretraining paused
+        resumed = [row["time"] for row in rows if row["step"] >= milestone_step]
+        if resumed:  # pretraining resumed only after the milestone's run had finished
+            assert min(resumed) > run.end_time.timestamp(), (run.parameters["percent"], run.end_time)
+    ends = [r.end_time for r in runs]
+    assert ends == sorted(ends)
+
+    preflight = _artifact(stack, artifact_key("preflight", SHARED_RUN))
+    checks = {row["check"]: row for row in (json.loads(preflight.data) if isinstance(preflight.data, str)
+                                            else preflight.data)}
+    assert checks["milestones"]["detail"].startswith("shared -> shared")
+    budget = _artifact(stack, artifact_key("budget", SHARED_RUN))
+    assert float(budget.data) == pytest.approx(100.0)
+    table = _artifact(stack, artifact_key("milestones", SHARED_RUN))
+    assert [row["percent"] for row in (json.loads(table.data) if isinstance(table.data, str) else table.data)] == (
+        PERCENTS)

@@ -178,3 +178,13 @@ def test_auto_resolves_on_ray_clusters_that_declare_8_and_16_gpus(tmp_path):
     assert "pretraining takes 8 GPUs (8 x 1), a fine-tune 8 GPUs (8 x 1)" in one_node["detail"]
     assert two_nodes["status"] == "ok" and two_nodes["mode"] == "dedicated"
     assert two_nodes["detail"].startswith("auto -> dedicated: the cluster has 16 GPUs and 32 CPUs")
+
+
+def test_batch_split_names_the_worker_counts_that_work():
+    from rwkv5.train.preflight import batch_split
+
+    ok = batch_split(8, 2, 112)  # the 7b preset on one node
+    assert ok.status == "ok" and ok.detail == "112 sequences per step = micro-batch 2 x 7 accumulations x 8 workers"
+    bad = batch_split(16, 2, 112)
+    assert bad.failed and "over 16 workers" in bad.detail and bad.detail.endswith("1, 2, 4, 7, 8, 14, 28, 56")
+    assert batch_split(0, 2, 8).status == "ok"  # in-process: one worker
