@@ -9,16 +9,15 @@ import json
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from data_prep.tokenizer import load_tokenizer  # noqa: E402
-from rwkv5.checkpoint import save_checkpoint  # noqa: E402
-from rwkv5.config import ModelConfig  # noqa: E402
-from rwkv5.export import HF_CODE_DIR, HF_CODE_FILES, export_safetensors  # noqa: E402
-from rwkv5.infer import generate  # noqa: E402
-from rwkv5.release.publish import MANIFEST, build_release  # noqa: E402
-from tests.rwkv5.test_export import rel_err, run_cli  # noqa: E402
+from data_prep.tokenizer import load_tokenizer
+from rwkv5.checkpoint import save_checkpoint
+from rwkv5.config import ModelConfig
+from rwkv5.export import HF_CODE_DIR, HF_CODE_FILES, export_safetensors
+from rwkv5.infer import generate
+from rwkv5.release.publish import MANIFEST, build_release
+from tests.rwkv5.test_export import rel_err, run_cli
 
 # Small vocabularies where the tokenizer is not involved; 3 layers so that block 0's pre_ln and later blocks both
 # count; T = 77 spans whole and partial WKV chunks.
@@ -164,3 +163,6 @@ def test_release_folders_load_in_transformers(random_model, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(folder / "base", trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(folder / "base", trust_remote_code=True)
     assert model.dtype == torch.bfloat16 and tokenizer.encode("Hello") == load_tokenizer().encode("Hello")
+    card = (folder / "README.md").read_text()
+    assert 'AutoModelForCausalLM.from_pretrained("<release>/base", trust_remote_code=True)' in card
+    assert "eps 64e-5 on y itself (`group_norm_epsilon`" in card and "`rescale_every: 0`" in card
