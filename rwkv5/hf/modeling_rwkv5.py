@@ -225,18 +225,14 @@ class Rwkv5CausalLMOutput(ModelOutput):
 class Rwkv5Model(Rwkv5PreTrainedModel):
     """Embedding, blocks, final LayerNorm."""
 
+    _input_embed_layer = "embeddings"
+
     def __init__(self, config: Rwkv5Config):
         super().__init__(config)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Rwkv5Block(config, i) for i in range(config.num_hidden_layers))
         self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embeddings
-
-    def set_input_embeddings(self, value):
-        self.embeddings = value
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, state: Rwkv5State | None = None,
                 use_cache: bool | None = None, output_hidden_states: bool | None = None,
