@@ -204,7 +204,11 @@ def log_eval_report(
 
 def log_milestone_evals(run_name: str, tag: str, evals: Mapping[str, dict]) -> str:
     """Each variant's eval report into the milestone's own run (experiment "rwkv5-milestones", one run per
-    milestone, found again by its tag when a milestone is evaluated again); returns the run id."""
+    milestone, found again by its tag when a milestone is evaluated again); returns the run id.
+
+    Metrics are `eval.<variant>.<name>` (`rwkv5.eval.evaluate.flat_metrics`); when base and fine-tune both
+    hold the held-out chat loss, it is also logged as `chat_loss_before` and `chat_loss_after`, the milestone
+    table's names for the fine-tune's effect."""
     client = _client()
     exp = client.get_experiment_by_name(MILESTONE_EXPERIMENT)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(MILESTONE_EXPERIMENT)
@@ -214,6 +218,9 @@ def log_milestone_evals(run_name: str, tag: str, evals: Mapping[str, dict]) -> s
         exp_id, run_name=key, tags={_MILESTONE_TAG: key, RUN_TAG: run_name}).info.run_id
     for variant, report in evals.items():
         log_eval_report(report, run_id=run_id, prefix=f"eval.{variant}.", artifact_file=f"eval/{variant}.json")
+    if "chat" in evals.get("base", {}) and "chat" in evals.get("finetune", {}):
+        client.log_metric(run_id, "chat_loss_before", float(evals["base"]["chat"]["loss"]))
+        client.log_metric(run_id, "chat_loss_after", float(evals["finetune"]["chat"]["loss"]))
     client.set_terminated(run_id)
     return run_id
 

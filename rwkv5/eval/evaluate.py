@@ -1,4 +1,5 @@
-"""Evaluation: validation loss and perplexity per SlimPajama source, LAMBADA, and the report around them.
+"""Evaluation: validation loss and perplexity per SlimPajama source, LAMBADA, the held-out chat loss, and the
+report around them.
 
 Windows come from the validation split in stream order (each exactly once), so the numbers are a pure
 function of the checkpoint and the dataset. `evaluate_checkpoint` runs what is asked for (`rwkv5 eval`),
@@ -20,10 +21,12 @@ import torch.nn.functional as F
 
 from data_prep.loader import validation_dataset
 from rwkv5.model import RWKV5
+from rwkv5.train.chat import DEFAULT_HELDOUT
 
 __all__ = [
     "ValidationResult",
     "validation_loss",
+    "chat_heldout_loss",
     "evaluate_checkpoint",
     "evaluate_saved",
     "flat_metrics",
@@ -94,6 +97,31 @@ def validation_loss(
     return ValidationResult(loss=sum(sums.values()) / max(tokens, 1), tokens=tokens, by_source=by_source)
 
 
+def chat_heldout_loss(model: RWKV5, encode, chat_data: str | os.PathLike, heldout: int = DEFAULT_HELDOUT,
+                      max_len: int | None = 1024) -> dict:
+    """Mean loss per assistant token (no L2-wrap) on the held-out samples of a chat file: the samples the
+    milestone fine-tune leaves out (`rwkv5.train.chat.heldout_split`), so base and fine-tune are scored on one
+    fixed set the fine-tune never saw.
+
+    Args:
+        model (RWKV5): the model (its device is used).
+        encode: text -> token ids (the fine-tune's tokenizer).
+        chat_data: a local chat JSONL in a shape of `rwkv5.train.chat_formats`.
+        heldout (int): held-out samples; the fine-tune's `heldout`. Default: DEFAULT_HELDOUT.
+        max_len (int, optional): samples cut to this many tokens, as the fine-tune cuts them. Default: 1024.
+
+    Returns:
+        `{"loss", "samples", "tokens"}`: samples and assistant tokens scored (held-out samples without an
+        assistant token within `max_len` are skipped).
+    """
+    from rwkv5.train.chat import assistant_loss, encode_chat_samples, heldout_split, read_chat_jsonl
+
+    _, held = heldout_split(read_chat_jsonl(chat_data), heldout)
+    encoded = encode_chat_samples(held, encode, max_len)
+    return {"loss": assistant_loss(model, encoded), "samples": len(encoded),
+            "tokens": sum(sum(mask[1:]) for _, mask in encoded)}
+
+
 def eval_device(model_bytes: int) -> torch.device:
     """The GPU when one is visible and has room for the model twice over (weights, activations, logits); else
     the CPU. On one GPU shared with training, a small model's evaluation takes seconds there instead of tens
@@ -106,10 +134,11 @@ def eval_device(model_bytes: int) -> torch.device:
 
 
 def evaluate_saved(checkpoint: str | os.PathLike, validation: str | None = None, lambada: str | None = None,
-                   ctx_len: int = 128, limit: int | None = None) -> dict:
+                   ctx_len: int = 128, limit: int | None = None, chat_data: str | None = None,
+                   chat_heldout: int = DEFAULT_HELDOUT, chat_max_len: int | None = 1024) -> dict:
     """`evaluate_checkpoint` of a saved checkpoint (native or RWKV .pth) in float32 (on `eval_device`), with
     the RWKV World tokenizer: what a milestone evaluates for its base and its fine-tune. The report's
-    "device" says where it ran."""
+    "device" says where it ran; with `chat_data` (a local file) it holds the held-out chat loss, "chat"."""
     from data_prep.tokenizer import load_tokenizer
     from rwkv5.checkpoint import load_checkpoint
     from rwkv5.quantize import weight_bytes
@@ -117,7 +146,8 @@ def evaluate_saved(checkpoint: str | os.PathLike, validation: str | None = None,
     model, _ = load_checkpoint(checkpoint, dtype=torch.float32)
     device = eval_device(weight_bytes(model))
     report = evaluate_checkpoint(model.to(device).eval(), load_tokenizer().encode, lambada=lambada,
-                                 validation=validation, limit=limit, ctx_len=ctx_len)
+                                 validation=validation, limit=limit, ctx_len=ctx_len, chat_data=chat_data,
+                                 chat_heldout=chat_heldout, chat_max_len=chat_max_len)
     return report | {"device": device.type}
 
 
@@ -129,6 +159,9 @@ def evaluate_checkpoint(
     limit: int | None = None,
     ctx_len: int = 128,
     batch_size: int = 4,
+    chat_data: str | None = None,
+    chat_heldout: int = DEFAULT_HELDOUT,
+    chat_max_len: int | None = 1024,
 ) -> dict:
     """The evaluations asked for, as one JSON-ready report.
 
@@ -139,10 +172,12 @@ def evaluate_checkpoint(
         validation (str, optional): tokenized validation split (manifest.json).
         limit (int, optional): first LAMBADA passages / validation windows only (smoke runs). Default: all.
         ctx_len (int), batch_size (int): validation windows. Defaults: 128, 4.
+        chat_data (str, optional): chat JSONL whose held-out samples are scored (`chat_heldout_loss`).
+        chat_heldout (int), chat_max_len (int, optional): see `chat_heldout_loss`. Defaults: 32, 1024.
 
     Returns:
-        `{"lambada": {"accuracy", "ppl", "samples"}, "validation": {"loss", "ppl", "tokens", "by_source"}}`,
-        with only the parts asked for.
+        `{"lambada": {"accuracy", "ppl", "samples"}, "validation": {"loss", "ppl", "tokens", "by_source"},
+        "chat": {"loss", "samples", "tokens"}}`, with only the parts asked for.
     """
     from rwkv5.eval.lambada import lambada_eval
 
@@ -151,12 +186,16 @@ def evaluate_checkpoint(
         report["lambada"] = lambada_eval(model, encode, lambada, limit=limit).to_dict()
     if validation:
         report["validation"] = validation_loss(model, validation, ctx_len, batch_size, max_windows=limit).to_dict()
+    if chat_data:
+        report["chat"] = chat_heldout_loss(model, encode, chat_data, chat_heldout, chat_max_len)
     return report
 
 
 def flat_metrics(report: dict) -> dict[str, float]:
-    """MLflow metric names for a report: `lambada_accuracy`, `val_loss`, `val_loss.<source>`, ..."""
+    """MLflow metric names for a report: `lambada_accuracy`, `val_loss`, `val_loss.<source>`, `chat_loss`, ..."""
     metrics: dict[str, float] = {}
+    if "chat" in report:
+        metrics["chat_loss"] = report["chat"]["loss"]
     if "lambada" in report:
         metrics["lambada_accuracy"] = report["lambada"]["accuracy"]
         metrics["lambada_ppl"] = report["lambada"]["ppl"]
@@ -181,6 +220,9 @@ def format_table(report: dict) -> str:
                  ("validation ppl", f"{val['ppl']:.3f}")]
         for source, row in val["by_source"].items():
             rows.append((f"  {source} loss / ppl", f"{row['loss']:.4f} / {row['ppl']:.3f}"))
+    if "chat" in report:
+        chat = report["chat"]
+        rows.append((f"held-out chat loss (samples={chat['samples']}, tokens={chat['tokens']})", f"{chat['loss']:.4f}"))
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:<{width}}  {value}" for name, value in rows]
     lines.insert(1, "-" * len(lines[0]))

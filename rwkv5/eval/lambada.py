@@ -58,21 +58,11 @@ def _local_path(uri: str) -> Path | None:
 
 def fetch_lambada(uri: str, cache_dir: str | Path) -> Path:
     """A local path for a LAMBADA file given as "shipped" (`SHIPPED_LAMBADA`), a path or an fsspec URL (e.g.
-    `HUB_LAMBADA`); a URL is fetched once into `cache_dir`."""
-    local = _local_path(uri)
-    if local is not None:
-        return local
-    import shutil
+    `HUB_LAMBADA`); a URL is fetched once into `cache_dir` (`data_prep.fetch.fetch_file`: a Hub file verified
+    against the checksum the Hub lists)."""
+    from data_prep.fetch import fetch_file
 
-    import fsspec
-
-    from data_prep.atomic import atomic_path
-
-    dest = Path(cache_dir) / Path(uri.split("://", 1)[1]).name
-    if not dest.is_file():
-        with atomic_path(dest) as tmp, fsspec.open(uri, "rb") as src, open(tmp, "wb") as out:
-            shutil.copyfileobj(src, out)  # streamed: an eval set may not fit in memory
-    return dest
+    return _local_path(uri) or fetch_file(uri, cache_dir)
 
 
 def read_lambada(path: str | Path, limit: int | None = None) -> list[tuple[str, str]]:

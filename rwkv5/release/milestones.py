@@ -102,12 +102,21 @@ def release_order(pending: list[dict], own: dict) -> list[dict]:
 
 
 def milestone_row(info: Mapping, finetune: Mapping, evals: Mapping[str, Mapping], release_url: str) -> dict:
-    """One row of the milestone table: where pretraining was, the fine-tune's losses, the eval scores of base
-    and fine-tune (LAMBADA where it was evaluated) and the release's location."""
+    """One row of the milestone table: where pretraining was, the fine-tune's steps, the eval scores of base
+    and fine-tune and the release's location.
+
+    The fine-tune's effect is `chat_loss_before` and `chat_loss_after`: the held-out chat loss of base and
+    fine-tune (the eval reports' "chat", when the milestone evaluated a chat file), one fixed set of samples
+    the fine-tune never trained on. The first and last batch losses of the fine-tune are of different samples
+    and say nothing about progress, so the row does not carry them. LAMBADA is there where it was evaluated.
+    """
     row = {"percent": info["percent"], "step": info["step"], "tokens_seen": info["tokens_seen"],
            "val_loss_base": round(evals["base"]["validation"]["loss"], 4),
            "val_loss_finetune": round(evals["finetune"]["validation"]["loss"], 4),
-           "sft_loss_first": round(finetune["first_loss"], 4), "sft_loss_last": round(finetune["last_loss"], 4)}
+           "finetune_steps": finetune["steps"]}
+    if "chat" in evals["base"] and "chat" in evals["finetune"]:
+        row["chat_loss_before"] = round(evals["base"]["chat"]["loss"], 4)
+        row["chat_loss_after"] = round(evals["finetune"]["chat"]["loss"], 4)
     if "lambada" in evals["base"]:
         for variant in ("base", "finetune"):
             row[f"lambada_acc_{variant}"] = round(evals[variant]["lambada"]["accuracy"], 4)

@@ -66,7 +66,9 @@ def model_card(
         config: the model's shape (base and fine-tune share it).
         variants: variant name ("base", "finetune") -> checkpoint metadata (tokens_seen, data, hyperparameters...).
         files: release paths, listed in the card.
-        evals: variant -> metric -> value; one table column per variant.
+        evals: variant -> metric -> value; one table column per variant. `chat_loss` of "base" and
+            "finetune" (the held-out chat loss, `rwkv5.eval.evaluate.flat_metrics`) also goes in the fine-tune
+            line, as before and after.
         loss_curve: path of the loss-curve PNG in the release, or None.
     """
     base = variants.get("base", {})
@@ -93,8 +95,11 @@ def model_card(
     ]
     parts += [f"- {k}: {_fmt(v)}\n" for k, v in sorted(facts.items()) if k != "tokens_seen"]
     if ft is not None:
+        before, after = (evals.get(v, {}).get("chat_loss") for v in ("base", "finetune"))
+        scored = (f"; held-out chat loss (per assistant token) {_fmt(before)} before, {_fmt(after)} after"
+                  if before is not None and after is not None else "")
         parts.append(f"- fine-tune: {ft.get('finetuned_on', 'chat data')}, "
-                     f"{_fmt(ft.get('finetune_steps'))} steps, loss on assistant turns only\n")
+                     f"{_fmt(ft.get('finetune_steps'))} steps, loss on assistant turns only{scored}\n")
     if hyper:
         parts += ["\n## Hyperparameters\n\n", _table(["name", "value"], sorted(hyper.items()))]
     if evals:

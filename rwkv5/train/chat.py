@@ -1,7 +1,7 @@
 """Supervised fine-tuning on chat data, loss on assistant turns only, samples of any length.
 
-Samples are JSONL: either `{"text": "User: ...\\n\\nAssistant: ..."}` (RWKV-LM's demo format) or
-`{"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}`.
+Samples are JSONL in one of the shapes of `rwkv5.train.chat_formats` (PIPPA, ShareGPT, chat messages, or
+RWKV-LM's demo text form `{"text": "User: ...\\n\\nAssistant: ..."}`), read by `read_chat_jsonl`.
 
 Long context by state passing (`segmented_loss`): a sample is cut into segments of `segment_len` tokens; each
 segment starts from the RWKV state (token shifts and the WKV state) the previous one ended with, and gradients
@@ -15,8 +15,8 @@ the same loss under DeepSpeed ZeRO-2 through the pretraining Ray Train path.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +26,15 @@ from torch.utils.checkpoint import checkpoint
 
 from rwkv5.errors import ConfigError, DataError
 from rwkv5.model import RWKV5, RWKVState, l2wrap
+from rwkv5.train.chat_formats import chat_turns, read_chat_jsonl
 
 __all__ = [
     "DEFAULT_SEGMENT_LEN",
+    "DEFAULT_HELDOUT",
+    "resolve_chat_data",
     "encode_chat",
     "read_chat_jsonl",
+    "heldout_split",
     "encode_chat_samples",
     "segmented_loss",
     "assistant_loss",
@@ -40,78 +44,76 @@ __all__ = [
 
 # Tokens per segment: the 7B's pretraining context, where one segment's activations fit a GPU.
 DEFAULT_SEGMENT_LEN = 4096
+# Held-out chat samples scored before and after each milestone fine-tune: enough conversations (thousands of
+# assistant tokens) for a stable mean, few enough to score in seconds on the tiny model's CPU.
+DEFAULT_HELDOUT = 32
 
-_TURN = re.compile(r"(?:^|\n\n)(System|User|Assistant):", re.MULTILINE)
+
+def resolve_chat_data(uri: str, cache_dir: str | Path) -> Path:
+    """A local chat JSONL file for `uri`: a path, an fsspec URL (copied once into `cache_dir`), or a Hub
+    dataset file `hf://datasets/<repo>[@<revision>]/<file>` (fetched with the token of `HF_TOKEN`, verified
+    against the checksum the Hub lists, resumed, cached: `data_prep.fetch`).
+
+    Raises:
+        DataError: the resolved file does not exist.
+        SourceError, DownloadError: a Hub file that cannot be fetched and verified.
+    """
+    from data_prep.fetch import fetch_file
+
+    path = fetch_file(uri, cache_dir)
+    if not path.is_file():
+        raise DataError(f"{path}: chat data file not found")
+    return path
 
 
-def _turns_from_text(text: str) -> list[tuple[str, str]]:
-    """Split "User: ...\\n\\nAssistant: ..." into (role, text-with-prefix) pieces that concatenate to text."""
-    starts = [m.start() if m.start() == 0 else m.start() + 2 for m in _TURN.finditer(text)]
-    if not starts:
-        return [("user", text)]
-    pieces = []
-    if starts[0] > 0:
-        pieces.append(("user", text[: starts[0]]))
-    for a, b in zip(starts, starts[1:] + [len(text)]):
-        chunk = text[a:b]
-        role = chunk.split(":", 1)[0].lower()
-        pieces.append((role, chunk))
-    return pieces
+def heldout_split(samples: list[dict], heldout: int = DEFAULT_HELDOUT, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) samples: the `heldout` samples with the smallest seeded hash of their content.
+
+    A pure function of the file's samples, whatever their order, so the fine-tune and the evaluation agree on
+    it without sharing state; a copy of a held-out sample elsewhere in the file is held out too, so the
+    fine-tune never sees a scored conversation.
+
+    Raises:
+        ConfigError: heldout < 0.
+        DataError: holding out `heldout` samples would leave none to train on.
+    """
+    if heldout < 0:
+        raise ConfigError(f"finetune.heldout must be >= 0, got {heldout}")
+    keys = [hashlib.sha256(f"{seed}:{json.dumps(s, sort_keys=True)}".encode()).digest() for s in samples]
+    chosen = sorted(range(len(samples)), key=lambda i: (keys[i], i))[:heldout]
+    held_keys = {keys[i] for i in chosen}
+    train = [s for s, key in zip(samples, keys) if key not in held_keys]
+    if not train:
+        raise DataError(f"holding out {heldout} of {len(samples)} chat samples leaves none to train on")
+    return train, [samples[i] for i in sorted(chosen)]
 
 
 def encode_chat(sample: dict, encode) -> tuple[list[int], list[int]]:
-    """Token ids and a 0/1 mask that is 1 on assistant-turn tokens (the ones the loss counts).
+    """Token ids and a 0/1 mask that is 1 on the tokens the loss counts, for a sample of any accepted shape
+    (`rwkv5.train.chat_formats`).
 
-    The role prefix ("Assistant:") is not learned; the answer, the blank line that ends it and the
-    end-of-document id 0 are.
+    Turns are rendered "Role: text", separated by a blank line. Of a learned (assistant) turn, the role prefix
+    "Assistant:" is not learned; its text and the blank line that ends it are, so an answer learns to end.
+    Everything else (system, persona, greeting, user turns) is input only. The end-of-document id 0 closes the
+    sample and is learned when any answer is.
     """
-    if "messages" in sample:
-        # The blank line between turns ends the previous turn, as in the text form: an answer learns to end.
-        last = len(sample["messages"]) - 1
-        pieces = [(m["role"], f"{m['role'].capitalize()}: {m['content']}" + ("" if i == last else "\n\n"))
-                  for i, m in enumerate(sample["messages"])]
-    elif "text" in sample:
-        pieces = _turns_from_text(sample["text"])
-    else:
-        raise DataError("chat sample has neither 'text' nor 'messages'")
+    turns = chat_turns(sample)
     ids: list[int] = []
     mask: list[int] = []
-    for role, chunk in pieces:
-        if role == "assistant":
-            prefix, _, body = chunk.partition(":")
-            head = encode(prefix + ":")
-            body_ids = encode(body)
-            ids += head + body_ids
-            mask += [0] * len(head) + [1] * len(body_ids)
+    for i, turn in enumerate(turns):
+        prefix = f"{turn.role.capitalize()}:" if turn.labelled else ""
+        body = (" " if turn.labelled else "") + turn.text + ("" if i == len(turns) - 1 else "\n\n")
+        if turn.learned:
+            head, learned = encode(prefix), encode(body)
+            ids += head + learned
+            mask += [0] * len(head) + [1] * len(learned)
         else:
-            piece = encode(chunk)
+            piece = encode(prefix + body)  # in one piece, as a prompt is tokenized at inference
             ids += piece
             mask += [0] * len(piece)
     ids.append(0)
     mask.append(1 if any(mask) else 0)
     return ids, mask
-
-
-def read_chat_jsonl(path: str | Path) -> list[dict]:
-    """All samples of a chat JSONL file; a bad line is an error naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: chat data file not found")
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{no}: invalid JSON ({exc.msg})") from None
-            if not isinstance(sample, dict) or not ({"text", "messages"} & sample.keys()):
-                raise DataError(f"{path}:{no}: a chat sample needs 'text' or 'messages'")
-            samples.append(sample)
-    if not samples:
-        raise DataError(f"{path}: no chat samples")
-    return samples
 
 
 def encode_chat_samples(samples: list[dict], encode, max_len: int | None = None) -> list[tuple[list[int], list[int]]]:

@@ -27,7 +27,14 @@ import torch
 
 from rwkv5.config import ModelConfig
 from rwkv5.errors import CheckpointError, ConfigError
-from rwkv5.train.chat import DEFAULT_SEGMENT_LEN, encode_chat_samples, read_chat_jsonl, segmented_loss
+from rwkv5.train.chat import (
+    DEFAULT_HELDOUT,
+    DEFAULT_SEGMENT_LEN,
+    encode_chat_samples,
+    heldout_split,
+    read_chat_jsonl,
+    segmented_loss,
+)
 from rwkv5.train.config import (
     BatchConfig,
     CheckpointConfig,
@@ -134,17 +141,20 @@ class FinetuneTask:
     """The fine-tune's `TrainJob.task`: base weights, chat data and the segmented loss (pickled to workers).
 
     Args:
-        chat_data (str): chat JSONL (`text` in User:/Assistant: form, or `messages`) every worker can read.
+        chat_data (str): chat JSONL every worker can read, in a shape of `rwkv5.train.chat_formats`.
         init_checkpoint (str, optional): base model, a native checkpoint (a milestone's model.safetensors)
             or an RWKV-LM `.pth`; None keeps the fresh initialisation (tests). Default: None.
         segment_len (int): tokens per state-passing segment. Default: DEFAULT_SEGMENT_LEN.
         vocab_path (str, optional): tokenizer vocabulary. Default: the RWKV World vocabulary.
+        heldout (int): samples of `rwkv5.train.chat.heldout_split` left out of training, for the evaluation to
+            score. Default: 0 (train on all).
     """
 
     chat_data: str
     init_checkpoint: str | None = None
     segment_len: int = DEFAULT_SEGMENT_LEN
     vocab_path: str | None = None
+    heldout: int = 0
 
     def init_model(self, model) -> None:
         """Copy the base checkpoint's weights into `model`; its config must be the run's model config."""
@@ -169,7 +179,8 @@ class FinetuneTask:
         from data_prep.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(self.vocab_path)
-        encoded = encode_chat_samples(read_chat_jsonl(self.chat_data), tokenizer.encode, cfg.batch.ctx_len)
+        train, _ = heldout_split(read_chat_jsonl(self.chat_data), self.heldout)
+        encoded = encode_chat_samples(train, tokenizer.encode, cfg.batch.ctx_len)
         return ChatBatches(encoded, cfg.batch, rank, world_size, device, cfg.seed)
 
     def loss(self, engine, mb: ChatMicroBatch) -> torch.Tensor:
@@ -194,14 +205,21 @@ def finetune(config: RunConfig, task: FinetuneTask, run_name: str, storage: str 
 
 def finetune_milestone(base: str, storage: str | Path, run_name: str, chat_data: str | None = None,
                        steps: int = 10, lr: float = 1e-4, max_len: int = 1024, workers: int = 0,
-                       gpus_per_worker: float = 0) -> dict:
+                       gpus_per_worker: float = 0, heldout: int = DEFAULT_HELDOUT) -> dict:
     """Chat SFT of a milestone checkpoint `base` as run `run_name`: the milestone flow's fine-tune.
 
     A finished fine-tune is reused and an interrupted one resumes from its checkpoint, so a retried flow run
-    trains no step twice. `chat_data` defaults to a small chat set built from local docstrings.
+    trains no step twice. It never trains on the `heldout` samples of `rwkv5.train.chat.heldout_split`, which
+    `rwkv5.eval.evaluate.evaluate_saved(..., chat_data=..., chat_heldout=heldout)` scores before and after.
+
+    Args:
+        chat_data: a local chat JSONL (`rwkv5.train.chat.resolve_chat_data` makes one of a URL). Default: a
+            small chat set built from local docstrings, in `storage`.
 
     Returns:
-        `{"checkpoint": the tuned model, "first_loss", "last_loss", "steps"}`.
+        `{"checkpoint": the tuned model, "chat_data": the chat file used, "heldout", "first_loss",
+        "last_loss", "steps"}` (first and last batch losses are of different samples: progress is the
+        held-out chat loss).
     """
     from data_prep.chat_sample import build_chat_sample
     from rwkv5.checkpoint import read_checkpoint_config
@@ -212,14 +230,14 @@ def finetune_milestone(base: str, storage: str | Path, run_name: str, chat_data:
 
     run_dir = Path(storage) / run_name
     trace = run_dir / "trace.jsonl"
+    chat = chat_data or str(build_chat_sample(Path(storage) / "chat-sample.jsonl"))
     if read_done(run_dir, 1) is None:  # the fine-tune's one milestone is its last step
         model_cfg, _ = read_checkpoint_config(base)
-        chat = chat_data or str(build_chat_sample(Path(storage) / "chat-sample.jsonl"))
         cfg = finetune_run_config(model_cfg, steps=steps, samples_per_step=max(2, workers), max_len=max_len, lr=lr,
                                   final_lr=lr / 10, warmup_steps=0)
-        finetune(cfg, FinetuneTask(chat_data=chat, init_checkpoint=base), run_name, storage, workers=workers,
-                 gpus_per_worker=gpus_per_worker, resume=bool(list_checkpoints(run_dir)),
-                 callbacks=[TraceCallback(trace)])
+        task = FinetuneTask(chat_data=chat, init_checkpoint=base, heldout=heldout)
+        finetune(cfg, task, run_name, storage, workers=workers, gpus_per_worker=gpus_per_worker,
+                 resume=bool(list_checkpoints(run_dir)), callbacks=[TraceCallback(trace)])
     rows = read_trace(trace)
-    return {"checkpoint": read_done(run_dir, 1)["path"], "first_loss": rows[0]["loss"],
-            "last_loss": rows[-1]["loss"], "steps": len(rows)}
+    return {"checkpoint": read_done(run_dir, 1)["path"], "chat_data": chat, "heldout": heldout,
+            "first_loss": rows[0]["loss"], "last_loss": rows[-1]["loss"], "steps": len(rows)}

@@ -55,3 +55,17 @@ def test_a_run_records_the_wkv_backend_its_device_dispatches_to(mlflow_server, t
     monkeypatch.setenv("RWKV5_WKV_BACKEND", "naive")
     run_id = _open_and_close(mlflow_server, "backend-forced", tmp_path)
     assert mlflow.MlflowClient(mlflow_server).get_run(run_id).data.params["wkv_backend"] == "naive"
+
+
+def test_milestone_evals_log_the_chat_loss_before_and_after(mlflow_server, monkeypatch):
+    import mlflow
+
+    from rwkv5.tracking import log_milestone_evals
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    evals = {variant: {"chat": {"loss": loss, "samples": 32, "tokens": 4000}}
+             for variant, loss in (("base", 7.74), ("finetune", 7.33))}
+    run_id = log_milestone_evals("tracking-test", "m010", evals)
+    metrics = mlflow.MlflowClient(mlflow_server).get_run(run_id).data.metrics
+    assert metrics["chat_loss_before"] == 7.74 and metrics["chat_loss_after"] == 7.33
+    assert metrics["eval.base.chat_loss"] == 7.74 and metrics["eval.finetune.chat_loss"] == 7.33

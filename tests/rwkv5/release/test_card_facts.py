@@ -37,6 +37,16 @@ def test_card_gives_the_data_and_the_finetune_steps(random_model, tmp_path):
     assert "- step: 40" in card  # the base's facts stay pretraining's
 
 
+def test_card_gives_the_heldout_chat_loss_before_and_after(random_model, tmp_path):
+    base = save_checkpoint(random_model(CFG, seed=1), tmp_path / "base.safetensors", {"step": 40})
+    ft = save_checkpoint(random_model(CFG, seed=2), tmp_path / "ft.safetensors", {"step": 30})
+    evals = {"base": {"val_loss": 5.25, "chat_loss": 7.7412}, "finetune": {"val_loss": 5.5, "chat_loss": 7.3321}}
+    card = (build_release(tmp_path / "release", base, name="m", finetune=ft, evals=evals) / "README.md").read_text()
+    assert ("- fine-tune: chat data, 30 steps, loss on assistant turns only; held-out chat loss (per assistant "
+            "token) 7.741 before, 7.332 after\n") in card
+    assert "| chat_loss | 7.741 | 7.332 |" in card
+
+
 def test_card_without_recorded_data_does_not_claim_slimpajama(random_model, tmp_path):
     base = save_checkpoint(random_model(CFG, seed=1), tmp_path / "base.safetensors", {"step": 3})
     card = (build_release(tmp_path / "release", base, name="x") / "README.md").read_text()

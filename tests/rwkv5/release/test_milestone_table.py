@@ -46,3 +46,19 @@ def test_release_targets_and_registry(monkeypatch, tmp_path):
     assert registry_name("demo", "s3://bucket/releases/m010") == "rwkv5-demo"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert registry_name("demo", "s3://bucket/releases/m010") is None
+
+
+def test_a_milestone_row_shows_the_heldout_chat_loss_before_and_after():
+    """The fine-tune's effect is the held-out chat loss of base and fine-tune, not its first and last batch."""
+    from rwkv5.release.milestones import milestone_row
+
+    info = {"percent": 20, "step": 8, "tokens_seen": 32768, "path": "m002/model.safetensors"}
+    finetune = {"checkpoint": "ft/model.safetensors", "first_loss": 7.69, "last_loss": 8.48, "steps": 30}
+    evals = {variant: {"validation": {"loss": loss}, "chat": {"loss": chat, "samples": 32, "tokens": 4000}}
+             for variant, loss, chat in (("base", 6.123456, 7.74123), ("finetune", 6.2, 7.33456))}
+    row = milestone_row(info, finetune, evals, "file:///releases/m020")
+    assert row == {"percent": 20, "step": 8, "tokens_seen": 32768, "val_loss_base": 6.1235, "val_loss_finetune": 6.2,
+                   "finetune_steps": 30, "chat_loss_before": 7.7412, "chat_loss_after": 7.3346,
+                   "release": "file:///releases/m020"}
+    without_chat = {variant: {"validation": report["validation"]} for variant, report in evals.items()}
+    assert "chat_loss_before" not in milestone_row(info, finetune, without_chat, "x")

@@ -17,6 +17,7 @@ from rwkv5.train.callbacks import Callback
 from rwkv5.train.config import BatchConfig
 
 DEMO = Path(__file__).resolve().parents[2] / "data" / "rwkv-lm-demo.jsonl"  # tests/data/README.md: origin
+PIPPA = Path(__file__).resolve().parents[2] / "data" / "pippa-sample.jsonl"
 
 
 class Record(Callback):
@@ -95,7 +96,7 @@ def test_a_milestone_fine_tune_runs_on_ray_train_workers(ray_cluster, tmp_path, 
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(DEMO.read_text(encoding="utf-8").splitlines(keepends=True)[:4]), encoding="utf-8")
     result = finetune_milestone(str(base), tmp_path / "finetunes", "run-m010", str(chat), steps=2, max_len=160,
-                                lr=1e-3, workers=1, gpus_per_worker=0)
+                                lr=1e-3, workers=1, gpus_per_worker=0, heldout=1)
 
     assert result["steps"] == 2 and math.isfinite(result["last_loss"])
     tuned, config, meta = read_checkpoint(result["checkpoint"])
@@ -103,5 +104,34 @@ def test_a_milestone_fine_tune_runs_on_ray_train_workers(ray_cluster, tmp_path, 
     assert config == cfg_model and meta["step"] == 2
     assert not torch.equal(tuned["head.weight"].float(), base_sd["head.weight"].bfloat16().float())
     again = finetune_milestone(str(base), tmp_path / "finetunes", "run-m010", str(chat), steps=2, max_len=160,
-                               workers=1)
+                               workers=1, heldout=1)
     assert again == result  # a retried milestone run reuses the finished fine-tune: no second Ray launch
+
+
+def test_a_milestone_fine_tune_lowers_the_heldout_chat_loss(tmp_path, random_model, monkeypatch):
+    """The milestone metric: the held-out chat loss of base and fine-tune, on samples the fine-tune never saw
+    (30 steps at lr 1e-4, as the milestone flow's tiny deployment trains)."""
+    pytest.importorskip("deepspeed")
+    from data_prep.tokenizer import load_tokenizer
+    from rwkv5.checkpoint import save_checkpoint
+    from rwkv5.eval.evaluate import evaluate_saved, flat_metrics
+    from rwkv5.train.chat import encode_chat_samples, heldout_split, read_chat_jsonl
+    from rwkv5.train.finetune import finetune_milestone
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg_model = model_preset("tiny")
+    base = save_checkpoint(random_model(cfg_model, seed=7), tmp_path / "base.safetensors")
+    task = FinetuneTask(chat_data=str(PIPPA), heldout=2)
+    trained = task.batches(finetune_run_config(cfg_model, steps=1, max_len=1024), 0, 1, torch.device("cpu")).encoded
+    _, held = heldout_split(read_chat_jsonl(PIPPA), 2)
+    held_ids = [ids for ids, _ in encode_chat_samples(held, load_tokenizer().encode, 1024)]
+    assert len(trained) == 6 and not any(ids in held_ids for ids, _ in trained)
+
+    ft = finetune_milestone(str(base), tmp_path / "finetunes", "run-m010", str(PIPPA), steps=30, lr=1e-4, heldout=2)
+    before = evaluate_saved(base, chat_data=ft["chat_data"], chat_heldout=ft["heldout"])
+    after = evaluate_saved(ft["checkpoint"], chat_data=ft["chat_data"], chat_heldout=ft["heldout"])
+
+    assert ft["steps"] == 30 and before["chat"]["samples"] == after["chat"]["samples"] == 2
+    assert before["chat"]["tokens"] == after["chat"]["tokens"] > 50
+    assert after["chat"]["loss"] < before["chat"]["loss"] - 0.1, (before["chat"], after["chat"])
+    assert flat_metrics(after)["chat_loss"] == after["chat"]["loss"]
