@@ -23,21 +23,36 @@ from rwkv5.train.milestone_settings import MilestoneSettings, settings_from
 __all__ = ["milestone"]
 
 
+@task(name="chat-data", retries=2, retry_delay_seconds=10)
+def chat_data_stage(uri: str, cache_dir: str) -> str:
+    """A local copy of the chat data (a path as given; a URL or Hub file fetched once, verified, into the state
+    folder), which every fine-tune worker and the evaluation read."""
+    from rwkv5.train.chat import resolve_chat_data
+
+    return str(resolve_chat_data(uri, cache_dir))
+
+
 @task(name="fine-tune", retries=1)
-def finetune_stage(base: str, storage: str, run_name: str, chat_data: str | None, steps: int, lr: float,
-                   max_len: int, workers: int, gpus_per_worker: float) -> dict:
-    """Chat SFT of the milestone through the pretraining loop (DeepSpeed ZeRO-2, bf16, segmented loss)."""
+def finetune_stage(base: str, storage: str, run_name: str, chat_data: str | None, settings: MilestoneSettings) -> dict:
+    """Chat SFT of the milestone through the pretraining loop (DeepSpeed ZeRO-2, bf16, segmented loss), the
+    held-out chat samples left out."""
     from rwkv5.train.finetune import finetune_milestone
 
-    return finetune_milestone(base, storage, run_name, chat_data, steps, lr, max_len, workers, gpus_per_worker)
+    return finetune_milestone(base, storage, run_name, chat_data, settings.finetune_steps, settings.finetune_lr,
+                              settings.finetune_max_len, settings.finetune_workers, settings.gpus_per_worker or 0,
+                              heldout=settings.chat_heldout)
 
 
 @task(name="evaluate", retries=1)
-def evaluate_stage(checkpoint: str, validation_dir: str, lambada: str | None, ctx_len: int, limit: int) -> dict:
-    """Validation loss per source and, given a LAMBADA file, LAMBADA accuracy and perplexity (RNN mode)."""
+def evaluate_stage(checkpoint: str, validation_dir: str, lambada: str | None, chat_data: str,
+                   settings: MilestoneSettings) -> dict:
+    """Validation loss per source, the held-out chat loss and, given a LAMBADA file, LAMBADA accuracy and
+    perplexity (RNN mode)."""
     from rwkv5.eval.evaluate import evaluate_saved
 
-    return evaluate_saved(checkpoint, validation_dir, lambada, ctx_len, limit)
+    return evaluate_saved(checkpoint, validation_dir, lambada, settings.eval_ctx_len, settings.eval_limit,
+                          chat_data=chat_data, chat_heldout=settings.chat_heldout,
+                          chat_max_len=settings.finetune_max_len)
 
 
 @task(name="log-evals", retries=1)
@@ -112,17 +127,16 @@ def _release_milestone(layout: Layout, run: str, info: dict, settings: Milestone
     from rwkv5.train.trace import loss_history, read_trace
 
     name = f"{run}-{release_tag(info['percent'])}"
-    ft = finetune_stage(info["path"], str(layout.finetunes), name, settings.chat_data, settings.finetune_steps,
-                        settings.finetune_lr, settings.finetune_max_len, settings.finetune_workers,
-                        settings.gpus_per_worker or 0)
+    chat = chat_data_stage(settings.chat_data, str(layout.root / "chat-data")) if settings.chat_data else None
+    ft = finetune_stage(info["path"], str(layout.finetunes), name, chat, settings)
     validation = str(layout.tokens_dir(settings.data_source) / "validation")
     lambada = str(fetch_lambada(settings.lambada, layout.root / "eval-data")) if settings.lambada else None
-    evals = {variant: evaluate_stage(checkpoint, validation, lambada, settings.eval_ctx_len, settings.eval_limit)
+    # Both variants on the same held-out chat samples: the loss before and after the fine-tune.
+    evals = {variant: evaluate_stage(checkpoint, validation, lambada, ft["chat_data"], settings)
              for variant, checkpoint in (("base", info["path"]), ("finetune", ft["checkpoint"]))}
     if os.environ.get("MLFLOW_TRACKING_URI"):
         log_evals_stage(run, info["percent"], evals)
     card_evals = {variant: flat_metrics(report) for variant, report in evals.items()}
-    card_evals["finetune"]["sft_loss_last"] = ft["last_loss"]
     target = release_target(settings.release_to, layout.releases(run), info["percent"])
     meta = {"run": run, "percent": info["percent"], "step": info["step"], "tokens_seen": info["tokens_seen"],
             "data": data_description(settings.data_source, layout.tokens_dir(settings.data_source) / "train")}

@@ -18,6 +18,7 @@ from flows.milestone import evaluate_stage, finetune_stage  # noqa: E402
 from rwkv5.checkpoint import read_checkpoint, save_checkpoint  # noqa: E402
 from rwkv5.config import model_preset  # noqa: E402
 from rwkv5.eval.lambada import SHIPPED_LAMBADA  # noqa: E402
+from rwkv5.train.milestone_settings import MilestoneSettings  # noqa: E402
 
 LAMBADA = SHIPPED_LAMBADA
 
@@ -30,7 +31,9 @@ def base(tmp_path_factory, random_model):
 
 def test_finetune_stage_trains_under_deepspeed_and_is_reused(tmp_path, base, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    args = (str(base), str(tmp_path), "demo-m010", None, 2, 1e-3, 96, 0, 0)  # 0 workers: in this process
+    settings = MilestoneSettings(finetune_steps=2, finetune_lr=1e-3, finetune_max_len=96, finetune_workers=0,
+                                 gpus_per_worker=0, chat_heldout=8)  # 0 workers: in this process
+    args = (str(base), str(tmp_path), "demo-m010", None, settings)
     first = finetune_stage.fn(*args)
 
     assert first["steps"] == 2 and first["first_loss"] > 0
@@ -46,20 +49,26 @@ def test_finetune_stage_trains_under_deepspeed_and_is_reused(tmp_path, base, mon
     assert trace.stat().st_mtime_ns == seen
 
 
-def test_evaluate_stage_reports_validation_per_source_and_lambada(tmp_path, base):
+def test_evaluate_stage_reports_validation_per_source_lambada_and_heldout_chat(tmp_path, base):
     from data_prep.shards import write_token_dataset
 
     rng = np.random.default_rng(0)
     docs = (np.append(rng.integers(1, 65535, 200), 0).astype(np.uint16) for _ in range(12))
     write_token_dataset(tmp_path / "validation", docs, "test-ids", source="RedPajamaWikipedia", shard_tokens=1000)
 
-    report = evaluate_stage.fn(str(base), str(tmp_path / "validation"), str(LAMBADA), 32, 4)
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {i}."},
+                                                     {"role": "assistant", "content": f"{i} it is."}]}) + "\n"
+                            for i in range(6)))
+    settings = MilestoneSettings(eval_ctx_len=32, eval_limit=4, chat_heldout=2)
+    report = evaluate_stage.fn(str(base), str(tmp_path / "validation"), str(LAMBADA), str(chat), settings)
 
     assert report["lambada"]["samples"] == 4 and 0.0 <= report["lambada"]["accuracy"] <= 1.0
     assert report["lambada"]["ppl"] > 1.0
     val = report["validation"]
     assert set(val["by_source"]) == {"RedPajamaWikipedia"} and val["tokens"] > 0
     assert val["loss"] == pytest.approx(val["by_source"]["RedPajamaWikipedia"]["loss"])
+    assert report["chat"]["samples"] == 2 and report["chat"]["loss"] > 0  # the held-out chat samples
     json.dumps(report)  # goes into MLflow and the milestone table as JSON
 
 
@@ -74,7 +83,9 @@ def test_milestone_finetune_runs_on_the_ray_cluster(ray_cluster, tmp_path, rando
 
     base = save_checkpoint(random_model(model_preset("tiny"), seed=4), tmp_path / "base.safetensors")
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster.get_runtime_context().gcs_address)
-    out = finetune_stage.fn(str(base), str(tmp_path / "ft"), "tiny-m010", None, 2, 1e-3, 96, 1, 0)
+    settings = MilestoneSettings(finetune_steps=2, finetune_lr=1e-3, finetune_max_len=96, finetune_workers=1,
+                                 gpus_per_worker=0, chat_heldout=8)
+    out = finetune_stage.fn(str(base), str(tmp_path / "ft"), "tiny-m010", None, settings)
 
     assert out["steps"] == 2
     assert list((tmp_path / "ft" / "tiny-m010").glob("step_*"))  # Ray Train's checkpoints of the run
