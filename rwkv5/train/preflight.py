@@ -12,9 +12,14 @@ never starts Ray: its paths are probed in this process.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
+import socket
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +28,8 @@ from rwkv5.errors import Rwkv5Error
 from rwkv5.train.milestone_settings import Placement, place_milestones
 
 __all__ = ["Check", "Preflight", "PreflightFailed", "RunNeeds", "cluster_resources", "shared_paths", "disk_space",
-           "estimate_bytes", "hub_access", "kernel_build", "milestone_placement", "batch_split", "run_preflight"]
+           "estimate_bytes", "hub_access", "kernel_build", "milestone_placement", "batch_split",
+           "stack_credentials", "run_preflight"]
 
 # SlimPajama-627B per split: (compressed bytes on the Hub, tokens). Shards hold uint16 ids: 2 bytes a token.
 SLIMPAJAMA_SPLITS = {"train": (895e9, 627e9), "validation": (1e9, 0.5e9), "test": (1e9, 0.5e9)}
@@ -40,7 +46,7 @@ class Check:
     """One preflight result.
 
     Args:
-        name: what was checked (`gpus`, `shared paths`, `disk`, `hub`, `cuda kernel`).
+        name: what was checked (`gpus`, `shared paths`, `disk`, `hub`, `cuda kernel`, `credentials`).
         status: "ok", "failed" or "skipped" (not needed by this run, or impossible after an earlier failure).
         detail: one line: what was found, next to what the run needs.
         seconds: how long the check took.
@@ -395,6 +401,76 @@ def kernel_build(gpus_per_worker: float, timeout: float = 900.0) -> Check:
     return _timed("cuda kernel", _kernel_build, gpus_per_worker, timeout)
 
 
+# Per service: the variable naming its URL, and a read-only request that only an open server answers.
+_STACK_PROBES = {
+    "Prefect API": ("PREFECT_API_URL", "/admin/version"),
+    "MLflow": ("MLFLOW_TRACKING_URI", "/api/2.0/mlflow/experiments/search?max_results=1"),
+    "Ray dashboard": ("RWKV5_RAY_DASHBOARD", "/api/jobs/"),
+}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def _anonymous_status(url: str, timeout: float) -> int:
+    """The HTTP status of a GET that carries no credentials (urllib adds none unless told to)."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url), timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def _stack_credentials(urls: dict[str, str], exempt_loopback: bool, timeout: float) -> tuple[str, str]:
+    found, open_services = [], []
+    for name, (_, path) in _STACK_PROBES.items():
+        url = urls.get(name)
+        parts = urllib.parse.urlsplit(url or "")
+        if parts.scheme not in ("http", "https"):
+            found.append(f"{name} not a server")
+            continue
+        if exempt_loopback and _is_loopback(parts.hostname or ""):
+            found.append(f"{name} on loopback only")
+            continue
+        try:
+            status = _anonymous_status(url.rstrip("/") + path, timeout)
+        except OSError as exc:  # unreachable: the stage that needs it reports that; nothing is open here
+            found.append(f"{name} {parts.netloc} not reachable ({type(exc).__name__})")
+            continue
+        if status in (401, 403):
+            found.append(f"{name} {parts.netloc} refuses anonymous requests ({status})")
+        else:
+            open_services.append(f"{name} {parts.netloc} answers without credentials (HTTP {status})")
+    if open_services:
+        return "failed", "; ".join(open_services) + " (docs/scale-out.md, Credentials)"
+    return "ok", "; ".join(found)
+
+
+def stack_credentials(urls: dict[str, str] | None = None, exempt_loopback: bool = True,
+                      timeout: float = 10.0) -> Check:
+    """Fails when the Prefect API, MLflow or the Ray dashboard answers a request made without credentials.
+
+    Anyone who can reach such a service can start flow runs, rewrite MLflow runs or run code on every GPU node
+    through a Ray job. Services bound to a loopback address (the one-machine stack) are reachable from this
+    machine only, and pass as they are.
+
+    Args:
+        urls: service name ("Prefect API", "MLflow", "Ray dashboard") -> base URL. Default: PREFECT_API_URL,
+            MLFLOW_TRACKING_URI and RWKV5_RAY_DASHBOARD; a service without an http(s) URL is not checked.
+        exempt_loopback: pass services whose host resolves to loopback addresses only, without a request.
+            Default: True.
+        timeout: seconds per request. Default: 10.
+    """
+    if urls is None:
+        urls = {name: os.environ.get(var, "") for name, (var, _) in _STACK_PROBES.items()}
+    return _timed("credentials", _stack_credentials, urls, exempt_loopback, timeout)
+
+
 def _skip(name: str, why: str) -> Check:
     return Check(name, "skipped", why)
 
@@ -420,4 +496,5 @@ def run_preflight(needs: RunNeeds) -> Preflight:
         checks.append(_skip("cuda kernel", "not tried: the cluster lacks the GPUs"))
     else:
         checks.append(kernel_build(needs.gpus_per_worker))
+    checks.append(stack_credentials())
     return Preflight(checks, placement if placement.ok else None)

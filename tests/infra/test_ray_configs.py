@@ -121,3 +121,64 @@ def test_raycluster_pods_mount_what_they_use():
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # every node writes checkpoints there
     worker = cr["spec"]["workerGroupSpecs"][0]
     assert worker["minReplicas"] <= worker["replicas"] <= worker["maxReplicas"]
+
+
+def _docker_run(cfg: dict, as_head: bool) -> list[str]:
+    """The `docker run` command line Ray's launcher renders for a head or worker node's container."""
+    from ray.autoscaler._private.docker import docker_start_cmds
+
+    docker = cfg["docker"]
+    options = docker["run_options"] + docker.get("head_run_options" if as_head else "worker_run_options", [])
+    return shlex.split(docker_start_cmds(cfg["auth"]["ssh_user"], docker["image"], cfg["file_mounts"],
+                                         docker["container_name"], options, cfg["cluster_name"], "/root", "docker"))
+
+
+def test_launcher_nodes_require_the_ray_token_from_the_operators_secrets_folder():
+    cfg = _prepared(_launcher())
+    for as_head in (True, False):
+        argv = _docker_run(cfg, as_head)
+        env = dict(argv[i + 1].split("=", 1) for i, t in enumerate(argv) if t in ("-e", "--env"))
+        mounts = dict(argv[i + 1].split(":")[1::-1] for i, t in enumerate(argv) if t in ("-v", "--volume"))
+        assert env["RAY_AUTH_MODE"] == "token" and "RAY_AUTH_TOKEN" not in env, env
+        token_dir = str(Path(env["RAY_AUTH_TOKEN_PATH"]).parent)
+        assert token_dir in mounts, f"{env['RAY_AUTH_TOKEN_PATH']} is not on a mounted folder: {mounts}"
+        # The folder is copied from the operator's machine, outside the repository: no committed file holds it.
+        source = Path(cfg["file_mounts"][token_dir]).expanduser()
+        assert not source.resolve().is_relative_to(RAY_DIR.parents[1]), source
+    # Whatever talks to MLflow or Prefect starts with the credentials of the same folder in its environment.
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+              if "prefect " in c or "ray start --address" in c]
+    assert len(starts) == 3
+    for command in starts:
+        assert f". {token_dir}/stack.env" in command and "set -a" in command, command
+
+
+def _secret_ref(container: dict, name: str) -> dict | None:
+    entry = next((e for e in container.get("env", []) if e["name"] == name), None)
+    return entry and entry.get("valueFrom", {}).get("secretKeyRef")
+
+
+def test_raycluster_containers_require_the_ray_token_from_a_secret():
+    docs = _kuberay()
+    cr = _raycluster()
+    assert not [d for d in docs if d["kind"] == "Secret"], "secrets are created by the operator, not committed"
+    groups = [cr["spec"]["headGroupSpec"]] + cr["spec"]["workerGroupSpecs"]
+    containers = [c for g in groups for c in g["template"]["spec"]["containers"]]
+    containers.append({"name": "autoscaler", **cr["spec"]["autoscalerOptions"]})
+    assert {"ray-head", "prefect-worker", "ray-worker", "autoscaler"} <= {c["name"] for c in containers}
+    for c in containers:
+        env = {e["name"]: e for e in c.get("env", [])}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", c["name"]
+        ref = _secret_ref(c, "RAY_AUTH_TOKEN")
+        assert ref and ref["key"] and ref["name"], f"{c['name']}: RAY_AUTH_TOKEN not from a Secret"
+        assert "value" not in env["RAY_AUTH_TOKEN"]
+    # Prefect and MLflow credentials: from a Secret wherever a pipeline process runs (flow runs, Ray Train workers).
+    for c in containers:
+        if c["name"] in ("prefect-worker", "ray-worker"):
+            assert {"name": "rwkv5-stack-credentials"} in [e.get("secretRef") for e in c["envFrom"]], c["name"]
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+    assert not {k for k in config_map if "AUTH" in k or "PASSWORD" in k or "TOKEN" in k}
+    # Still a valid RayCluster for Ray's own translation.
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    _derive_autoscaling_config_from_ray_cr(cr)

@@ -274,3 +274,18 @@ def test_cli_release(checkpoints, tmp_path):
     assert result.exit_code == 0 and "already complete" in result.output, result.output
     result = CliRunner().invoke(app, ["release", str(tmp_path / "absent.safetensors"), "--to", str(tmp_path / "x")])
     assert result.exit_code == 1 and "no such checkpoint file" in result.output
+
+
+def test_release_holds_no_credential_of_its_environment(checkpoints, tmp_path, monkeypatch):
+    """Built where the cluster's credentials are set (docs/scale-out.md): no file of the release, model card and
+    manifest included, holds one."""
+    secret = "cred-7f3a9c"
+    for var in ("PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "RAY_AUTH_TOKEN",
+                "HF_TOKEN"):
+        monkeypatch.setenv(var, f"{secret}-{var}")
+    base, ft = checkpoints
+    folder = build_release(tmp_path / "rel", base, name="tiny-m010", finetune=ft, evals=EVALS,
+                           loss_history=HISTORY, extra_meta=META)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert "README.md" in {p.name for p in files}
+    assert [p.name for p in files if secret.encode() in p.read_bytes()] == []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections import namedtuple
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -18,6 +20,7 @@ from rwkv5.train.preflight import (
     kernel_build,
     run_preflight,
     shared_paths,
+    stack_credentials,
 )
 from tests.support.hub_server import hub, hub_server  # noqa: F401 (fixtures)
 
@@ -100,7 +103,7 @@ def test_tiny_run_passes_without_starting_ray(tmp_path, monkeypatch):
     monkeypatch.setattr("rwkv5.train.launch.ensure_ray", no_ray)
     state = tmp_path / "state"
     report = run_preflight(RunNeeds(0, 0, str(state / "checkpoints"), str(state / "data"), str(state), "sample"))
-    assert [c.status for c in report.checks] == ["skipped", "ok", "ok", "ok", "skipped", "skipped"]
+    assert [c.status for c in report.checks] == ["skipped", "ok", "ok", "ok", "skipped", "skipped", "ok"]
     assert report.milestone_mode == "dedicated"  # both sides in processes of their own
     report.raise_if_failed()
 
@@ -119,7 +122,7 @@ def test_7b_on_a_cpu_cluster_without_the_hub_fails_fast_with_one_line_each(ray_c
     assert [line.split(":")[0] for line in lines] == ["gpus", "milestones", "hub"]
     assert "the run needs 8 GPUs" in lines[0]
     assert "a milestone fine-tune never fits" in lines[1] and report.milestone_mode is None
-    assert report.checks[-1].status == "skipped"  # no kernel build without a GPU worker
+    assert report.checks[5].status == "skipped"  # no kernel build without a GPU worker
 
 
 _PLACEMENT_ON_A_GPU_CLUSTER = """
@@ -188,3 +191,53 @@ def test_batch_split_names_the_worker_counts_that_work():
     bad = batch_split(16, 2, 112)
     assert bad.failed and "over 16 workers" in bad.detail and bad.detail.endswith("1, 2, 4, 7, 8, 14, 28, 56")
     assert batch_split(0, 2, 8).status == "ok"  # in-process: one worker
+@pytest.fixture
+def http_status():
+    """A real HTTP server on 127.0.0.1 answering every GET with `server.status`; records the requests' headers."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.server.seen.append(dict(self.headers))
+            self.send_response(self.server.status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.status, server.seen = 200, []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_stack_credentials_fails_on_a_service_open_to_anonymous_requests(http_status):
+    url = f"http://127.0.0.1:{http_status.server_port}"
+    urls = {"Prefect API": f"{url}/api", "MLflow": url, "Ray dashboard": url}
+    # Loopback-only services (the one-machine stack) pass without a request.
+    assert stack_credentials(urls).status == "ok" and not http_status.seen
+    opened = stack_credentials(urls, exempt_loopback=False)
+    assert opened.failed and f"Prefect API 127.0.0.1:{http_status.server_port} answers without credentials " \
+                             "(HTTP 200)" in opened.detail and "Ray dashboard" in opened.detail
+    assert all("Authorization" not in h for h in http_status.seen) and len(http_status.seen) == 3
+    for refused in (401, 403):
+        http_status.status = refused
+        check = stack_credentials(urls, exempt_loopback=False)
+        assert check.status == "ok" and f"refuses anonymous requests ({refused})" in check.detail
+    http_status.status = 404  # routed past any authentication: as open as a 200
+    assert stack_credentials({"MLflow": url}, exempt_loopback=False).failed
+
+
+def test_stack_credentials_reads_the_environment_and_skips_what_is_no_server(http_status, monkeypatch, tmp_path):
+    url = f"http://127.0.0.1:{http_status.server_port}"
+    monkeypatch.setenv("PREFECT_API_URL", f"{url}/api")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file://{tmp_path}")
+    monkeypatch.setenv("RWKV5_RAY_DASHBOARD", _closed_port_url())
+    check = stack_credentials(exempt_loopback=False)
+    assert check.failed and "Prefect API" in check.detail and "MLflow" not in check.detail
+    assert stack_credentials().status == "ok"
+    http_status.status = 401
+    check = stack_credentials(exempt_loopback=False)
+    assert check.status == "ok", check.detail
+    assert "MLflow not a server" in check.detail and "Ray dashboard" in check.detail and "not reachable" in check.detail
