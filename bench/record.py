@@ -1,0 +1,63 @@
+"""What a GPU benchmark record says about where it ran, and how it is written; shared by the memory benches.
+
+Needs only torch (and the repo root on sys.path for `data_prep.atomic`), like the scripts that use it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from data_prep.atomic import atomic_write_text
+
+__all__ = ["ROOT", "card_slug", "environment", "write_record"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def card_slug(device: torch.device | str) -> str:
+    """A short name for the device in file names: "h100", "h200" for NVIDIA's cards, "cpu" off the GPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    model = re.search(r"\b([a-z]{1,2}\d{2,4})\b", name)
+    return model.group(1) if model else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment(device: torch.device | str) -> dict:
+    """The command, date, device, library versions and commit of this run."""
+    device = torch.device(device)
+    return {
+        "command": " ".join(["python3", *sys.argv]),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "device": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": _commit(),
+    }
+
+
+def write_record(path: str | Path, record: dict) -> Path:
+    """Write `record` as indented JSON to `path` (atomically: a reader never sees half a file)."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path
