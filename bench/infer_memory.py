@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['bits']:>4} {r['device_weight_gb']:>12.2f} {peaks} {r.get('goal_gb', '-'):>5} "
               f"{r['decode_tokens_s']:>12.1f} {r['decode_fraction_of_bound']:>8.1%}")
     record = {
-        **environment(device),
+        **environment(device, __file__, argv),
         "bench": "infer_memory",
         "preset": "tiny-smoke" if args.tiny else args.preset,
         "parameters": count_parameters(cfg),

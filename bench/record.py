@@ -40,13 +40,21 @@ def _commit() -> str | None:
         return None
 
 
-def environment(device: torch.device | str) -> dict:
-    """The command, date, device, library versions and commit of this run."""
+def environment(device: torch.device | str, script: str, argv: list[str] | None = None) -> dict:
+    """The command, date, device, library versions and commit of this run.
+
+    Args:
+        device: where the run measures.
+        script: the bench script's `__file__`.
+        argv: its arguments, as given to its `main`. Default: `sys.argv[1:]`.
+    """
     device = torch.device(device)
+    args = sys.argv[1:] if argv is None else argv
     return {
-        "command": " ".join(["python3", *sys.argv]),
+        "command": " ".join(["python3", Path(script).resolve().relative_to(ROOT).as_posix(), *args]),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "card": card_slug(device),
         "device": device.type,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
