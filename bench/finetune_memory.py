@@ -19,7 +19,6 @@ root is put on sys.path. The WKV op is the CUDA kernel when it builds, else the 
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time
@@ -30,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.record import card_slug, environment, write_record  # noqa: E402
+from bench.record import bench_device, card_slug, environment, write_record  # noqa: E402
 from rwkv5.config import ModelConfig, model_preset  # noqa: E402
 from rwkv5.model import RWKVState, build_model  # noqa: E402
 from rwkv5.train.chat import segmented_loss  # noqa: E402
@@ -93,11 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=None, help="JSON path. Default: bench/results/finetune-memory-<card>.json.")
     args = parser.parse_args(argv)
 
-    if args.wkv_backend:
-        os.environ["RWKV5_WKV_BACKEND"] = args.wkv_backend
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("CUDA is not available; use --device cpu --tiny for a smoke run")
+    device = bench_device(parser, args)
     cfg = TINY if args.tiny else model_preset(args.preset)
     if args.layers:
         cfg = cfg.model_copy(update={"n_layer": args.layers})

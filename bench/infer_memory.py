@@ -22,7 +22,6 @@ Needs only torch, numpy, pydantic and safetensors (runs from a checkout on the G
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.record import environment, write_record  # noqa: E402
+from bench.record import bench_device, environment, write_record  # noqa: E402
 from rwkv5.config import ModelConfig, count_parameters, model_preset  # noqa: E402
 from rwkv5.infer import embedding_on_host, prefill, step  # noqa: E402
 from rwkv5.model import RWKV5, Block  # noqa: E402
@@ -137,11 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="JSON path. Default: bench/results/infer-<preset>-<device>.json")
     args = ap.parse_args(argv)
 
-    if args.wkv_backend:
-        os.environ["RWKV5_WKV_BACKEND"] = args.wkv_backend
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("CUDA is not available; use --device cpu --tiny for a smoke run")
+    device = bench_device(ap, args)
     if len(args.chunk) not in (1, len(args.bits)):
         ap.error(f"--chunk takes one value or one per --bits entry ({len(args.bits)}), got {len(args.chunk)}")
     chunks = dict(zip(args.bits, args.chunk * len(args.bits) if len(args.chunk) == 1 else args.chunk))

@@ -1,11 +1,13 @@
-"""What a GPU benchmark record says about where it ran, and how it is written; shared by the memory benches.
+"""Where a memory bench runs, what its record says about that, and how the record is written.
 
 Needs only torch (and the repo root on sys.path for `data_prep.atomic`), like the scripts that use it.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
 import re
 import subprocess
@@ -17,9 +19,22 @@ import torch
 
 from data_prep.atomic import atomic_write_text
 
-__all__ = ["ROOT", "card_slug", "environment", "write_record"]
+__all__ = ["ROOT", "bench_device", "card_slug", "environment", "write_record"]
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> torch.device:
+    """`args.device`, after forcing the WKV op to `args.wkv_backend` (when given) for the whole process.
+
+    Exits through `parser.error` when CUDA is asked for and absent.
+    """
+    if args.wkv_backend:
+        os.environ["RWKV5_WKV_BACKEND"] = args.wkv_backend
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("CUDA is not available; use --device cpu --tiny for a smoke run")
+    return device
 
 
 def card_slug(device: torch.device | str) -> str:
