@@ -1,13 +1,15 @@
 """Peak GPU memory of one long-context fine-tune step: a 4k-token sample against a 128k-token one.
 
-    python3 bench/finetune_memory.py                       # 169m, 4096 vs 131072 tokens, segments of 4096
-    python3 bench/finetune_memory.py --device cpu --tiny   # smoke run of the script itself (no figures)
+    python3 bench/finetune_memory.py --preset 7b --layers 8   # the 7B's width at 8 layers, 4096 vs 131072 tokens
+    python3 bench/finetune_memory.py --preset 1b5             # the 1b5 preset
+    python3 bench/finetune_memory.py --device cpu --tiny      # smoke run of the script itself (no figures)
 
 Runs `rwkv5.train.chat.segmented_loss` (state passing with one checkpointed segment at a time) and one AdamW
-step on a fresh model in bf16, for each sample length, and records `torch.cuda.max_memory_allocated` over
-the step. With segment-level recomputation the two peaks should be within 10% (the target): the long
-sample only adds one small RWKV state per segment (~2.4 MiB for the 169m). Writes
-`bench/results/finetune-memory-<gpu>.json`.
+step on a fresh model in bf16 (initialised on the device: `rwkv5.model.build_model`), for each sample length,
+and records `torch.cuda.max_memory_allocated` over the step. With segment-level recomputation the two peaks
+should be within 10% (issue 27's `peak_ratio` <= 1.1): the long sample only adds one RWKV state per segment
+(`state_bytes_per_segment`: 8.7 MB for the 7B's width at 8 layers). Writes
+`bench/results/finetune-memory-<card>.json`.
 
 Needs only torch, numpy, safetensors and pydantic (no DeepSpeed, no Ray, no installed package): the repo
 root is put on sys.path. The WKV op is the CUDA kernel when it builds, else the PyTorch chunked one
@@ -17,11 +19,7 @@ root is put on sys.path. The WKV op is the CUDA kernel when it builds, else the 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,9 +29,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.record import bench_device, card_slug, environment, write_record  # noqa: E402
 from rwkv5.config import ModelConfig, model_preset  # noqa: E402
+from rwkv5.model import RWKVState, build_model  # noqa: E402
 from rwkv5.train.chat import segmented_loss  # noqa: E402
-from rwkv5.model import RWKV5, RWKVState  # noqa: E402
 from rwkv5.wkv import default_backend  # noqa: E402
 
 # Smoke-run shape: seconds on a CPU, exercises every code path of the script.
@@ -41,25 +40,10 @@ TINY = ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=512)
 TARGET_RATIO = 1.10
 
 
-def _gpu_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def one_step(cfg: ModelConfig, tokens: int, segment_len: int, device: torch.device, seed: int = 0) -> dict:
     """Build a fresh bf16 model, run one masked fine-tune step on a `tokens`-long sample, measure it."""
     torch.manual_seed(seed)
-    model = RWKV5(cfg).to(device=device, dtype=torch.bfloat16).train()
+    model = build_model(cfg, device).to(torch.bfloat16).train()
     # foreach=False: the multi-tensor path allocates one temporary per parameter group at once.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)
     gen = torch.Generator().manual_seed(seed)
@@ -100,19 +84,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (smoke run only).")
     parser.add_argument("--preset", default="169m", help="Model preset. Default: 169m.")
+    parser.add_argument("--layers", type=int, default=None, help="The preset's width at this depth.")
     parser.add_argument("--tiny", action="store_true", help="A tiny model and short samples (smoke run).")
     parser.add_argument("--lengths", default="4096,131072", help="Sample lengths in tokens, comma-separated.")
     parser.add_argument("--segment-len", type=int, default=4096, help="Tokens per segment. Default: 4096.")
     parser.add_argument("--wkv-backend", default=None, help="Force the WKV op: cuda, chunk or naive.")
-    parser.add_argument("--out", default=None, help="JSON path. Default: bench/results/finetune-memory-<gpu>.json.")
+    parser.add_argument("--out", default=None, help="JSON path. Default: bench/results/finetune-memory-<card>.json.")
     args = parser.parse_args(argv)
 
-    if args.wkv_backend:
-        os.environ["RWKV5_WKV_BACKEND"] = args.wkv_backend
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("CUDA is not available; use --device cpu --tiny for a smoke run")
+    device = bench_device(parser, args)
     cfg = TINY if args.tiny else model_preset(args.preset)
+    if args.layers:
+        cfg = cfg.model_copy(update={"n_layer": args.layers})
     lengths = [int(n) for n in args.lengths.split(",")]
     segment_len = args.segment_len
     if args.tiny:
@@ -133,27 +116,22 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{row['tokens']:>8} {row['segments']:>8} {peak:>9} {ratio:>7} {row['step_s']:>8} "
               f"{row['tokens_per_s']:>10}")
     worst = max((r["peak_ratio_to_first"] for r in rows if r["peak_ratio_to_first"] is not None), default=None)
+    model_name = "tiny-smoke" if args.tiny else args.preset + (f"-L{args.layers}" if args.layers else "")
     result = {
+        **environment(device, __file__, argv),
         "bench": "finetune_memory",
-        "model": "tiny-smoke" if args.tiny else args.preset,
+        "model": model_name,
         "model_config": cfg.model_dump(),
         "segment_len": segment_len,
         "dtype": "bfloat16 weights, AdamW",
         "wkv_backend": default_backend(device),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "commit": _commit(),
+        "cpu": platform.processor() or None,
         "rows": rows,
         "max_peak_ratio": worst,
         "target_ratio": TARGET_RATIO,
         "within_target": None if worst is None else worst <= TARGET_RATIO,
     }
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"finetune-memory-{_gpu_slug(device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, out)
-    print(f"wrote {out}")
+    write_record(args.out or ROOT / "bench" / "results" / f"finetune-memory-{card_slug(device)}.json", result)
     return result
 
 

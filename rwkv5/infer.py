@@ -2,7 +2,9 @@
 
 Everything here runs on `RWKV5.forward(idx, state, return_state=True)`; the model keeps no cache that grows
 with the context, so a prompt of any length costs `RWKVState.nbytes()` of memory (about 32 MiB for the 7B)
-plus the activations of one chunk.
+plus the activations of one chunk. A prefill asks the head for the last position only, so a chunk never holds
+its `T x V` logits. `embedding_on_host(model)` keeps the embedding table in host memory (0.54 GB of GPU memory
+for the 7B in bf16): a token reads one row of it.
 
     model.eval()
     logits, state = prefill(model, tokenizer.encode("The capital of France is"))
@@ -19,11 +21,13 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from torch import nn
 
 from rwkv5.errors import ConfigError
 from rwkv5.model import RWKV5, RWKVState
 
-__all__ = ["DEFAULT_CHUNK_LEN", "EOD_ID", "prefill", "step", "sample_logits", "generate", "iter_file_ids"]
+__all__ = ["DEFAULT_CHUNK_LEN", "EOD_ID", "HostEmbedding", "embedding_on_host", "prefill", "step", "sample_logits",
+           "generate", "iter_file_ids"]
 
 # Tokens per forward call while prefilling: long enough to use the chunked WKV well, short enough that the
 # activations of one call (chunk_len x vocab logits among them) stay small.
@@ -66,8 +70,43 @@ def iter_file_ids(
         yield from tokenizer.encode(carry)
 
 
+class HostEmbedding(nn.Module):
+    """An embedding table kept in host memory; a lookup copies only the rows it reads to the ids' device.
+
+    RNN mode reads one row per token, so the table (65536 x 4096: 0.54 GB in bf16 for the 7B) need not take
+    GPU memory: a prefill chunk of 1024 tokens copies 8 MiB. `model.to(dtype)` casts the table, `model.to(device)`
+    leaves it where it is (the host is its place, and a move would put the whole table on the GPU first).
+
+    Args:
+        embedding (nn.Module): an `nn.Embedding` or `QuantizedEmbedding` on any device; it is moved to the host.
+    """
+
+    def __init__(self, embedding: nn.Module):
+        super().__init__()
+        self.inner = embedding.to("cpu")
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Ids `[B, T]` on any device -> rows `[B, T, C]` on that device."""
+        return self.inner(idx.to("cpu")).to(idx.device)
+
+    def _apply(self, fn, recurse=True):
+        # What `fn` does to an empty tensor of a tensor's dtype says whether it casts; only the cast is applied.
+        return super()._apply(lambda t: t.to(fn(t.new_empty(0)).dtype), recurse)
+
+
+def embedding_on_host(model: RWKV5) -> RWKV5:
+    """Put `model.emb` in host memory as a `HostEmbedding` (in place; the GPU copy is freed). Returns `model`.
+
+    Logits are unchanged: the rows are the same values, looked up on the host.
+    """
+    if not isinstance(model.emb, HostEmbedding):
+        model.emb = HostEmbedding(model.emb)
+    return model
+
+
 def _device(model: RWKV5) -> torch.device:
-    return next(model.parameters()).device
+    # Not simply the first parameter: that is the embedding's, which may be in host memory.
+    return next(p.device for name, p in model.named_parameters() if not name.startswith("emb."))
 
 
 @torch.no_grad()
@@ -105,7 +144,7 @@ def prefill(
     logits = None
     for chunk in chunks:
         idx = torch.as_tensor(chunk, dtype=torch.long, device=device).view(1, -1)  # (1, T)
-        out, state = model(idx, state, return_state=True)
+        out, state = model(idx, state, return_state=True, last_only=True)
         logits = out[0, -1]
     if logits is None:
         raise ConfigError("prefill needs at least one token id")

@@ -292,7 +292,7 @@ class RWKV5(nn.Module):
             nn.init.orthogonal_(p, gain=gain * scale)
 
     def forward(self, idx: torch.Tensor, state: RWKVState | None = None, return_state: bool = False,
-                targets: torch.Tensor | None = None, mask: torch.Tensor | None = None):
+                targets: torch.Tensor | None = None, mask: torch.Tensor | None = None, last_only: bool = False):
         """Token ids `[B, T]` -> logits `[B, T, V]` (and the new state when `return_state`), or the loss.
 
         Args:
@@ -302,6 +302,8 @@ class RWKV5(nn.Module):
             targets (Tensor, optional): `[B, T]` next-token ids: return `chunked_lm_loss` (with L2-wrap) instead
                 of logits, never holding the whole `[B, T, V]` logits. Default: None.
             mask (Tensor, optional): `[B, T]` loss mask, with targets. Default: all tokens count.
+            last_only (bool): logits of the last position only, `[B, 1, V]`: a prefill needs no others, and
+                the head's output is the largest activation of a chunk (T x V). Default: False.
         """
         x = self.emb(idx)
         shifts, wkvs, ffns = [], [], []
@@ -314,6 +316,8 @@ class RWKV5(nn.Module):
                 ffns.append(f)
         if targets is not None:
             return chunked_lm_loss(self.ln_out(x), self.head.weight, targets, mask)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         logits = self.head(self.ln_out(x))
         if not return_state:
             return logits

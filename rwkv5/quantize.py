@@ -121,7 +121,7 @@ class QuantizedEmbedding(nn.Module):
 
 def quantize_model(model: nn.Module, bits: int, group: int = DEFAULT_GROUP, embedding: bool = True,
                    dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Replace, in place, every `nn.Linear` (and `nn.Embedding` when `embedding`) by its quantized form.
+    """Replace every `nn.Linear` (and `nn.Embedding` when `embedding`) in `model` by its quantized form.
 
     Vectors (time_decay, mixes, norms) stay as they are: they are a fraction of a percent of the bytes and
     the recurrence is sensitive to them.
@@ -134,15 +134,15 @@ def quantize_model(model: nn.Module, bits: int, group: int = DEFAULT_GROUP, embe
         dtype: dtype of embedding lookups (linear layers follow their input's dtype). Default: bf16.
 
     Returns:
-        `model`.
+        `model`, changed in place; when `model` is itself an `nn.Linear` or `nn.Embedding`, its quantized
+        form (a module cannot replace itself in a parent it does not know).
     """
+    if isinstance(model, nn.Linear):
+        return QuantizedLinear(model, bits, group)
+    if isinstance(model, nn.Embedding) and embedding:
+        return QuantizedEmbedding(model, bits, group, dtype)
     for name, child in list(model.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(model, name, QuantizedLinear(child, bits, group))
-        elif isinstance(child, nn.Embedding) and embedding:
-            setattr(model, name, QuantizedEmbedding(child, bits, group, dtype))
-        else:
-            quantize_model(child, bits, group, embedding, dtype)
+        setattr(model, name, quantize_model(child, bits, group, embedding, dtype))
     return model
 
 

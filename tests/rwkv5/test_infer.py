@@ -7,7 +7,7 @@ import torch
 
 from rwkv5.config import ModelConfig
 from rwkv5.errors import ConfigError
-from rwkv5.infer import EOD_ID, generate, prefill, sample_logits, step
+from rwkv5.infer import EOD_ID, HostEmbedding, embedding_on_host, generate, prefill, sample_logits, step
 
 # A small vocabulary keeps the head cheap; 260 covers the byte-level stand-in tokenizer below.
 CFG = ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=260)
@@ -142,6 +142,47 @@ def test_generate_stops_at_end_of_document(model):
     tok = ByteTokenizer()
     assert list(generate(model, tok, "hi", 5, temperature=0)) == []
     assert list(generate(model, tok, "hi", 5, temperature=0, stop_at_eod=False)) == [EOD_ID] * 5
+
+
+def test_last_only_gives_the_last_row_of_the_full_logits(model):
+    ids = torch.randint(0, CFG.vocab_size, (2, 23))
+    with torch.no_grad():
+        full, full_state = model(ids, return_state=True)
+        last, last_state = model(ids, return_state=True, last_only=True)
+    assert last.shape == (2, 1, CFG.vocab_size)
+    assert rel_err(last, full[:, -1:]) < 1e-6
+    assert torch.equal(last_state.wkv, full_state.wkv)
+
+
+def test_prefill_runs_the_head_on_one_position_per_chunk(model):
+    head_rows = []
+    hook = model.head.register_forward_hook(lambda module, args, out: head_rows.append(args[0].shape[1]))
+    ids = torch.randint(0, CFG.vocab_size, (1, 70))
+    logits, _ = prefill(model, ids[0], chunk_len=32)
+    hook.remove()
+    assert head_rows == [1, 1, 1]  # chunks of 32, 32 and 6 tokens
+    with torch.no_grad():
+        assert rel_err(logits, model(ids)[0, -1]) < 1e-5
+
+
+def test_embedding_on_host_gives_the_same_logits(random_model):
+    ids = torch.randint(0, CFG.vocab_size, (90,))
+    model = random_model(CFG).to(torch.bfloat16)
+    want, want_state = prefill(model, ids, chunk_len=32)
+    assert embedding_on_host(model) is model and isinstance(model.emb, HostEmbedding)
+    embedding_on_host(model)  # a second call keeps the one wrapper
+    assert isinstance(model.emb.inner, torch.nn.Embedding)
+    got, got_state = prefill(model, ids, chunk_len=32)
+    assert torch.equal(got, want) and torch.equal(got_state.wkv, want_state.wkv)
+
+
+def test_host_embedding_takes_casts_but_not_moves(random_model):
+    model = embedding_on_host(random_model(CFG))
+    model.to(torch.float64)
+    assert model.emb.inner.weight.dtype == torch.float64 and model.blocks[0].ln1.weight.dtype == torch.float64
+    model.to("meta")  # any device other than the host: the blocks go, the table stays
+    assert model.blocks[0].att.key.weight.device.type == "meta"
+    assert model.emb.inner.weight.device.type == "cpu" and model.emb.inner.weight.dtype == torch.float64
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from torch import nn
 
 from rwkv5.config import ModelConfig
 from rwkv5.errors import ConfigError
-from rwkv5.infer import prefill
+from rwkv5.infer import HostEmbedding, embedding_on_host, prefill
 from rwkv5.model import RWKV5
 from rwkv5.quantize import QuantizedEmbedding, QuantizedLinear, QuantizedWeight, quantize_model, weight_bytes
 
@@ -95,3 +95,22 @@ def test_quantized_model_tracks_the_original(bits, tolerance):
     # RNN mode over the quantized model: chunked prefill equals the whole context at once.
     logits_chunked, _ = prefill(model, idx[0], chunk_len=7)
     assert torch.allclose(logits_chunked, got[0, -1], atol=2e-2, rtol=2e-2)
+
+
+def test_a_bare_linear_or_embedding_comes_back_quantized():
+    # A module cannot replace itself in place: its quantized form is the return value.
+    assert isinstance(quantize_model(nn.Linear(64, 32, bias=False), 4, group=32), QuantizedLinear)
+    assert isinstance(quantize_model(nn.Embedding(10, 64), 8), QuantizedEmbedding)
+    assert isinstance(quantize_model(nn.Embedding(10, 64), 8, embedding=False), nn.Embedding)
+
+
+def test_quantized_embedding_on_the_host_gives_the_same_logits(random_model):
+    cfg = ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=300)
+    model = quantize_model(random_model(cfg).to(torch.bfloat16), 4, group=32)
+    ids = torch.randint(0, cfg.vocab_size, (40,))
+    want, _ = prefill(model, ids, chunk_len=16)
+    embedding_on_host(model)
+    assert isinstance(model.emb, HostEmbedding) and isinstance(model.emb.inner, QuantizedEmbedding)
+    assert model.emb.inner.weight.q.device.type == "cpu"
+    got, _ = prefill(model, ids, chunk_len=16)
+    assert torch.equal(got, want)
