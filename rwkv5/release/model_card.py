@@ -29,6 +29,28 @@ def _fmt(value: object) -> str:
     return "-" if value is None else str(value)
 
 
+def _transformers_section(variants: Mapping[str, Mapping]) -> str:
+    """How to load a variant's folder with transformers, and the normalisation convention other ports must match."""
+    folder = next(iter(variants), "base")
+    return (
+        "\n## Loading with transformers\n\n"
+        f"Each variant's folder (`{'/`, `'.join(variants)}/`) carries its own modeling, configuration and tokenizer "
+        "code (`trust_remote_code`):\n\n"
+        "```python\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f'model = AutoModelForCausalLM.from_pretrained("<release>/{folder}", trust_remote_code=True)\n'
+        f'tokenizer = AutoTokenizer.from_pretrained("<release>/{folder}", trust_remote_code=True)\n'
+        "```\n\n"
+        f"`<release>` is this folder; from the Hub, pass the repository id and `subfolder=\"{folder}\"`. The model "
+        "is an RNN: `model(ids, state=out.state)` continues from an earlier output, so a long prompt can be fed in "
+        "pieces with constant memory; `generate` does this by itself.\n\n"
+        "Normalisation convention: each time mix divides its WKV output y by `head_size_divisor` (8) and applies "
+        "GroupNorm with eps 1e-5, which is GroupNorm with eps 64e-5 on y itself (`group_norm_epsilon` in "
+        "`config.json`), as RWKV-LM and the `rwkv` package do. A port that applies eps 1e-5 to y gives different "
+        "logits. Layers are not rescaled (`rescale_every: 0`).\n"
+    )
+
+
 def model_card(
     name: str,
     config: ModelConfig,
@@ -82,6 +104,7 @@ def model_card(
         parts += ["\n## Evaluation\n\n", _table(["metric", *cols], rows)]
     if loss_curve:
         parts += ["\n## Loss curve\n\n", f"![training loss]({loss_curve})\n"]
+    parts.append(_transformers_section(variants))
     parts += [
         "\n## Files\n\n",
         "".join(f"- `{f}`\n" for f in files),

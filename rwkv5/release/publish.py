@@ -1,8 +1,9 @@
 """Release a milestone: build the release folder, upload it to a target, verify it, register it in MLflow.
 
 A release folder holds, per variant (`base/`, and `finetune/` when given): `model.pth` (the `rwkv` package's
-bf16 state dict), `model.safetensors` + `config.json` (Hugging Face RWKV5 names); shared: the tokenizer
-vocabulary, `README.md` (the model card), `loss_curve.png` when a loss history is given, and `manifest.json`
+bf16 state dict), `model.safetensors` + `config.json` (Hugging Face RWKV5 names) with the modeling, configuration
+and tokenizer code and the vocabulary that transformers loads (`rwkv5.export.export_safetensors`); shared: the
+tokenizer vocabulary, `README.md` (the model card), `loss_curve.png` when a loss history is given, and `manifest.json`
 with the size and sha256 of every other file.
 
 Upload order makes a release atomic and idempotent on any target (`rwkv5.release.targets`): files that are
@@ -54,8 +55,8 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
-# Recorded in every manifest; bump when the folder layout changes.
-FORMAT = "rwkv5-release/1"
+# Recorded in every manifest; bump when the folder layout changes (2: each variant loads in transformers).
+FORMAT = "rwkv5-release/2"
 VARIANTS = ("base", "finetune")
 
 
@@ -158,7 +159,7 @@ def _build(out: Path, checkpoints: Mapping[str, Path], vocab: Path, name: str, e
             if variant == "finetune" and "step" in meta:  # its own steps; extra_meta's step is pretraining's
                 variants[variant].setdefault("finetune_steps", meta["step"])
             export_rwkv_pth(state_dict, stage / variant / "model.pth", torch.bfloat16)
-            export_safetensors(state_dict, cfg, stage / variant, torch.bfloat16)
+            export_safetensors(state_dict, cfg, stage / variant, torch.bfloat16, vocab)
             del state_dict
         shutil.copyfile(vocab, stage / vocab.name)
         curve = None

@@ -14,7 +14,7 @@ import torch
 
 from rwkv5.checkpoint import load_rwkv_pth, save_checkpoint
 from rwkv5.config import ModelConfig, count_parameters
-from rwkv5.export import load_safetensors_export
+from rwkv5.export import HF_CODE_FILES, load_safetensors_export
 from rwkv5.release.publish import MANIFEST, build_release, read_manifest, release, verify_release
 from rwkv5.release.targets import FsspecTarget, HubTarget, LocalTarget, ReleaseError
 from tests.rwkv5.test_export import rel_err, rwkv_package  # noqa: F401 (fixture)
@@ -86,7 +86,8 @@ def test_folder_contents_and_model_card(checkpoints, tmp_path):
     on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert on_disk == sorted([MANIFEST, "README.md", "loss_curve.png", "rwkv_vocab_v20230424.txt"]
                              + [f"{v}/{f}" for v in ("base", "finetune")
-                                for f in ("model.pth", "model.safetensors", "config.json")])
+                                for f in ("model.pth", "model.safetensors", "config.json", "tokenizer_config.json",
+                                          "rwkv_vocab_v20230424.txt", *HF_CODE_FILES)])
     assert [f["path"] for f in manifest["files"]] == [p for p in on_disk if p != MANIFEST]
     import hashlib
 
