@@ -11,7 +11,7 @@ of its import cost.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,9 +202,11 @@ def log_eval_report(
     return run_id
 
 
-def log_milestone_evals(run_name: str, tag: str, evals: Mapping[str, dict]) -> str:
+def log_milestone_evals(run_name: str, tag: str, evals: Mapping[str, dict],
+                        figures: Sequence[str | os.PathLike] = ()) -> str:
     """Each variant's eval report into the milestone's own run (experiment "rwkv5-milestones", one run per
-    milestone, found again by its tag when a milestone is evaluated again); returns the run id."""
+    milestone, found again by its tag when a milestone is evaluated again), and `figures` (image files) as its
+    artifacts; returns the run id."""
     client = _client()
     exp = client.get_experiment_by_name(MILESTONE_EXPERIMENT)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(MILESTONE_EXPERIMENT)
@@ -214,6 +216,8 @@ def log_milestone_evals(run_name: str, tag: str, evals: Mapping[str, dict]) -> s
         exp_id, run_name=key, tags={_MILESTONE_TAG: key, RUN_TAG: run_name}).info.run_id
     for variant, report in evals.items():
         log_eval_report(report, run_id=run_id, prefix=f"eval.{variant}.", artifact_file=f"eval/{variant}.json")
+    for path in figures:
+        client.log_artifact(run_id, str(path))
     client.set_terminated(run_id)
     return run_id
 
