@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from rwkv5.errors import ConfigError
 
-__all__ = ["position_losses", "evaluate_long_context", "position_loss_png"]
+__all__ = ["position_losses", "evaluate_long_context", "position_loss_png", "save_position_loss_plot"]
 
 
 def _windows(positions: Sequence[int], length: int) -> list[tuple[int, int]]:
@@ -57,7 +57,8 @@ def position_losses(model, samples: np.ndarray | torch.Tensor, positions: Sequen
         for start in range(0, length, segment_len):
             end = min(start + segment_len, length)
             logits, state = model(ids[start:end][None], state, return_state=True)  # (1, S, V)
-            losses[start:end] = F.cross_entropy(logits[0].float(), ids[start + 1: end + 1], reduction="none").cpu()
+            logits = logits[0].to(torch.promote_types(logits.dtype, torch.float32))  # float64 kept for checks
+            losses[start:end] = F.cross_entropy(logits, ids[start + 1: end + 1], reduction="none").cpu()
         sums += [float(losses[a:b].mean()) for a, b in windows]
     return {p: s / len(samples) for p, s in zip(positions, sums)}
 
@@ -118,3 +119,11 @@ def position_loss_png(curves: Mapping[str, Mapping[int, float]], title: str) -> 
         return buf.getvalue()
     finally:
         plt.close(fig)
+
+
+def save_position_loss_plot(path: str | os.PathLike, curves: Mapping[str, Mapping[int, float]], title: str) -> str:
+    """`position_loss_png` written atomically to `path`; returns the path."""
+    from data_prep.atomic import atomic_write_bytes
+
+    atomic_write_bytes(path, position_loss_png(curves, title))
+    return str(path)
