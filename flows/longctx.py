@@ -72,10 +72,8 @@ def release_stage(checkpoint: str, to: str, name: str, evals: dict, meta: dict, 
     """The long-context model with its own card (per-position losses, plot) and manifest; idempotent."""
     from rwkv5.release import release
 
-    report = release(checkpoint, to, name=name, evals=evals, loss_history=history, extra_meta=meta,
-                     figures=[(figure, "Loss against position")], register_as=register_as)
-    get_run_logger().info("release %s: %d files uploaded", report.url, len(report.uploaded))
-    return report.url
+    return release(checkpoint, to, name=name, evals=evals, loss_history=history, extra_meta=meta,
+                   figures=[(figure, "Loss against position")], register_as=register_as).url
 
 
 @flow(name="longctx", log_prints=True)
