@@ -122,9 +122,9 @@ def longctx(
     figure = plot_stage(str(work / "position_loss.png"), evals, f"{name}: held-out loss by position")
     if os.environ.get("MLFLOW_TRACKING_URI"):
         log_evals_stage(run, tag, evals, figure)
-    card = flat_metrics(after) | {f"{name}_before": value for name, value in flat_metrics(before).items()}
-    meta = {"run": run, "stage": f"long-context fine-tune of {Path(path).name}" + (
-                f" at {percent}% of the token budget" if percent is not None else ""),
+    card = flat_metrics(after) | {f"{metric}_before": value for metric, value in flat_metrics(before).items()}
+    origin = path if percent is None else f"{release_tag(percent)} ({percent}% of the token budget)"
+    meta = {"run": run, "stage": f"long-context fine-tune of {origin}", "step": facts.get("step"),
             "tokens_seen": facts.get("tokens_seen"), "long_context_sample_len": settings.sample_len,
             "long_context_steps": ft["steps"], "long_context_samples_per_step": settings.samples_per_step,
             "data": data_description(settings.data_source, train_dir)
