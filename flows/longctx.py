@@ -127,9 +127,8 @@ def longctx(
     meta = {"run": run, "stage": f"long-context fine-tune of {origin}", "step": facts.get("step"),
             "tokens_seen": facts.get("tokens_seen"), "long_context_sample_len": settings.sample_len,
             "long_context_steps": ft["steps"], "long_context_samples_per_step": settings.samples_per_step,
-            "data": data_description(settings.data_source, train_dir)
-            + f"; long samples: the longest documents of its train split ({samples['train_documents']} "
-              f"documents to train, {samples['heldout_documents']} held out)"}
+            "data": f"{data_description(settings.data_source, train_dir)}; long samples: the longest documents of "
+                    f"its train split ({samples['train_documents']} to train, {samples['heldout_documents']} held out)"}
     target = release_target(settings.release_to, layout.releases(run), percent or 0, tag=tag)
     history = loss_history(read_trace(layout.finetunes / name / "trace.jsonl"))
     url = release_stage(ft["checkpoint"], target, name, card, meta, history, figure,

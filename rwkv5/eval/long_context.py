@@ -112,7 +112,7 @@ def position_loss_png(curves: Mapping[str, Mapping[int, float]], title: str) -> 
         ax.set_ylabel("loss (nats)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper right")
+        ax.legend(loc="best")
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", metadata={"Software": None})

@@ -91,7 +91,8 @@ def test_packing_again_keeps_the_files_and_another_spec_repacks(dataset, tmp_pat
 
 
 def test_too_few_tokens_is_an_error_naming_the_manifest(dataset, tmp_path):
-    with pytest.raises(PackingError, match=r"manifest\.json: .* 0 of 1 training and 0 of 2 held-out samples of 100 positions"):
+    wanted = r"manifest\.json: .* 0 of 1 training and 0 of 2 held-out samples of 100 positions"
+    with pytest.raises(PackingError, match=wanted):
         pack_long_samples(dataset, tmp_path, sample_len=100, train=1, heldout=2)
     with pytest.raises(PackingError, match="not in the dataset"):
         pack_long_samples(dataset, tmp_path, sample_len=8, train=1, heldout=1, sources=["RedPajamaC4"])
