@@ -20,6 +20,7 @@ __all__ = [
     "TokenizerError",
     "TokenizationError",
     "SampleError",
+    "PackingError",
 ]
 
 
@@ -109,3 +110,7 @@ class TokenizationError(DataPrepError, ValueError):
 
 class SampleError(DataPrepError):
     """The sample corpus cannot be built: invalid sizes, an output folder we did not write, too little text."""
+
+
+class PackingError(DataPrepError):
+    """Long samples cannot be packed from a dataset: bad sizes, unknown sources, or too few tokens."""

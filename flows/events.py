@@ -14,8 +14,9 @@ from rwkv5.train.callbacks import Callback, MilestoneInfo, StepInfo
 from rwkv5.train.milestone_settings import MilestoneSettings
 from rwkv5.train.milestones import percent_of
 
-__all__ = ["MILESTONE_EVENT", "PROGRESS_EVENT", "progress_line", "milestone_event_id", "run_resource_id",
-           "milestone_parameters", "PrefectMilestoneEvents", "PrefectProgress", "budget_percent", "emit_progress_line"]
+__all__ = ["MILESTONE_EVENT", "PROGRESS_EVENT", "RELEASED_EVENT", "progress_line", "milestone_event_id",
+           "run_resource_id", "milestone_parameters", "long_context_parameters", "emit_last_release",
+           "PrefectMilestoneEvents", "PrefectProgress", "budget_percent", "emit_progress_line"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,9 @@ MILESTONE_EVENT = "rwkv5.pretrain.milestone"
 PROGRESS_EVENT = "rwkv5.pretrain.progress"
 """Emitted every `PrefectProgress.every_steps`; `prefect deployment run ... --watch` prints its resource name,
 which is the readable progress line (`progress_line`)."""
+RELEASED_EVENT = "rwkv5.milestone.released"
+"""Emitted by the milestone flow once the last milestone is released, in a run with a long-context stage
+(`MilestoneSettings.long_context`); the `longctx/auto` deployment's trigger starts the stage from it."""
 _NAMESPACE = uuid.UUID("5b0f2a7e-8d0e-4c47-9a55-7f3c1f0a5e52")
 
 
@@ -124,3 +128,24 @@ def emit_progress_line(run_name: str, line: str) -> None:
 
     emit_event(event=PROGRESS_EVENT, resource={"prefect.resource.id": run_resource_id(run_name),
                                                "prefect.resource.name": line})
+
+
+def long_context_parameters(run_name: str, checkpoint_uri: str, settings: MilestoneSettings) -> dict:
+    """The `longctx` flow's parameters for a run's milestone checkpoint: the run's long-context settings, with
+    the pretraining source filled in (the samples come from its training shards)."""
+    stage = settings.long_context.model_copy(update={"data_source": settings.data_source})
+    return {"run": run_name, "checkpoint": checkpoint_uri, "settings": stage.model_dump()}
+
+
+def emit_last_release(run_name: str, info: dict, settings: MilestoneSettings) -> None:
+    """`RELEASED_EVENT` for the run's last milestone (`info`: percent, step, tokens_seen, path), sent once: the
+    server drops a re-sent event with the same id."""
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+
+    payload = long_context_parameters(run_name, f"file://{info['path']}", settings)
+    emit_event(event=RELEASED_EVENT,
+               resource={"prefect.resource.id": run_resource_id(run_name), "prefect.resource.name": run_name},
+               payload=payload | {"percent": info["percent"], "step": info["step"]},
+               id=uuid.uuid5(_NAMESPACE, f"{run_name}/released/{info['percent']}"))
+    EventsWorker.drain_all(timeout=30)  # delivered before the flow run's process ends

@@ -148,3 +148,7 @@ def _release_milestone(layout: Layout, run: str, info: dict, settings: Milestone
     create_table_artifact(key=artifact_key("milestones", run), table=table.rows(),
                           description=f"{run}: milestones, losses, eval scores and releases")
     get_run_logger().info("milestone %s %d%%: released %s", run, info["percent"], url)
+    if info["percent"] >= 100 and settings.long_context is not None:  # the last one: the long-context stage next
+        from flows.events import emit_last_release
+
+        emit_last_release(run, info, settings)

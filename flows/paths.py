@@ -52,3 +52,7 @@ class Layout:
 
     def milestone_results(self, run_name: str) -> Path:
         return self.root / "milestones" / run_name
+
+    def long_context(self, run_name: str) -> Path:
+        """The long-context stage's work folder of one run: packed samples, the per-position plot."""
+        return self.root / "longctx" / run_name

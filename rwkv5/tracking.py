@@ -11,7 +11,7 @@ of its import cost.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,9 +202,11 @@ def log_eval_report(
     return run_id
 
 
-def log_milestone_evals(run_name: str, tag: str, evals: Mapping[str, dict]) -> str:
+def log_milestone_evals(run_name: str, tag: str, evals: Mapping[str, dict],
+                        figures: Sequence[str | os.PathLike] = ()) -> str:
     """Each variant's eval report into the milestone's own run (experiment "rwkv5-milestones", one run per
-    milestone, found again by its tag when a milestone is evaluated again); returns the run id.
+    milestone, found again by its tag when a milestone is evaluated again), and `figures` (image files) as its
+    artifacts; returns the run id.
 
     Metrics are `eval.<variant>.<name>` (`rwkv5.eval.evaluate.flat_metrics`); when base and fine-tune both
     hold the held-out chat loss, it is also logged as `chat_loss_before` and `chat_loss_after`, the milestone
@@ -221,6 +223,8 @@ def log_milestone_evals(run_name: str, tag: str, evals: Mapping[str, dict]) -> s
     if "chat" in evals.get("base", {}) and "chat" in evals.get("finetune", {}):
         client.log_metric(run_id, "chat_loss_before", float(evals["base"]["chat"]["loss"]))
         client.log_metric(run_id, "chat_loss_after", float(evals["finetune"]["chat"]["loss"]))
+    for path in figures:
+        client.log_artifact(run_id, str(path))
     client.set_terminated(run_id)
     return run_id
 

@@ -192,7 +192,8 @@ def evaluate_checkpoint(
 
 
 def flat_metrics(report: dict) -> dict[str, float]:
-    """MLflow metric names for a report: `lambada_accuracy`, `val_loss`, `val_loss.<source>`, `chat_loss`, ..."""
+    """MLflow metric names for a report: `lambada_accuracy`, `val_loss`, `val_loss.<source>`, `chat_loss`, ...,
+    `loss_at_<position>` (`rwkv5.eval.long_context`)."""
     metrics: dict[str, float] = {}
     if "chat" in report:
         metrics["chat_loss"] = report["chat"]["loss"]
@@ -204,6 +205,8 @@ def flat_metrics(report: dict) -> dict[str, float]:
         metrics["val_loss"], metrics["val_ppl"] = val["loss"], val["ppl"]
         for source, row in val["by_source"].items():
             metrics[f"val_loss.{source}"], metrics[f"val_ppl.{source}"] = row["loss"], row["ppl"]
+    for position, loss in report.get("long_context", {}).get("positions", {}).items():
+        metrics[f"loss_at_{int(position):06d}"] = loss  # zero-padded: tables sort by name
     return metrics
 
 

@@ -50,10 +50,11 @@ def release_tag(percent: int) -> str:
     return f"m{percent:03d}"
 
 
-def release_target(release_to: str | None, default_root: Path, percent: int) -> str:
+def release_target(release_to: str | None, default_root: Path, percent: int, tag: str | None = None) -> str:
     """Where the milestone's release goes: a sub-folder of `release_to` (a folder or fsspec URL), a branch of
-    a Hub repo (`hf://org/name`), or by default a sub-folder of `default_root`."""
-    tag = release_tag(percent)
+    a Hub repo (`hf://org/name`), or by default a sub-folder of `default_root`; named `tag` when given (the
+    long-context release), else by the milestone's `release_tag`."""
+    tag = tag or release_tag(percent)
     if not release_to:
         return str(default_root / tag)
     if release_to.startswith("hf://"):

@@ -58,6 +58,7 @@ def model_card(
     files: Sequence[str],
     evals: Mapping[str, Mapping[str, float]],
     loss_curve: str | None,
+    figures: Sequence[tuple[str, str]] = (),
 ) -> str:
     """README.md text: architecture, parameter count, tokens seen, data, hyperparameters, evals, files.
 
@@ -70,6 +71,7 @@ def model_card(
             "finetune" (the held-out chat loss, `rwkv5.eval.evaluate.flat_metrics`) also goes in the fine-tune
             line, as before and after.
         loss_curve: path of the loss-curve PNG in the release, or None.
+        figures: (path in the release, caption) of further figures, each under a heading of its caption.
     """
     base = variants.get("base", {})
     hyper = {k: v for meta in variants.values() for k, v in (meta.get("hyperparameters") or {}).items()}
@@ -109,6 +111,8 @@ def model_card(
         parts += ["\n## Evaluation\n\n", _table(["metric", *cols], rows)]
     if loss_curve:
         parts += ["\n## Loss curve\n\n", f"![training loss]({loss_curve})\n"]
+    for path, caption in figures:
+        parts += [f"\n## {caption}\n\n", f"![{caption}]({path})\n"]
     parts.append(_transformers_section(variants))
     parts += [
         "\n## Files\n\n",

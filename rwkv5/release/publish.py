@@ -82,9 +82,9 @@ def _nested_evals(evals: Mapping | None) -> dict[str, dict[str, float]]:
 
 
 def _inputs(checkpoints: Mapping[str, Path], name: str, evals: Mapping, loss_history: Sequence | None,
-            extra_meta: Mapping, vocab_path: Path | None) -> dict:
+            extra_meta: Mapping, vocab_path: Path | None, figures: Sequence[tuple[Path, str]] = ()) -> dict:
     """Everything a build depends on; equal inputs give byte-identical folders."""
-    return {
+    inputs = {
         "format": FORMAT,
         "name": name,
         "checkpoints": {v: _sha256(p) for v, p in checkpoints.items()},
@@ -93,6 +93,18 @@ def _inputs(checkpoints: Mapping[str, Path], name: str, evals: Mapping, loss_his
             {"evals": evals, "loss_history": [list(x) for x in loss_history or []], "meta": extra_meta},
             sort_keys=True, default=str).encode()).hexdigest(),
     }
+    if figures:
+        inputs["figures"] = {path.name: [_sha256(path), caption] for path, caption in figures}
+    return inputs
+
+
+def _figures(figures: Sequence[tuple[str | os.PathLike, str]]) -> list[tuple[Path, str]]:
+    """The card's extra figures as (file, caption), checked to exist."""
+    checked = [(Path(path), str(caption)) for path, caption in figures]
+    for path, _ in checked:
+        if not path.is_file():
+            raise ReleaseError(f"{path}: figure for the model card not found")
+    return checked
 
 
 def _sources(checkpoint, finetune, vocab_path) -> tuple[dict[str, Path], Path]:
@@ -120,6 +132,7 @@ def build_release(
     loss_history: Sequence[tuple[float, float]] | None = None,
     extra_meta: Mapping[str, Any] | None = None,
     vocab_path: str | os.PathLike | None = None,
+    figures: Sequence[tuple[str | os.PathLike, str]] = (),
 ) -> Path:
     """Write a complete release folder at `out_dir` (staged next to it, then renamed into place).
 
@@ -132,18 +145,21 @@ def build_release(
         loss_history: (tokens or step, loss) pairs for the loss curve. Default: no curve.
         extra_meta: facts merged into every variant's metadata (run, step, tokens_seen, hyperparameters...).
         vocab_path: tokenizer vocabulary. Default: the shipped RWKV World vocabulary.
+        figures: (PNG file, caption) pairs copied into the release and shown in the card (the long-context
+            stage's loss against position). Default: none.
 
     Returns:
         The folder.
     """
     checkpoints, vocab = _sources(checkpoint, finetune, vocab_path)
-    evals = _nested_evals(evals)
-    inputs = _inputs(checkpoints, name, evals, loss_history, extra_meta or {}, vocab)
-    return _build(Path(out_dir), checkpoints, vocab, name, evals, loss_history, extra_meta or {}, inputs)
+    evals, figures = _nested_evals(evals), _figures(figures)
+    inputs = _inputs(checkpoints, name, evals, loss_history, extra_meta or {}, vocab, figures)
+    return _build(Path(out_dir), checkpoints, vocab, name, evals, loss_history, extra_meta or {}, inputs, figures)
 
 
 def _build(out: Path, checkpoints: Mapping[str, Path], vocab: Path, name: str, evals: dict,
-           loss_history: Sequence | None, extra_meta: Mapping, inputs: dict) -> Path:
+           loss_history: Sequence | None, extra_meta: Mapping, inputs: dict,
+           figures: Sequence[tuple[Path, str]] = ()) -> Path:
     """`build_release` once its inputs are checked and fingerprinted (hashing a 7B checkpoint takes a while)."""
     stage = out.with_name(f".{out.name}.staging-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
@@ -167,9 +183,11 @@ def _build(out: Path, checkpoints: Mapping[str, Path], vocab: Path, name: str, e
             xlabel = "tokens seen" if max(x for x, _ in loss_history) > 1e5 else "step"
             (stage / LOSS_CURVE).write_bytes(loss_curve_png(loss_history, f"{name}: training loss", xlabel=xlabel))
             curve = LOSS_CURVE
+        for path, _ in figures:
+            shutil.copyfile(path, stage / path.name)
         listed = sorted(p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file())
         (stage / "README.md").write_text(model_card(name, config, variants, ["README.md", *listed, MANIFEST],
-                                                    evals, curve))
+                                                    evals, curve, [(p.name, c) for p, c in figures]))
         files = sorted(p for p in stage.rglob("*") if p.is_file())
         manifest = {
             "format": FORMAT,
@@ -322,12 +340,13 @@ def release(
     register_as: str | None = None,
     tracking_uri: str | None = None,
     run_id: str | None = None,
+    figures: Sequence[tuple[str | os.PathLike, str]] = (),
     **target_options,
 ) -> PublishReport:
     """Build (when needed), upload and optionally register one milestone release. Idempotent.
 
     Args:
-        checkpoint, name, finetune, evals, loss_history, extra_meta, vocab_path: see `build_release`.
+        checkpoint, name, finetune, evals, loss_history, extra_meta, vocab_path, figures: see `build_release`.
         to: a target or its URL (local folder, fsspec URL, `hf://org/name@revision`).
         replace: overwrite a different release at the same place. Default: refuse.
         work_dir: where the folder is built before upload. Default: the system temp folder.
@@ -341,16 +360,16 @@ def release(
     target = _target(to, target_options)
     if register_as:
         check_registrable(target.url, register_as)  # before uploading anything
-    evals = _nested_evals(evals)
+    evals, figures = _nested_evals(evals), _figures(figures)
     checkpoints, vocab = _sources(checkpoint, finetune, vocab_path)
-    inputs = _inputs(checkpoints, name, evals, loss_history, extra_meta or {}, vocab)
+    inputs = _inputs(checkpoints, name, evals, loss_history, extra_meta or {}, vocab, figures)
     listing = target.list_files()
     remote = read_manifest(target, listing)
     uploaded: list[str] = []
     if remote is None or remote.get("inputs") != inputs or _check_files(target, remote["files"], listing, False):
         with tempfile.TemporaryDirectory(prefix="rwkv5-release-", dir=work_dir) as tmp:
             folder = _build(Path(tmp) / "release", checkpoints, vocab, name, evals, loss_history,
-                            extra_meta or {}, inputs)
+                            extra_meta or {}, inputs, figures)
             uploaded = publish_release(folder, target, replace=replace)
     report = PublishReport(target.url, uploaded)
     if register_as:

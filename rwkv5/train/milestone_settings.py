@@ -20,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from rwkv5.errors import ConfigError
+from rwkv5.train.long_context_settings import LongContextSettings
 
 __all__ = ["MILESTONE_MODES", "MilestoneSettings", "Placement", "place_milestones", "settings_from"]
 
@@ -60,6 +61,9 @@ class MilestoneSettings(BaseModel):
     data_source: str = "sample"
     """The pretraining source ("sample", a Hub repo id, a folder); the pretrain flow fills it in. Its tokenized
     validation split is evaluated, and the model card names it as the data."""
+    long_context: LongContextSettings | None = None
+    """The long-context stage that follows the last milestone's release (the `longctx` flow, started by the
+    event the milestone flow then emits). None: no long-context stage."""
 
     @model_validator(mode="after")
     def _check(self) -> "MilestoneSettings":

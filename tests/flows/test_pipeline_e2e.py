@@ -1,7 +1,8 @@
 """The whole pipeline through real services: `rwkv5 up` (Prefect server and process worker, MLflow server, Ray
 head), `prefect deployment run pretrain/tiny`, its worker killed mid-pretraining and the run retried, then the
 whole stack stopped by `rwkv5 down` mid-pretraining and started again, the run completed, ten milestone runs
-started by the milestone events, a re-run that skips finished work, and the dashboard in Chromium.
+started by the milestone events, the long-context stage started by the last release's event, a re-run that
+skips finished work, and the dashboard in Chromium.
 
 One stack and one run serve every test of the module (they run in file order): the run that survives the
 killed worker is also the finished run the other tests inspect, so the ten milestone flow runs (each a new
@@ -90,6 +91,16 @@ def _wait_milestones(cfg: StackConfig, run: str, timeout: float) -> list:
         runs = _milestone_runs(cfg, run)
         final = [r for r in runs if r.state is not None and r.state.is_final()]
         if (len(final) >= len(PERCENTS) and len(final) == len(runs)) or time.monotonic() > deadline:
+            return runs
+        time.sleep(5)
+
+
+def _wait_longctx(cfg: StackConfig, run: str, timeout: float) -> list:
+    """The longctx flow runs of `run` once one is final (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = [r for r in _flow_runs(cfg, "longctx") if r.parameters.get("run") == run]
+        if any(r.state is not None and r.state.is_final() for r in runs) or time.monotonic() > deadline:
             return runs
         time.sleep(5)
 
@@ -215,6 +226,34 @@ def test_pretrain_deployment_fires_ten_milestones_in_order(stack, finished_run):
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [row["percent"] for row in rows] == PERCENTS
     assert "data:image/png;base64," in _artifact(stack, artifact_key("loss-curve", RUN)).data
+
+
+def test_long_context_stage_runs_once_after_the_last_release(stack, finished_run):
+    """The 100% milestone run emits rwkv5.milestone.released; longctx/auto's trigger starts the tiny stage on
+    that checkpoint with the settings the event carries; its release has its own card and manifest, with the
+    loss at each scaled position before and after, and the plot."""
+    layout = Layout(stack.state_dir)
+    runs = _wait_longctx(stack, RUN, 900)
+    assert len(runs) == 1, [(r.name, r.state) for r in runs]  # one event, one run
+    (run,) = runs
+    assert run.state.is_completed(), run.state
+    checkpoint = run.parameters["checkpoint"]  # the tenth milestone's: 100% of the budget
+    assert checkpoint.startswith("file://") and checkpoint.endswith(f"/{RUN}/milestones/m010/model.safetensors")
+    settings = run.parameters["settings"]
+    assert settings["sample_len"] == 2048 and settings["data_source"] == "sample"
+    last_release = layout.releases(RUN) / "m100" / "manifest.json"
+    assert run.start_time.timestamp() > last_release.stat().st_mtime  # started by the last release
+
+    release = layout.releases(RUN) / "longctx-m100"
+    manifest = json.loads((release / "manifest.json").read_text())
+    assert {"base/model.safetensors", "base/model.pth", "position_loss.png", "loss_curve.png", "README.md"} <= {
+        f["path"] for f in manifest["files"]}
+    evals = manifest["variants"]["base"]["evals"]
+    for position in settings["eval_positions"]:
+        assert evals[f"loss_at_{position:06d}"] > 0 and evals[f"loss_at_{position:06d}_before"] > 0, position
+    card = (release / "README.md").read_text()
+    assert "![Loss against position](position_loss.png)" in card and "- stage: long-context fine-tune of m100" in card
+    assert f"- long_context_steps: {settings['steps']}" in card
 
 
 def test_rerun_skips_data_and_resumes_training(stack, finished_run):

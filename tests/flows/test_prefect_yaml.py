@@ -10,17 +10,28 @@ import yaml
 
 pytest.importorskip("prefect")
 
+from flows.longctx import longctx  # noqa: E402
 from flows.milestone import milestone  # noqa: E402
 from flows.pretrain import pretrain  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-FLOWS = {"flows/pretrain.py:pretrain": pretrain, "flows/milestone.py:milestone": milestone}
+LONGCTX = "flows/longctx.py:longctx"
+FLOWS = {"flows/pretrain.py:pretrain": pretrain, "flows/milestone.py:milestone": milestone, LONGCTX: longctx}
+
+
+def _spec() -> list[dict]:
+    return yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
 
 
 @pytest.fixture(scope="module")
 def deployments() -> dict[str, dict]:
-    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    return {d["name"]: d for d in spec["deployments"]}
+    """The pretrain and milestone deployments by name."""
+    return {d["name"]: d for d in _spec() if d["entrypoint"] != LONGCTX}
+
+
+@pytest.fixture(scope="module")
+def longctx_deployments() -> dict[str, dict]:
+    return {d["name"]: d for d in _spec() if d["entrypoint"] == LONGCTX}
 
 
 def _signature(deployment: dict) -> inspect.Signature:
@@ -105,3 +116,52 @@ def test_the_one_gpu_deployment_fits_one_80gb_gpu_and_shares_it_with_its_milesto
     assert steps >= 10 and steps % round(1 / config.milestones.fraction) == 0  # ten milestones, equally spaced
     plan = plan_memory(config, gpus=1, gpu_memory_gb=80)
     assert plan.peak < 0.9 * 80e9
+
+
+def test_longctx_deployments_take_their_parameters_and_settings(deployments, longctx_deployments):
+    """`longctx/auto` (the event's), `longctx/tiny` and `longctx/7b` (by hand on a checkpoint); the pretrain
+    deployments carry the same settings for the stage after their last milestone, the tiny one scaled down."""
+    from rwkv5.train.long_context_settings import long_context_settings_from
+    from rwkv5.train.milestone_settings import settings_from
+
+    assert set(longctx_deployments) == {"auto", "tiny", "7b"}
+    params = inspect.signature(longctx.fn).parameters
+    assert {p for p, v in params.items() if v.default is inspect.Parameter.empty} == {"checkpoint"}
+    for name, d in longctx_deployments.items():
+        assert set(d.get("parameters", {})) <= set(params), name
+        long_context_settings_from(d.get("parameters", {}).get("settings"))
+    for name in ("tiny", "7b"):
+        carried = settings_from(deployments[name]["parameters"]["milestones"]).long_context
+        assert carried == long_context_settings_from(longctx_deployments[name]["parameters"]["settings"]), name
+    tiny = settings_from(deployments["tiny"]["parameters"]["milestones"]).long_context
+    assert tiny.workers == 0 and tiny.sample_len <= 4096 and tiny.eval_positions[-1] == tiny.sample_len
+    assert len(tiny.eval_positions) == 5 and tiny.train_samples <= 4  # the demo's stage: seconds of CPU work
+    real = long_context_settings_from(longctx_deployments["7b"]["parameters"]["settings"])
+    assert real.sample_len == 131072 and real.eval_positions == (1024, 4096, 16384, 65536, 131072)
+    assert settings_from(deployments["1gpu"]["parameters"]["milestones"]).long_context is None
+
+
+def test_longctx_runs_when_the_last_milestone_is_released(longctx_deployments):
+    """The milestone flow emits RELEASED_EVENT after its 100% release when the run has a long-context stage;
+    `longctx/auto`'s trigger reads the flow's parameters from that event's payload."""
+    from flows.events import RELEASED_EVENT, long_context_parameters
+    from flows.milestone import _release_milestone
+    from rwkv5.train.long_context_settings import long_context_settings_from
+    from rwkv5.train.milestone_settings import MilestoneSettings
+
+    auto = longctx_deployments["auto"]
+    assert "parameters" not in auto  # all from the event
+    assert auto["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    (trigger,) = auto["triggers"]
+    assert trigger["expect"] == [RELEASED_EVENT] and trigger["match"] == {"prefect.resource.id": "rwkv5.run.*"}
+    for param, template in trigger["parameters"].items():
+        assert template == f"{{{{ event.payload.{param} }}}}", param
+    settings = MilestoneSettings(data_source="cerebras/SlimPajama-627B",
+                                 long_context={"sample_len": 4096, "eval_positions": [64, 4096]})
+    payload = long_context_parameters("rwkv5-7b", "file:///runs/m010/model.safetensors", settings)
+    assert set(trigger["parameters"]) == set(payload) and set(payload) <= set(inspect.signature(longctx.fn).parameters)
+    stage = long_context_settings_from(payload["settings"])  # as the flow validates the event's settings
+    assert stage.sample_len == 4096 and stage.data_source == "cerebras/SlimPajama-627B"
+    source = inspect.getsource(_release_milestone)
+    assert 'info["percent"] >= 100 and settings.long_context is not None' in source
+    assert source.index("table.write(") < source.index("emit_last_release(")  # after the release is recorded

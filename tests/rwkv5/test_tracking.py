@@ -69,3 +69,26 @@ def test_milestone_evals_log_the_chat_loss_before_and_after(mlflow_server, monke
     metrics = mlflow.MlflowClient(mlflow_server).get_run(run_id).data.metrics
     assert metrics["chat_loss_before"] == 7.74 and metrics["chat_loss_after"] == 7.33
     assert metrics["eval.base.chat_loss"] == 7.74 and metrics["eval.finetune.chat_loss"] == 7.33
+
+
+def test_stage_evals_and_their_plot_go_into_the_stage_s_own_run(mlflow_server, tmp_path, monkeypatch):
+    """The long-context stage's before/after per-position losses as `eval.<variant>.loss_at_<p>` and its plot
+    as an artifact of run `<run>-longctx-m100` (experiment rwkv5-milestones), found again on a second call."""
+    import mlflow
+
+    from rwkv5.eval.long_context import save_position_loss_plot
+    from rwkv5.tracking import log_milestone_evals
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    evals = {"before": {"long_context": {"positions": {16: 6.0, 2048: 5.9}}},
+             "after": {"long_context": {"positions": {16: 5.5, 2048: 5.0}}}}
+    plot = save_position_loss_plot(tmp_path / "position_loss.png",
+                                   {k: v["long_context"]["positions"] for k, v in evals.items()}, "demo")
+    run_id = log_milestone_evals("demo", "longctx-m100", evals, figures=[plot])
+    assert log_milestone_evals("demo", "longctx-m100", evals, figures=[plot]) == run_id
+
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.run_name == "demo-longctx-m100"
+    assert run.data.metrics["eval.before.loss_at_002048"] == 5.9 and run.data.metrics["eval.after.loss_at_000016"] == 5.5
+    assert "position_loss.png" in {f.path for f in client.list_artifacts(run_id)}
