@@ -289,8 +289,11 @@ def test_shared_mode_pauses_pretraining_for_each_milestone(stack):
     resumes; ten milestone runs completed in order, each before the steps after its milestone were trained, and
     the whole token budget trained once."""
     layout = Layout(stack.state_dir)
+    # The tiny deployment with lighter milestone runs: the orchestration is under test here, and the full
+    # milestone work (LAMBADA, the long-context stage) already ran in the dedicated run above.
+    light = {"finetune_workers": 0, "finetune_steps": 1, "chat_heldout": 2, "eval_limit": 4}
     _run_deployment(stack, "pretrain/tiny", {"run_name": SHARED_RUN, "token_budget": BUDGET,
-                                             "milestone_mode": "shared"}, timeout=1800)
+                                             "milestone_mode": "shared", "milestones": light}, timeout=1800)
     (pretrain_run,) = [r for r in _flow_runs(stack, "pretrain") if r.parameters.get("run_name") == SHARED_RUN]
     assert pretrain_run.state.is_completed(), pretrain_run.state
     runs = sorted(_milestone_runs(stack, SHARED_RUN), key=lambda r: int(r.parameters["percent"]))

@@ -29,7 +29,8 @@ def prefect_server():
 
 def _parameters(name: str) -> dict:
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    (deployment,) = [d for d in spec["deployments"] if d["name"] == name]
+    (deployment,) = [d for d in spec["deployments"]
+                     if d["name"] == name and d["entrypoint"] == "flows/pretrain.py:pretrain"]
     return dict(deployment["parameters"])
 
 

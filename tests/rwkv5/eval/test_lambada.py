@@ -149,7 +149,7 @@ def test_deployments_score_lambada():
     from rwkv5.eval.lambada import HUB_LAMBADA
 
     spec = yaml.safe_load((Path(__file__).resolve().parents[3] / "prefect.yaml").read_text())
-    deployments = {d["name"]: d for d in spec["deployments"]}
+    deployments = {d["name"]: d for d in spec["deployments"] if d["entrypoint"] != "flows/longctx.py:longctx"}
     tiny, big = deployments["tiny"]["parameters"]["milestones"], deployments["7b"]["parameters"]["milestones"]
     assert tiny["lambada"] == "shipped" and tiny["eval_limit"] <= 32
     assert big["lambada"] == HUB_LAMBADA and "eval_limit" not in big and "finetune_steps" not in big

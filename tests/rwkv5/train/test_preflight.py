@@ -168,7 +168,8 @@ def test_auto_resolves_on_ray_clusters_that_declare_8_and_16_gpus(tmp_path):
 
     repo = Path(__file__).resolve().parents[3]
     spec = yaml.safe_load((repo / "prefect.yaml").read_text())
-    (params,) = [d["parameters"] for d in spec["deployments"] if d["name"] == "7b"]
+    (params,) = [d["parameters"] for d in spec["deployments"]
+                 if d["name"] == "7b" and d["entrypoint"] == "flows/pretrain.py:pretrain"]
     args = [str(params["workers"]), str(params["gpus_per_worker"]), str(params["milestones"]["finetune_workers"])]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
     done = subprocess.run([sys.executable, "-c", _PLACEMENT_ON_A_GPU_CLUSTER, *args], capture_output=True, text=True,
