@@ -68,7 +68,8 @@ def build(cfg: ModelConfig, bits: int, device: torch.device, group: int, host_em
 
 
 def _device_bytes(model: nn.Module, device: torch.device) -> int:
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()] if t.device == device)
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]
+               if t.device.type == device.type)  # "cuda" names the same device as "cuda:0"
 
 
 class _Peak:
