@@ -10,7 +10,6 @@ is that of one segment whatever the sample length (`position_losses`).
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from rwkv5.errors import ConfigError
+from rwkv5.train.trace import figure_png
 
 __all__ = ["position_losses", "evaluate_long_context", "position_loss_png", "save_position_loss_plot"]
 
@@ -113,10 +113,7 @@ def position_loss_png(curves: Mapping[str, Mapping[int, float]], title: str) -> 
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", metadata={"Software": None})
-        return buf.getvalue()
+        return figure_png(fig)
     finally:
         plt.close(fig)
 

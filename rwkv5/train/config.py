@@ -26,6 +26,7 @@ __all__ = [
     "RUN_PRESETS",
     "run_preset",
     "with_overrides",
+    "validate_section",
 ]
 
 
@@ -250,6 +251,18 @@ def with_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"invalid override {overrides}: {exc}") from None
+
+
+def validate_section(model: type[BaseModel], value: Any, section: str) -> Any:
+    """`model` from a flow parameter or an event payload (a dict; None = its defaults), or `value` itself when it
+    is one already; a validation error becomes one ConfigError naming each bad `section.field`."""
+    if isinstance(value, model):
+        return value
+    try:
+        return model.model_validate(value or {})
+    except ValidationError as exc:
+        problems = "; ".join(f"{section}.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid {section} settings: {problems}") from None
 
 
 def tiny() -> RunConfig:

@@ -8,9 +8,10 @@ loss at positions 1k to 128k; the tiny demo scales everything down (prefect.yaml
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from rwkv5.errors import ConfigError
+from rwkv5.train.config import validate_section
 
 __all__ = ["LongContextSettings", "long_context_settings_from"]
 
@@ -71,10 +72,4 @@ class LongContextSettings(BaseModel):
 
 def long_context_settings_from(value: "LongContextSettings | dict | None") -> LongContextSettings:
     """Settings from a flow parameter or an event payload (a dict), with errors that name the field."""
-    if isinstance(value, LongContextSettings):
-        return value
-    try:
-        return LongContextSettings.model_validate(value or {})
-    except ValidationError as exc:
-        problems = "; ".join(f"long_context.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid long-context settings: {problems}") from None
+    return validate_section(LongContextSettings, value, "long_context")

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from rwkv5.errors import ConfigError
+from rwkv5.train.config import validate_section
 from rwkv5.train.long_context_settings import LongContextSettings
 
 __all__ = ["MILESTONE_MODES", "MilestoneSettings", "Placement", "place_milestones", "settings_from"]
@@ -93,13 +94,7 @@ class MilestoneSettings(BaseModel):
 
 def settings_from(value: "MilestoneSettings | dict | None") -> MilestoneSettings:
     """Settings from a flow parameter or an event payload (a dict), with errors that name the field."""
-    if isinstance(value, MilestoneSettings):
-        return value
-    try:
-        return MilestoneSettings.model_validate(value or {})
-    except ValidationError as exc:
-        problems = "; ".join(f"milestones.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"invalid milestone settings: {problems}") from None
+    return validate_section(MilestoneSettings, value, "milestones")
 
 
 class Placement(BaseModel):
