@@ -25,7 +25,7 @@ from flows.events import (
 )
 from flows.milestone_runs import run_milestone
 from flows.paths import Layout, artifact_key
-from rwkv5.train.config import run_preset
+from rwkv5.train.config import run_preset, with_overrides
 from rwkv5.train.milestone_settings import MilestoneSettings, settings_from
 
 __all__ = ["pretrain", "SAMPLE_SOURCE", "HUB_SOURCE"]
@@ -86,7 +86,6 @@ def pretrain_stage(run_name: str, preset: str, data_dir: str, storage: str, work
     """Train (or resume) the run: to the end of the budget, or (`shared`) to the next milestone, where training
     stops so that the milestone run can use the GPUs. Milestone events (`dedicated`), the budget bar and the trace
     come from its callbacks."""
-    from rwkv5.train import run_preset, with_overrides
     from rwkv5.train.callbacks import TraceCallback
     from rwkv5.train.checkpoint import list_checkpoints
     from rwkv5.train.launch import run_training
