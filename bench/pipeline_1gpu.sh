@@ -50,9 +50,9 @@ while [[ ! -f $result ]] && (( $(date +%s) - t0 < wait_s )); do
   shown=$lines
 done
 if [[ -f $result ]]; then
-  for _ in $(seq 60); do pgrep -f bench/pipeline_1gpu.py > /dev/null || break; sleep 1; done  # its `down`
+  cp "$result" "$OUT/"  # first: device time may end at any moment
+  for _ in $(seq 15); do pgrep -f bench/pipeline_1gpu.py > /dev/null || break; sleep 1; done  # its `down`
   sed -n "$((shown + 1)),\$p" /tmp/pipeline.log
-  cp "$result" "$OUT/"
   stamp "run recorded"
 else
   stamp "run still going: call again with 'finish' within the machine's idle time"
