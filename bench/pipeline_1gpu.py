@@ -7,8 +7,8 @@ waits for the pretrain flow run and its ten milestone runs (or the deadline), th
 - from the Prefect API, every flow run's final state and task runs, and the order the milestone runs ran in;
 - from MLflow, the pretraining run's tokens/s, MFU and WKV backend, the fine-tune runs and the milestone evals;
 - from the state folder, the milestone table and each release's manifest.
-Writes them to one JSON (whatever finished by the deadline: a partial run is recorded as such) and prints a
-summary. bench/pipeline_1gpu.sh is the device call around it.
+Writes them to one JSON (whatever finished by the deadline, or when the process gets SIGUSR1: a partial run
+is recorded as such) and prints a summary. bench/pipeline_1gpu.sh is the device call around it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -62,8 +63,10 @@ def _wait(api_url: str, run_name: str, pretrain_id: str, deadline: float) -> Non
     from prefect.client.orchestration import SyncPrefectClient
 
     last_report = 0.0
+    asked = []  # SIGUSR1: record now (the device time is about to end)
+    signal.signal(signal.SIGUSR1, lambda *_: asked.append(True))
     with SyncPrefectClient(api_url) as client:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not asked:
             pretrain, milestones = _flow_runs(client, run_name, pretrain_id)
             if _finished(pretrain, milestones):
                 return
@@ -73,7 +76,7 @@ def _wait(api_url: str, run_name: str, pretrain_id: str, deadline: float) -> Non
                       flush=True)
                 last_report = time.monotonic()
             time.sleep(3)
-    print("  deadline reached: recording what finished", flush=True)
+    print(f"  {'asked' if asked else 'deadline reached'}: recording what finished", flush=True)
 
 
 def _run_record(client, run, t0) -> dict:

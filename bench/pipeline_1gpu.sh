@@ -2,6 +2,8 @@
 # The device calls of the one-GPU pipeline run: a bare GPU machine to a recorded `pretrain/1gpu` run.
 #   bash bench/pipeline_1gpu.sh start [WAIT_S]    first call: carry [".site"] (the output of bench/pack_site.sh)
 #   bash bench/pipeline_1gpu.sh finish [WAIT_S]   a next call on the still-warm machine (within its 30 s idle time)
+# With RECORD_AT_S set, a run still going that many seconds into the call is asked (SIGUSR1) to record what
+# finished so far: the last call of a session's device time.
 # `start` unpacks the carried packages, starts the builds (WKV5 kernel, DeepSpeed's FusedAdam, the tokenizer's C
 # extension) and bench/pipeline_1gpu.py in a session of their own (setsid), so the run outlives the call: one
 # call may run 10 minutes, and the whole run (stack start, pretraining, ten milestone runs of ~40 s each on an
@@ -43,8 +45,13 @@ elif [[ $mode != finish ]]; then
 fi
 
 shown=0
+asked=0
 while [[ ! -f $result ]] && (( $(date +%s) - t0 < wait_s )); do
   sleep 5
+  if [[ -n ${RECORD_AT_S:-} && $asked == 0 ]] && (( $(date +%s) - t0 >= RECORD_AT_S )); then
+    pkill -USR1 -f "^python3 bench/pipeline_1gpu.py" && stamp "asked the run to record what finished"
+    asked=1
+  fi
   lines=$(wc -l < /tmp/pipeline.log 2>/dev/null || echo 0)
   if (( lines > shown )); then sed -n "$((shown + 1)),${lines}p" /tmp/pipeline.log | grep -v -E "Warning|warn\("; fi
   shown=$lines
