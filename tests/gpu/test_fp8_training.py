@@ -7,14 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.gpu.test_compiled_training import _documents
+
 STEPS = 20
-
-
-def _documents(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    for _ in range(2000):
-        start, step, length = rng.integers(1, 3000), rng.integers(1, 7), rng.integers(100, 2000)
-        yield np.append((start + step * np.arange(length)) % 4000 + 1, 0).astype(np.uint16)
 
 
 @pytest.fixture(scope="module")
