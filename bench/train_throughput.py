@@ -141,12 +141,22 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step per GPU")
     ap.add_argument("--activation-memory", choices=("none", "selective", "full"), default=None)
     ap.add_argument("--compile", choices=("on", "off"), default=None)
+    ap.add_argument("--precision", nargs="+", choices=("bf16", "fp8"), default=None,
+                    help="block matmul precision; several: one run each, fp8_speedup in one record")
+    ap.add_argument("--fp8-recipe", nargs="+", choices=("tensorwise", "rowwise"), default=None,
+                    help="fp8 scaling recipe(s); default: the preset's")
     ap.add_argument("--phases", action="store_true", help="time forward/backward/step (synchronizes)")
     ap.add_argument("--blocks", action="store_true", help="also time one Block and the fla anchor block")
     ap.add_argument("--block-batch", type=int, default=4, help="batch of the isolated block timings")
     ap.add_argument("--workdir", default=None, help="shared folder for data and checkpoints (multi-GPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if len(args.precision or []) > 1 or len(args.fp8_recipe or []) > 1:
+        from bench.precision_runs import compare
+
+        compare(sys.argv[1:], args.precision or [run_preset(args.preset).precision],
+                args.fp8_recipe or [run_preset(args.preset).fp8_recipe], args.out)
+        return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     cfg = run_preset(args.preset)
@@ -160,6 +170,10 @@ def main() -> None:
         overrides["activation_memory"] = args.activation_memory
     if args.compile:
         overrides["compile"] = args.compile == "on"
+    if args.precision:
+        overrides["precision"] = args.precision[0]
+    if args.fp8_recipe:
+        overrides["fp8_recipe"] = args.fp8_recipe[0]
     cfg = with_overrides(cfg, overrides)
     cfg = with_overrides(cfg, {"token_budget": (args.steps + 1) * cfg.tokens_per_step,
                                "stop_at_step": args.steps})
@@ -209,6 +223,7 @@ def main() -> None:
         "activation_memory": cfg.activation_memory, "compile": cfg.compile,
         "compile_s": next((r["compile_s"] for r in timer.rows if "compile_s" in r), None),
         "wkv_backend": default_backend("cuda"), "zero_stage": 2, "dtype": "bf16",
+        "precision": cfg.precision, "fp8_recipe": cfg.fp8_recipe if cfg.precision == "fp8" else None,
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
                      "python": platform.python_version()},
         "steps_measured": len(steady), "step_time_s": step_s, "tokens_per_s_per_gpu": tokens_gpu,

@@ -31,8 +31,10 @@ ACTIVATION_MEMORY = ("none", "selective", "full")
 
 # Outputs worth keeping under "selective": the matrix products (the expensive part of a block) and the WKV
 # op (a custom op in namespace rwkv5 on CUDA). Everything else in a block is elementwise or a norm, cheap to
-# recompute and as large as a matmul output, so it is recomputed in backward.
-_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default}
+# recompute and as large as a matmul output, so it is recomputed in backward. `_scaled_mm` is the float8 matmul
+# of precision "fp8" (rwkv5.train.precision) as compiled graphs show it; eager ones see its `mm`.
+_MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten._scaled_mm.default}
 
 
 def _selective_policy(ctx, op, *args, **kwargs):

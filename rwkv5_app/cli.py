@@ -48,13 +48,16 @@ def plan(
     gpus: int = typer.Option(8, help="Data-parallel GPUs (ZeRO-2 partitions over them)."),
     gpu_memory: float = typer.Option(80.0, help="Memory of one GPU in GB."),
     mfu: float | None = typer.Option(None, help="MFU of the expected speed. Default: the recorded 7b-width measurement."),
+    precision: str | None = typer.Option(None, help="bf16 or fp8 block matmuls. Default: the preset's."),
 ) -> None:
     """Print a run preset's memory per GPU under ZeRO-2 and its recipe: batch, steps, expected speed, checkpoints."""
-    from rwkv5.train.config import run_preset
+    from rwkv5.train.config import run_preset, with_overrides
     from rwkv5.train.memory_plan import format_plan, plan_memory
     from rwkv5.train.recipe import format_recipe, plan_recipe
 
     cfg = run_preset(preset)
+    if precision is not None:
+        cfg = with_overrides(cfg, {"precision": precision})
     typer.echo(format_plan(plan_memory(cfg, gpus, gpu_memory)))
     typer.echo(format_recipe(plan_recipe(cfg, gpus, mfu)))
 

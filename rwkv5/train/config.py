@@ -210,6 +210,16 @@ class RunConfig(_Section):
     compile: bool = False
     """torch.compile each block when training on CUDA (fuses the elementwise work around the matmuls); CPU runs
     ignore it. Compilation happens on the first step, reported apart as `compile_s`."""
+    precision: Literal["bf16", "fp8"] = "bf16"
+    """Matmul precision of the linear layers inside the blocks: "bf16" (the reference run's) or "fp8" (torchao
+    float8 training: inputs, weights and output gradients cast to float8 per matmul with dynamic scales; weights,
+    gradients, optimizer states, the embedding, the head and the loss stay as under bf16; `rwkv5.train.precision`).
+    fp8 needs n_embd and the FFN width divisible by 16 (the float8 matmul's rule) and torchao (extra `fp8`); on
+    CUDA a GPU of compute capability 8.9+ (H100/H200), on the CPU the float8 casts are emulated (tests)."""
+    fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    """torchao's scaling recipe under precision "fp8": "tensorwise" (one scale per tensor, cuBLAS's float8
+    kernel) or "rowwise" (one scale per row, power-of-2 scales, CUTLASS's kernel: more accurate, usually
+    slower). `bench/fp8_device.sh` measures both."""
     stop_at_step: int | None = None
     """Stop (with a checkpoint) after this many optimizer steps although the budget is not spent: benchmarks
     and preemption tests. The schedule still spans the whole budget."""
@@ -222,6 +232,11 @@ class RunConfig(_Section):
             )
         if self.stop_at_step is not None and self.stop_at_step <= 0:
             raise ConfigError(f"stop_at_step must be > 0, got {self.stop_at_step}")
+        if self.precision == "fp8" and (self.model.n_embd % 16 or self.model.ffn % 16):
+            raise ConfigError(
+                f"precision 'fp8' needs model.n_embd ({self.model.n_embd}) and the FFN width "
+                f"({self.model.ffn}) divisible by 16 (float8 matmuls)"
+            )
         return self
 
     @property

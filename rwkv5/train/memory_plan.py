@@ -5,6 +5,12 @@ the fp32 master weights and Adam moments split over the GPUs; bf16 reduce bucket
 block from what each activation-memory policy keeps (see `rwkv5.model.Block`), plus the transient of one block
 being recomputed and differentiated, plus the chunked loss. The peak is the larger of the backward peak and
 the optimizer-step peak (when ZeRO flattens the gradient partition and converts it to fp32).
+
+Precision "fp8" (torchao float8 block linears, `rwkv5.train.precision`) is planned as bf16 plus one term: torchao
+saves each linear's bf16 input and weight for backward, exactly what `nn.Linear` saves, and under "selective"
+the kept matmul outputs are bf16 either way, so the kept activations and the model states do not change. What
+fp8 adds is transient: the float8 copies (1 byte an element) of the operands of the linear being run, at most
+the largest one's input, output gradient and weight with its transposed copy (`_fp8_transient`).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class MemoryPlan:
     ctx_len: int
     grad_accum: int
     activation_memory: str
+    precision: str
     parameters: int
     weights: float
     gradients: float
@@ -59,7 +66,8 @@ class MemoryPlan:
     activations: float
     """Kept for backward by all blocks, the embedding, the final norm and the loss, for one micro-batch."""
     transient: float
-    """One block recomputed and differentiated, or the loss's logits chunk and fp32 weight gradient."""
+    """One block recomputed and differentiated (with fp8: plus one linear's float8 operands), or the loss's
+    logits chunk and fp32 weight gradient."""
     step_extra: float
     """The optimizer step's flattened bf16 and fp32 copies of the gradient partition."""
     backward_peak: float
@@ -72,6 +80,13 @@ class MemoryPlan:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _fp8_transient(tokens: int, n_embd: int, ffn: int) -> float:
+    """Bytes of the float8 operands of the largest block linear (ffn key or value, C x F) in flight at once:
+    its input and output gradient (tokens x (C + F) together, one each of the two is F wide) and its weight
+    cast twice (forward, and transposed for the input gradient)."""
+    return float(tokens * (n_embd + ffn) + 2 * n_embd * ffn)
 
 
 def plan_memory(cfg: RunConfig, gpus: int, gpu_memory_gb: float, micro_batch: int | None = None,
@@ -103,6 +118,8 @@ def plan_memory(cfg: RunConfig, gpus: int, gpu_memory_gb: float, micro_batch: in
     # The loss keeps d(hidden) per token and the head's weight gradient (bf16) until backward.
     activations = 2.0 * tokens * per_token + 2.0 * tokens * C + 2.0 * V * C
     block_transient = 2.0 * tokens * block_activation_elements("none", C, F)
+    if cfg.precision == "fp8":
+        block_transient += _fp8_transient(tokens, C, F)
     chunk = max(1, LOSS_CHUNK_ELEMENTS // V)
     loss_transient = 4.0 * V * C + 8.0 * min(chunk, tokens) * V  # fp32 dW, chunk logits bf16 + fp32 + grad
     transient = max(block_transient, loss_transient)
@@ -115,7 +132,7 @@ def plan_memory(cfg: RunConfig, gpus: int, gpu_memory_gb: float, micro_batch: in
     return MemoryPlan(
         preset=cfg.preset, gpus=gpus, gpu_memory=gpu_memory_gb * GB, micro_batch=B, ctx_len=T,
         grad_accum=cfg.batch.global_batch // (B * gpus) if cfg.batch.global_batch % (B * gpus) == 0 else 0,
-        activation_memory=policy, parameters=P, weights=weights, gradients=gradients, optimizer=optimizer,
+        activation_memory=policy, precision=cfg.precision, parameters=P, weights=weights, gradients=gradients, optimizer=optimizer,
         buckets=buckets, activations=activations, transient=transient, step_extra=step_extra,
         backward_peak=backward_peak, step_peak=step_peak, peak=peak, headroom=1.0 - peak / (gpu_memory_gb * GB),
     )
@@ -136,7 +153,8 @@ def format_plan(plan: MemoryPlan) -> str:
         ("total (peak)", plan.peak),
     ]
     width = max(len(name) for name, _ in rows)
-    lines = [f"{plan.preset}: {plan.parameters:,} parameters, ZeRO-2 bf16 on {plan.gpus} GPU(s) of "
+    matmuls = "" if plan.precision == "bf16" else f" ({plan.precision} block matmuls)"
+    lines = [f"{plan.preset}: {plan.parameters:,} parameters, ZeRO-2 bf16{matmuls} on {plan.gpus} GPU(s) of "
              f"{plan.gpu_memory / GB:g} GB; grad accumulation {plan.grad_accum}"]
     lines += [f"{name:<{width}}  {value / GB:8.2f} GB" for name, value in rows]
     lines.append(f"{'headroom':<{width}}  {plan.headroom:8.1%}")

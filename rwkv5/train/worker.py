@@ -33,6 +33,7 @@ from rwkv5.train.data import RankBatches
 from rwkv5.train.deepspeed_import import import_deepspeed
 from rwkv5.train.lr_schedule import apply_lr, lr_at
 from rwkv5.train.optim import build_optimizer, deepspeed_config, param_groups
+from rwkv5.train.precision import apply_precision
 from rwkv5.train.stability import SpikeDetector, judge_step
 from rwkv5.train.surgery import plan_resume
 
@@ -155,6 +156,9 @@ def train(job: TrainJob, store=None) -> TrainerState:
     # On a GPU the weights are initialised there (meta, then allocated on the device): seconds for the 7B
     # instead of minutes of CPU work and a host copy per worker.
     model = build_model(cfg.model, device, activation_memory=cfg.activation_memory)
+    # fp8: the block linears become float8 ones before DeepSpeed casts and flattens the weights and before the
+    # blocks are compiled (the casts fuse into the compiled blocks).
+    apply_precision(model, cfg, device)
     compiled = cfg.compile and device.type == "cuda"
     if compiled:
         # Compiled lazily on the first call, after DeepSpeed has cast the weights to bf16.

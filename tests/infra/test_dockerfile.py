@@ -103,7 +103,7 @@ def test_installs_our_extras_and_prebuilds_deepspeed_ops_and_the_wkv_kernel(pars
     _, stages, _ = parsed
     runs = [args for word, args in stages["build"] if word == "RUN"]
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    installs = [m.group(1) for r in runs for m in re.finditer(r'"\.\[([a-z,]+)\]"', r)]
+    installs = [m.group(1) for r in runs for m in re.finditer(r'"\.\[([a-z0-9,]+)\]"', r)]
     assert installs and {"train", "orchestrate"} <= set(installs[0].split(","))
     assert set(installs[0].split(",")) <= set(extras)
     pins = dict(re.findall(r"ARG (TORCH_VERSION|DEEPSPEED_VERSION)=(\S+)", DOCKERFILE.read_text()))

@@ -29,6 +29,11 @@ def test_config_errors_name_the_field():
         with_overrides(run_preset("tiny"), {"optim.nope": 1})
     with pytest.raises(ConfigError, match="unknown run preset"):
         run_preset("13b")
+    with pytest.raises(ConfigError, match="precision"):
+        with_overrides(run_preset("tiny"), {"precision": "fp16"})
+    with pytest.raises(ConfigError, match="fp8_recipe"):
+        with_overrides(run_preset("tiny"), {"precision": "fp8", "fp8_recipe": "blockwise"})
+    assert run_preset("7b").precision == "bf16" and run_preset("tiny").fp8_recipe == "tensorwise"
 
 
 def test_lr_schedule_warmup_then_cosine_to_final():

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from rwkv5.config import count_parameters
 from rwkv5.errors import ConfigError
-from rwkv5.train.config import run_preset
+from rwkv5.train.config import run_preset, with_overrides
 from rwkv5.train.memory_plan import plan_memory
 
 
@@ -48,3 +48,14 @@ def test_plan_command_prints_the_table():
         assert word in result.output
     with pytest.raises(ConfigError, match="gpus"):
         plan_memory(run_preset("7b"), 0, 80)
+
+
+def test_fp8_keeps_bf16_activations_and_adds_one_linears_float8_operands():
+    cfg = run_preset("7b")
+    bf16 = plan_memory(cfg, 8, 80)
+    fp8 = plan_memory(with_overrides(cfg, {"precision": "fp8"}), 8, 80)
+    assert fp8.precision == "fp8" and bf16.precision == "bf16"
+    assert (fp8.weights, fp8.optimizer, fp8.activations) == (bf16.weights, bf16.optimizer, bf16.activations)
+    C, F, tokens = cfg.model.n_embd, cfg.model.ffn, cfg.batch.micro_batch * cfg.batch.ctx_len
+    assert fp8.transient - bf16.transient == tokens * (C + F) + 2 * C * F  # ~0.27 GB at 7b
+    assert fp8.fits(0.10)
