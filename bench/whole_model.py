@@ -44,7 +44,7 @@ from rwkv5.train.metrics import mfu  # noqa: E402
 
 __all__ = ["smoke_config", "time_forward_backward", "partition_module", "time_partition_step", "estimate"]
 
-TINY = {"model.n_embd": 128, "model.n_layer": 2, "model.head_size": 32, "model.vocab_size": 512,
+TINY = {"model.n_embd": 128, "model.n_layer": 2, "model.head_size": 32, "model.vocab_size": 65536,
         "model.dim_ffn": 448, "batch.ctx_len": 64}
 
 
