@@ -122,7 +122,7 @@ class _Partition(nn.Module):
     """Parameters shaped like 1/`parts` of each of `model`'s (one dimension divided), keeping the names that
     `rwkv5.train.optim.param_groups` sorts by ('.' becomes '__'); forward is a cheap loss touching them all."""
 
-    def __init__(self, model: nn.Module, parts: int):
+    def __init__(self, model: nn.Module, parts: int, device: torch.device | str = "cpu"):
         super().__init__()
         self.weights = nn.ParameterDict()
         for name, p in model.named_parameters():
@@ -131,19 +131,19 @@ class _Partition(nn.Module):
             if dim is None:
                 raise ValueError(f"{name} {tuple(shape)}: no dimension divisible by {parts}")
             shape[dim] //= parts
-            self.weights[name.replace(".", "__")] = nn.Parameter(torch.zeros(shape).normal_(std=0.02))
+            self.weights[name.replace(".", "__")] = nn.Parameter(torch.empty(shape, device=device).normal_(std=0.02))
 
     def forward(self) -> torch.Tensor:
         return torch.stack([p.float().square().mean() for p in self.weights.values()]).sum()
 
 
-def partition_module(cfg: RunConfig, parts: int) -> _Partition:
+def partition_module(cfg: RunConfig, parts: int, device: torch.device | str = "cpu") -> _Partition:
     """A module of 1/`parts` of every parameter of `cfg.model`: one ZeRO-2 rank's share of `parts` GPUs."""
     from rwkv5.model import RWKV5
 
     with torch.device("meta"):
         full = RWKV5(cfg.model)
-    return _Partition(full, parts)
+    return _Partition(full, parts, device)
 
 
 def time_partition_step(cfg: RunConfig, device: torch.device, parts: int, steps: int = 3,
@@ -157,7 +157,7 @@ def time_partition_step(cfg: RunConfig, device: torch.device, parts: int, steps:
     from rwkv5.train.deepspeed_import import import_deepspeed
 
     deepspeed = import_deepspeed()
-    module = partition_module(cfg, parts).to(device)
+    module = partition_module(cfg, parts, device)
     n = sum(p.numel() for p in module.parameters())
     one = with_overrides(cfg, {"batch.micro_batch": 1, "batch.global_batch": 1})
     optimizer = build_optimizer(param_groups(module, cfg.optim), cfg.optim, device)
