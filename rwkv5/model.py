@@ -46,6 +46,28 @@ def _selective_policy(ctx, op, *args, **kwargs):
 _selective_context = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
 
 
+@functools.cache
+def _inductor_options() -> dict:
+    """Inductor settings that compiled blocks need on this torch: {} where the installed version is sound.
+
+    Inductor's Triton "mix-order reduction" (on by default since torch 2.10) fuses a reduction over rows with one
+    over columns, e.g. LayerNorm's backward with a (1, 1, C) mix parameter's gradient summed over B*T tokens,
+    once B*T >= 4096, >= 2 C and B*T*C >= 5*2^20 (7b width from B*T = 8192). Up to torch 2.11 its final reduce
+    returned that gradient as (C,): "CompiledFunctionBackward returned an invalid gradient ... got [4096] but
+    expected shape compatible with [1, 1, 4096]" (pytorch/pytorch#178080; fixed by restoring the buffer's shape,
+    PR #178098). Where the installed inductor lacks that fix, blocks compile without the fusion.
+    """
+    try:
+        import inspect
+
+        from torch._inductor.codegen.simd import SIMDScheduling
+
+        source = inspect.getsource(SIMDScheduling._codegen_mix_order_reduction)
+    except (ImportError, AttributeError, OSError, TypeError):
+        return {}  # no mix-order reduction in this torch, or no source to read: nothing to work around
+    return {} if "final_shape" in source else {"triton.mix_order_reduction": False}
+
+
 @dataclass
 class RWKVState:
     """Everything the model remembers between calls; its size does not depend on the context length.
@@ -196,6 +218,13 @@ class Block(nn.Module):
         self.att = TimeMix(cfg, layer_id)
         self.ffn = ChannelMix(cfg, layer_id)
 
+    def compile(self, *args, **kwargs) -> None:
+        """`nn.Module.compile` with the inductor options this torch needs (`_inductor_options`)."""
+        fixes = _inductor_options()
+        if fixes and kwargs.get("backend", "inductor") == "inductor":
+            kwargs["options"] = {**fixes, **(kwargs.get("options") or {})}
+        super().compile(*args, **kwargs)
+
     def forward(self, x, att_shift=None, wkv_state=None, ffn_shift=None):
         if self.activation_memory == "none" or not (self.training and torch.is_grad_enabled()):
             return self._forward(x, att_shift, wkv_state, ffn_shift)
@@ -317,7 +346,9 @@ class RWKV5(nn.Module):
                 wkvs.append(s)
                 ffns.append(f)
         if targets is not None:
-            return chunked_lm_loss(self.ln_out(x), self.head.weight, targets, mask)
+            # A named range for profiles (bench/profile_step.py): the head and loss apart from the blocks.
+            with torch.profiler.record_function("rwkv5.head_loss"):
+                return chunked_lm_loss(self.ln_out(x), self.head.weight, targets, mask)
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         logits = self.head(self.ln_out(x))

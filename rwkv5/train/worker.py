@@ -285,7 +285,9 @@ class _Loop:
                 mean_loss = total / (self.accum * self.world) if bad == 0 else float("nan")
                 verdict = judge_step(mean_loss, bad > 0, self.detector, cfg.stability.spike_action)
                 self.guard.skip_next = not verdict.apply
-            engine.step()
+            # Named for profiles (bench/profile_step.py); a range costs microseconds when no profiler runs.
+            with torch.profiler.record_function("rwkv5.optimizer_step"):
+                engine.step()
         self.guard.skip_next = False
         applied = verdict.apply and not getattr(engine.optimizer, "overflow", False)
         grad_norm = engine.get_global_grad_norm()

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One device call for issue 28 (parts 1 and 2), ~9 minutes on one H100 or H200:
+#   build (WKV kernel, FusedAdam for sm_90) -> the whole 7B (bench/whole_model.py: train() where the memory plan
+#   fits the card, else forward+backward of 32 layers + a 1/8 ZeRO-2 partition's optimizer step, summed as an
+#   estimate) -> the profile at 7b width, 8 layers (bench/profile_step.py) -> the policy-"none" GPU test ->
+#   7b width, 8 layers, policy "none" against "selective" through the real train(), same call and settings.
+#   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,gputest,none (default all)
+# Expects the wheels (deepspeed, pydantic, hjson) in ../.whl or .whl, as bench/run_train_gpu.sh; JSON, traces and
+# logs go to $OUT. A stage starts only while the call's budget (BUDGET_S, default 540) still covers its limit.
+set -o pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+WHL=$(ls -d .whl ../.whl 2>/dev/null | head -1)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 RWKV5_KERNEL_CACHE=/tmp/rwkv5-kernels TORCH_CUDA_ARCH_LIST=9.0
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+stages=",${1:-build,whole,profile,gputest,none},"
+budget=${BUDGET_S:-540}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,memory.used --format=csv,noheader | tee "$OUT/gpu.txt"
+t0=$(date +%s)
+stamp() { echo "== $1: $(( $(date +%s) - t0 )) s"; }
+want() { [[ $stages == *,$1,* ]] && (( $(date +%s) - t0 + $2 <= budget )) || { [[ $stages == *,$1,* ]] && echo "== skip $1: budget"; false; }; }
+quiet() { grep -v -E "^\[|Warning|warn\(|^USDT"; }
+if want build 150; then
+  python3 -m kernels.build > "$OUT/build.log" 2>&1 &
+  python3 -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" > "$OUT/fused.log" 2>&1 &
+  wait
+  tail -2 "$OUT/build.log"; tail -2 "$OUT/fused.log"
+  python3 -c "import torch; from rwkv5.model import _inductor_options as o; print('torch', torch.__version__, 'block compile options', o())" | tee "$OUT/inductor.txt"
+  stamp build
+fi
+if want whole 170; then
+  timeout 170 python3 bench/whole_model.py --out "$OUT/whole-7b.json" 2>&1 | quiet | tail -20 | tee "$OUT/whole.log"
+  stamp whole
+fi
+if want profile 150; then
+  timeout 150 python3 bench/profile_step.py --layers 8 --grad-accum 4 --out-dir "$OUT" 2>&1 | quiet | tail -30 | tee "$OUT/profile.log"
+  stamp profile
+fi
+if want gputest 80; then
+  timeout 80 python3 -m pytest -q -x -p no:cacheprovider -s tests/gpu/test_compiled_block_shapes.py 2>&1 | quiet | tail -8 | tee "$OUT/gputest.log"
+  stamp gputest
+fi
+for policy in none selective; do
+  if want none 90; then
+    timeout 90 python3 bench/train_throughput.py --preset 7b --layers 8 --grad-accum 16 --steps 4 --warmup 2 \
+      --activation-memory $policy --out "$OUT/train-7b-L8-ga16-$policy.json" 2>&1 | quiet | tail -6 | tee "$OUT/train-$policy.log"
+    stamp "train $policy"
+  fi
+done
+ls -la "$OUT"
