@@ -10,9 +10,14 @@
 set -o pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-WHL=$(ls -d .whl ../.whl 2>/dev/null | head -1)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 RWKV5_KERNEL_CACHE=/tmp/rwkv5-kernels TORCH_CUDA_ARCH_LIST=9.0
+if [[ -d /tmp/site312 ]]; then  # unpacked by bench/fp8_device.sh setup (or pipeline_1gpu.sh) earlier in the call
+  site=/tmp/site312
+else
+  WHL=$(ls -d .whl ../.whl 2>/dev/null | head -1)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHL"/*.whl || exit 1
+  site=/tmp/site
+fi
+export PYTHONPATH=$PWD:$site PYTHONUNBUFFERED=1 RWKV5_KERNEL_CACHE=/tmp/rwkv5-kernels TORCH_CUDA_ARCH_LIST=9.0
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
 stages=",${1:-build,whole,profile,gputest,none},"
 budget=${BUDGET_S:-540}
