@@ -96,6 +96,7 @@ def measure(model: RWKV5, contexts: list[int], chunk: int, decode: int, device: 
     peak = _Peak(device)
     gen = torch.Generator(device=device).manual_seed(0)
     for length in contexts:
+        logits = state = None  # the previous context's are no part of this one's peak
         ids = torch.randint(0, model.cfg.vocab_size, (length,), device=device, generator=gen)
         peak.reset()
         t0 = time.perf_counter()

@@ -141,11 +141,14 @@ def prefill(
     else:
         it = iter(ids)
         chunks = iter(lambda: list(itertools.islice(it, chunk_len)), [])
-    logits = None
+    logits, own = None, False
     for chunk in chunks:
         idx = torch.as_tensor(chunk, dtype=torch.long, device=device).view(1, -1)  # (1, T)
-        out, state = model(idx, state, return_state=True, last_only=True)
-        logits = out[0, -1]
+        # Once the state is one this call made, each chunk overwrites it in place: one state in memory, not two
+        # (the caller's `state` is never written). Stand-ins for RWKV5 (tests, eval) keep the plain call.
+        in_place = {"out_state": state} if own and isinstance(model, RWKV5) else {}
+        out, state = model(idx, state, return_state=True, last_only=True, **in_place)
+        logits, own = out[0, -1], True
     if logits is None:
         raise ConfigError("prefill needs at least one token id")
     return logits.float(), state

@@ -103,6 +103,25 @@ def _shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
     return torch.cat([prev, x[:, :-1]], dim=1)
 
 
+def _mix(x: torch.Tensor, shifted: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """v5's token mix: `weight` of the current token, the rest of the previous one."""
+    return x * weight + shifted * (1 - weight)
+
+
+def _last(x: torch.Tensor) -> torch.Tensor:
+    """The last position of x `[B, T, C]` -> `[B, C]`, as a copy: a view would keep all of x alive in the
+    returned state (two `T x C` inputs per layer: 0.5 GB for the 7B's 32 layers at T = 1024)."""
+    return x[:, -1].clone()
+
+
+def _relu_square(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2, in place when no graph is recorded: the FFN hidden (`T x ffn`, 29 MB per 1024 tokens for the
+    7B) then exists once, not three times."""
+    if x.requires_grad:
+        return torch.relu(x).square()
+    return torch.relu_(x).square_()
+
+
 class TimeMix(nn.Module):
     """The WKV attention replacement: token shift, r/k/v/g projections, WKV5, GroupNorm and gate."""
 
@@ -149,18 +168,18 @@ class TimeMix(nn.Module):
         """x `[B, T, C]` -> (out `[B, T, C]`, last input `[B, C]`, WKV state `[B, H, N, N]`)."""
         B, T, C = x.shape
         H, N = self.n_head, self.head_size
+        # Each mixed input dies with its product, the shift once the four are made and r, k, v after the WKV:
+        # in inference no `T x C` temporary outlives its use.
         xx = _shift(x, shift)
-        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
-        xv = x * self.time_mix_v + xx * (1 - self.time_mix_v)
-        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
-        xg = x * self.time_mix_g + xx * (1 - self.time_mix_g)
-        r = self.receptance(xr).view(B, T, H, N)
-        k = self.key(xk).view(B, T, H, N)
-        v = self.value(xv).view(B, T, H, N)
-        g = F.silu(self.gate(xg))
+        r = self.receptance(_mix(x, xx, self.time_mix_r)).view(B, T, H, N)
+        k = self.key(_mix(x, xx, self.time_mix_k)).view(B, T, H, N)
+        v = self.value(_mix(x, xx, self.time_mix_v)).view(B, T, H, N)
+        g = F.silu(self.gate(_mix(x, xx, self.time_mix_g)))
+        del xx
         y, wkv_state = wkv5(r, k, v, self.time_decay, self.time_faaaa, wkv_state)
+        del r, k, v
         y = self.ln_x(y.reshape(B * T, C) / HEAD_SIZE_DIVISOR).view(B, T, C)
-        return self.output(y * g), x[:, -1], wkv_state
+        return self.output(y * g), _last(x), wkv_state
 
 
 class ChannelMix(nn.Module):
@@ -189,10 +208,10 @@ class ChannelMix(nn.Module):
     def forward(self, x, shift=None):
         """x `[B, T, C]` -> (out `[B, T, C]`, last input `[B, C]`)."""
         xx = _shift(x, shift)
-        xk = x * self.time_mix_k + xx * (1 - self.time_mix_k)
-        xr = x * self.time_mix_r + xx * (1 - self.time_mix_r)
-        k = torch.relu(self.key(xk)).square()
-        return torch.sigmoid(self.receptance(xr)) * self.value(k), x[:, -1]
+        r = torch.sigmoid(self.receptance(_mix(x, xx, self.time_mix_r)))
+        k = _relu_square(self.key(_mix(x, xx, self.time_mix_k)))
+        del xx
+        return r * self.value(k), _last(x)
 
 
 class Block(nn.Module):
@@ -323,7 +342,8 @@ class RWKV5(nn.Module):
             nn.init.orthogonal_(p, gain=gain * scale)
 
     def forward(self, idx: torch.Tensor, state: RWKVState | None = None, return_state: bool = False,
-                targets: torch.Tensor | None = None, mask: torch.Tensor | None = None, last_only: bool = False):
+                targets: torch.Tensor | None = None, mask: torch.Tensor | None = None, last_only: bool = False,
+                out_state: RWKVState | None = None):
         """Token ids `[B, T]` -> logits `[B, T, V]` (and the new state when `return_state`), or the loss.
 
         Args:
@@ -335,16 +355,22 @@ class RWKV5(nn.Module):
             mask (Tensor, optional): `[B, T]` loss mask, with targets. Default: all tokens count.
             last_only (bool): logits of the last position only, `[B, 1, V]`: a prefill needs no others, and
                 the head's output is the largest activation of a chunk (T x V). Default: False.
+            out_state (RWKVState, optional): with `return_state`, write the new state into this one (of the
+                shapes and dtypes this call returns) instead of a new one; it may be `state` itself, since each
+                layer reads its part of `state` before its new part is written. Inference only: the writes are
+                in place. Default: None.
         """
         x = self.emb(idx)
-        shifts, wkvs, ffns = [], [], []
+        # The state after this call, filled layer by layer: per-layer pieces and then a stack would hold it twice.
+        new = out_state
         for i, block in enumerate(self.blocks):
             layer_state = (None, None, None) if state is None else (state.att_shift[i], state.wkv[i], state.ffn_shift[i])
             x, a, s, f = block(x, *layer_state)
             if return_state:
-                shifts.append(a)
-                wkvs.append(s)
-                ffns.append(f)
+                if new is None:
+                    L = len(self.blocks)
+                    new = RWKVState(a.new_empty(L, *a.shape), s.new_empty(L, *s.shape), f.new_empty(L, *f.shape))
+                new.att_shift[i], new.wkv[i], new.ffn_shift[i] = a, s, f
         if targets is not None:
             # A named range for profiles (bench/profile_step.py): the head and loss apart from the blocks.
             with torch.profiler.record_function("rwkv5.head_loss"):
@@ -354,7 +380,7 @@ class RWKV5(nn.Module):
         logits = self.head(self.ln_out(x))
         if not return_state:
             return logits
-        return logits, RWKVState(torch.stack(shifts), torch.stack(wkvs), torch.stack(ffns))
+        return logits, new
 
 
 class _L2Wrap(torch.autograd.Function):

@@ -134,7 +134,8 @@ class Rwkv5SelfAttention(nn.Module):
                             wkv_state)
         y = y.transpose(1, 2).reshape(B * T, C).to(x.dtype)
         y = self.ln_x(y / self.head_size_divisor).view(B, T, C)
-        return self.output(y * g), x[:, -1], wkv_state
+        # The last input as a copy: a view would keep all of x `(B, T, C)` alive in the returned state.
+        return self.output(y * g), x[:, -1].clone(), wkv_state
 
 
 class Rwkv5FeedForward(nn.Module):
@@ -153,7 +154,7 @@ class Rwkv5FeedForward(nn.Module):
         """x `(B, T, C)` -> (out `(B, T, C)`, last input `(B, C)`)."""
         xx = _time_shift(x, shift)
         k = torch.relu(self.key(_mix(x, xx, self.time_mix_key))).square()
-        return torch.sigmoid(self.receptance(_mix(x, xx, self.time_mix_receptance))) * self.value(k), x[:, -1]
+        return torch.sigmoid(self.receptance(_mix(x, xx, self.time_mix_receptance))) * self.value(k), x[:, -1].clone()
 
 
 class Rwkv5Block(nn.Module):
