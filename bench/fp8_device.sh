@@ -47,6 +47,9 @@ fi
 if [[ $stages == *,speed,* ]]; then
   timeout ${SPEED_LIMIT:-260} python3 bench/train_throughput.py --preset 7b --layers 8 --grad-accum ${SPEED_ACCUM:-32} \
     --steps ${SPEED_STEPS:-4} --warmup 1 --precision bf16 fp8 --fp8-recipe tensorwise rowwise \
-    --out "$OUT/train-7b-L8-fp8.json" 2>&1 | quiet | grep -E "^==|tokens/s|wrote|Error|error" | tail -20
+    --out "$OUT/train-7b-L8-fp8.json" > /tmp/speed.log 2>&1
+  # rank-prefixed lines ("[rank0]: Traceback ...") carry a child's error: keep them in the tail
+  grep -E "^==|tokens/s|wrote|Error|error|rank0\]: [^ W]" /tmp/speed.log | tail -20
+  grep -v -E "Warning|warn\(|^ +return func" /tmp/speed.log | tail -60 > "$OUT/speed.tail"
   stamp speed
 fi

@@ -47,8 +47,8 @@ if want gputest 80; then
   stamp gputest
 fi
 for policy in none selective; do
-  if want none 90; then
-    timeout 90 python3 bench/train_throughput.py --preset 7b --layers 8 --grad-accum 16 --steps 4 --warmup 2 \
+  if want none 180; then  # a cold inductor cache: "none" did not finish compile + 4 steps in 90 s (session 12)
+    timeout 180 python3 bench/train_throughput.py --preset 7b --layers 8 --grad-accum 16 --steps 4 --warmup 2 \
       --activation-memory $policy --out "$OUT/train-7b-L8-ga16-$policy.json" 2>&1 | quiet | tail -6 | tee "$OUT/train-$policy.log"
     stamp "train $policy"
   fi
