@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.record import ROOT, card_slug, environment, write_record  # noqa: E402
 from rwkv5.train.callbacks import Callback  # noqa: E402
-from rwkv5.train.config import RunConfig, run_preset, with_overrides  # noqa: E402
+from rwkv5.train.config import RunConfig, with_overrides  # noqa: E402
 
 __all__ = ["breakdown", "category", "ProfileStep", "profile_block"]
 
@@ -238,16 +238,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="tiny width (CPU smoke run)")
     ap.add_argument("--out-dir", default=str(ROOT / "bench/results"))
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("CUDA is not available; use --device cpu --tiny for a smoke run")
     from bench.train_throughput import _documents
-    from bench.whole_model import smoke_config
+    from bench.whole_model import device_and_preset
     from rwkv5.train.worker import TrainJob, train
 
-    cfg = run_preset(args.preset)
-    if args.tiny:
-        cfg = smoke_config(cfg)
+    device, cfg = device_and_preset(ap, args)
     micro = cfg.batch.micro_batch
     overrides = {"model.n_layer": args.layers if not args.tiny else cfg.model.n_layer,
                  "batch.global_batch": micro * args.grad_accum, "checkpoint.every_steps": 10**6,

@@ -53,6 +53,15 @@ def smoke_config(cfg: RunConfig) -> RunConfig:
     return with_overrides(cfg, TINY)
 
 
+def device_and_preset(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torch.device, RunConfig]:
+    """The device of `--device` (an argparse error without CUDA) and the preset, tiny under `--tiny`."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("CUDA is not available; use --device cpu --tiny for a smoke run")
+    cfg = run_preset(args.preset)
+    return device, smoke_config(cfg) if args.tiny else cfg
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -224,12 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tiny", action="store_true", help="tiny width (CPU smoke run)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("CUDA is not available; use --device cpu --tiny for a smoke run")
-    cfg = run_preset(args.preset)
-    if args.tiny:
-        cfg = smoke_config(cfg)
+    device, cfg = device_and_preset(ap, args)
     overrides = {"model.n_layer": args.layers} if args.layers else {}
     if args.activation_memory:
         overrides["activation_memory"] = args.activation_memory
