@@ -4,7 +4,7 @@
 #   fits the card, else forward+backward of 32 layers + a 1/8 ZeRO-2 partition's optimizer step, summed as an
 #   estimate) -> the profile at 7b width, 8 layers (bench/profile_step.py) -> the policy-"none" GPU test ->
 #   7b width, 8 layers, policy "none" against "selective" through the real train(), same call and settings.
-#   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,gputest,none (default all)
+#   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,gputest,none,overlap (default all)
 # Expects the wheels (deepspeed, pydantic, hjson) in ../.whl or .whl, as bench/run_train_gpu.sh; JSON, traces and
 # logs go to $OUT. A stage starts only while the call's budget (BUDGET_S, default 540) still covers its limit.
 set -o pipefail
@@ -19,7 +19,7 @@ else
 fi
 export PYTHONPATH=$PWD:$site PYTHONUNBUFFERED=1 RWKV5_KERNEL_CACHE=/tmp/rwkv5-kernels TORCH_CUDA_ARCH_LIST=9.0
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
-stages=",${1:-build,whole,profile,gputest,none},"
+stages=",${1:-build,whole,profile,gputest,none,overlap},"
 budget=${BUDGET_S:-540}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,memory.used --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$(date +%s)
@@ -53,4 +53,10 @@ for policy in none selective; do
     stamp "train $policy"
   fi
 done
+if want overlap 120; then  # beside "train selective": ZeRO's gradient copies on a side stream on one GPU
+  timeout 120 python3 bench/train_throughput.py --preset 7b --layers 8 --grad-accum 16 --steps 4 --warmup 2 \
+    --activation-memory selective --overlap-comm on --out "$OUT/train-7b-L8-ga16-selective-overlap.json" 2>&1 \
+    | quiet | tail -6 | tee "$OUT/train-overlap.log"
+  stamp "train selective, overlap_comm on"
+fi
 ls -la "$OUT"

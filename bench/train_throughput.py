@@ -141,6 +141,8 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step per GPU")
     ap.add_argument("--activation-memory", choices=("none", "selective", "full"), default=None)
     ap.add_argument("--compile", choices=("on", "off"), default=None)
+    ap.add_argument("--overlap-comm", choices=("on", "off"), default=None,
+                    help="ZeRO-2 bucket reduce on a side stream (default: on several GPUs only)")
     ap.add_argument("--precision", nargs="+", choices=("bf16", "fp8"), default=None,
                     help="block matmul precision; several: one run each, fp8_speedup in one record")
     ap.add_argument("--fp8-recipe", nargs="+", choices=("tensorwise", "rowwise"), default=None,
@@ -170,6 +172,8 @@ def main() -> None:
         overrides["activation_memory"] = args.activation_memory
     if args.compile:
         overrides["compile"] = args.compile == "on"
+    if args.overlap_comm:
+        overrides["zero.overlap_comm"] = args.overlap_comm == "on"
     if args.precision:
         overrides["precision"] = args.precision[0]
     if args.fp8_recipe:
@@ -223,6 +227,7 @@ def main() -> None:
         "activation_memory": cfg.activation_memory, "compile": cfg.compile,
         "compile_s": next((r["compile_s"] for r in timer.rows if "compile_s" in r), None),
         "wkv_backend": default_backend("cuda"), "zero_stage": 2, "dtype": "bf16",
+        "overlap_comm": cfg.zero.overlaps(world),
         "precision": cfg.precision, "fp8_recipe": cfg.fp8_recipe if cfg.precision == "fp8" else None,
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
                      "python": platform.python_version()},

@@ -111,7 +111,7 @@ def plan_memory(cfg: RunConfig, gpus: int, gpu_memory_gb: float, micro_batch: in
     weights = 2.0 * P
     gradients = _GRAD_PARTITION_BYTES * P / gpus
     optimizer = 12.0 * P / gpus  # fp32 master, Adam m and v
-    bucket_buffers = 2 if cfg.zero.overlap_comm and gpus > 1 else 1
+    bucket_buffers = 2 if cfg.zero.overlaps(gpus) else 1
     buckets = 2.0 * cfg.zero.reduce_bucket_size * bucket_buffers
 
     per_token = L * block_activation_elements(policy, C, F) + 2 * C  # + embedding output and ln_out input

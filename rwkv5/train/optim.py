@@ -73,8 +73,7 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) 
 def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
     """ZeRO stage 2 in bf16 with explicit clipping; batch sizes from the run preset and the worker count.
 
-    Bucket sizes come from `cfg.zero`; communication overlaps backward only where there is communication
-    (several workers): on one worker a second bucket buffer would only cost memory.
+    Bucket sizes and overlap come from `cfg.zero` (`ZeroConfig.overlaps`: by default on several workers only).
     """
     zero = cfg.zero
     return {
@@ -86,7 +85,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
         "zero_optimization": {
             "stage": 2,
             "contiguous_gradients": True,
-            "overlap_comm": zero.overlap_comm and world_size > 1,
+            "overlap_comm": zero.overlaps(world_size),
             "reduce_scatter": True,
             "reduce_bucket_size": zero.reduce_bucket_size,
             "allgather_bucket_size": zero.allgather_bucket_size,

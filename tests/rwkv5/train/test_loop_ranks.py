@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rwkv5.train.config import run_preset
+from rwkv5.train.config import run_preset, with_overrides
 from rwkv5.train.optim import deepspeed_config
 
 HERE = Path(__file__).resolve().parent
@@ -28,6 +28,9 @@ def test_deepspeed_config_overlaps_on_several_workers_only():
     cfg = run_preset("7b")
     one, eight = deepspeed_config(cfg, 1)["zero_optimization"], deepspeed_config(cfg, 8)["zero_optimization"]
     assert not one["overlap_comm"] and eight["overlap_comm"]
+    forced = with_overrides(cfg, {"zero.overlap_comm": True})  # one GPU on request (issue 28's measurement)
+    assert deepspeed_config(forced, 1)["zero_optimization"]["overlap_comm"]
+    assert not deepspeed_config(with_overrides(cfg, {"zero.overlap_comm": False}), 8)["zero_optimization"]["overlap_comm"]
     assert eight["reduce_bucket_size"] == cfg.zero.reduce_bucket_size == 200_000_000
     assert deepspeed_config(cfg, 8)["gradient_accumulation_steps"] == 7
 
