@@ -35,8 +35,11 @@ def _final_state(client, flow_run_id: UUID, poll_s: float):
         time.sleep(poll_s)
 
 
-def run_milestone(parameters: dict, poll_s: float = 2.0) -> UUID:
+def run_milestone(parameters: dict, poll_s: float = 0.5) -> UUID:
     """Run the milestone flow for one milestone (`flows.events.milestone_parameters`) and wait for its end.
+
+    Pretraining resumes only when this returns, so the poll interval is dead time of every pause (half of it
+    on average); a poll is one flow-run read from the Prefect server.
 
     Returns:
         The milestone flow run's id.

@@ -31,6 +31,13 @@ _FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVA
                   "AWS_REGION", "RWKV5_SHARD_CACHE", "RWKV5_SHARD_CACHE_BYTES")
 
 
+# Ray Train settings a launch sets unless the environment already has them. The controller polls its workers
+# every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s) and only then sees that the training function has
+# returned, so each launch ended up to 2 s after its work (1-2 s measured, bench/pause_overhead.py), twice per
+# `shared`-mode pause (the fine-tune and the pretraining relaunch). A poll is one small actor call.
+_RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
 def _remote_checkpoints(run_uri: str) -> list[str]:
     """`step_*` folders under a run URI that hold a trainer state (Ray writes it last), oldest first."""
     import pyarrow.fs as pafs
@@ -132,6 +139,8 @@ def launch(
     job = TrainJob(config=config, run_name=run_name, data_dir=_location(data_dir), storage_path=str(files_root),
                    init_missing=init_missing, callbacks=list(callbacks or []), task=task,
                    use_gpu=gpus_per_worker > 0)
+    for key, value in _RAY_TRAIN_ENV.items():  # read by the controller: TorchTrainer passes it on from here
+        os.environ.setdefault(key, value)
     env = dict(OFFLINE_ENV) | {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     use_gpu = gpus_per_worker > 0
     resources = {"CPU": 1} | ({"GPU": gpus_per_worker} if use_gpu else {})
