@@ -28,10 +28,7 @@ print('torch', torch.__version__, 'torchao', torchao.__version__, 'deepspeed', d
   stamp setup
 fi
 if [[ $stages == *,build,* ]]; then
-  python3 -m kernels.build > "$OUT/build.log" 2>&1 &
-  python3 -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" > /tmp/fused.log 2>&1 &
-  wait
-  tail -2 "$OUT/build.log"; tail -2 /tmp/fused.log
+  bash bench/build_gpu.sh
   stamp build
 fi
 if [[ $stages == *,tests,* ]]; then

@@ -27,10 +27,7 @@ stamp() { echo "== $1: $(( $(date +%s) - t0 )) s"; }
 want() { [[ $stages == *,$1,* ]] && (( $(date +%s) - t0 + $2 <= budget )) || { [[ $stages == *,$1,* ]] && echo "== skip $1: budget"; false; }; }
 quiet() { grep -v -E "^\[|Warning|warn\(|^USDT"; }
 if want build 150; then
-  python3 -m kernels.build > "$OUT/build.log" 2>&1 &
-  python3 -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" > "$OUT/fused.log" 2>&1 &
-  wait
-  tail -2 "$OUT/build.log"; tail -2 "$OUT/fused.log"
+  bash bench/build_gpu.sh
   python3 -c "import torch; from rwkv5.model import _inductor_options as o; print('torch', torch.__version__, 'block compile options', o())" | tee "$OUT/inductor.txt"
   stamp build
 fi

@@ -14,10 +14,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv,nohead
 t0=$(date +%s)
 stamp() { echo "== $1: $(( $(date +%s) - t0 )) s"; }
 if [[ $stages == *,build,* ]]; then
-  python3 -m kernels.build > "$OUT/build.log" 2>&1 &
-  python3 -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" > /tmp/fused.log 2>&1 &
-  wait
-  tail -2 "$OUT/build.log"; tail -2 /tmp/fused.log
+  bash bench/build_gpu.sh
   stamp build
 fi
 if [[ $stages == *,b7,* ]]; then

@@ -14,6 +14,19 @@ from rwkv5.model import Block
 STEPS = 30
 
 
+def small_run(steps: int, **overrides):
+    """The GPU tests' training run: 4 layers x 512 (every linear 16-divisible), ctx 512, batch 8, "selective"."""
+    from rwkv5.train.config import run_preset, with_overrides
+
+    return with_overrides(run_preset("tiny"), {
+        "model.n_layer": 4, "model.n_embd": 512, "model.head_size": 64, "model.vocab_size": 4096,
+        "batch.ctx_len": 512, "batch.micro_batch": 4, "batch.global_batch": 8,
+        "token_budget": (steps + 1) * 8 * 512, "optim.lr": 1e-3, "optim.warmup_steps": 5,
+        "checkpoint.every_steps": 10**6, "milestones.fraction": 1.0, "metrics.system_metrics": False,
+        "activation_memory": "selective", "stop_at_step": steps, **overrides,
+    })
+
+
 def _documents(seed: int = 0):
     rng = np.random.default_rng(seed)
     for _ in range(3000):
@@ -42,7 +55,6 @@ def test_block_compiles_without_graph_breaks_on_cuda(policy):
 def test_compiled_loss_curve_equals_eager(tmp_path):
     from data_prep.shards import write_token_dataset
     from rwkv5.train.callbacks import Callback
-    from rwkv5.train.config import run_preset, with_overrides
     from rwkv5.train.launch import train_here
 
     data = tmp_path / "data"
@@ -58,13 +70,7 @@ def test_compiled_loss_curve_equals_eager(tmp_path):
 
     curves = {}
     for compiled in (False, True):
-        cfg = with_overrides(run_preset("tiny"), {
-            "model.n_layer": 4, "model.n_embd": 512, "model.head_size": 64, "model.vocab_size": 4096,
-            "batch.ctx_len": 512, "batch.micro_batch": 4, "batch.global_batch": 8,
-            "token_budget": (STEPS + 1) * 8 * 512, "optim.lr": 1e-3, "optim.warmup_steps": 5,
-            "checkpoint.every_steps": 10**6, "milestones.fraction": 1.0, "metrics.system_metrics": False,
-            "activation_memory": "selective", "compile": compiled, "stop_at_step": STEPS,
-        })
+        cfg = small_run(STEPS, compile=compiled)
         rows = Rows()
         train_here(cfg, f"compiled-{compiled}", data, tmp_path / "runs", callbacks=[rows], use_gpu=True)
         curves[compiled] = (np.array(rows.losses), rows.compile_s)

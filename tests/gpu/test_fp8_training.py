@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.gpu.test_compiled_training import _documents
+from tests.gpu.test_compiled_training import _documents, small_run
 
 STEPS = 20
 
@@ -19,7 +19,6 @@ def curves(tmp_path_factory):
         pytest.skip("float8 matmuls need compute capability 8.9+")
     from data_prep.shards import write_token_dataset
     from rwkv5.train.callbacks import Callback
-    from rwkv5.train.config import run_preset, with_overrides
     from rwkv5.train.launch import train_here
     from rwkv5.train.precision import float8_linear_names
 
@@ -38,15 +37,7 @@ def curves(tmp_path_factory):
 
     out = {}
     for precision, recipe in (("bf16", "tensorwise"), ("fp8", "tensorwise"), ("fp8", "rowwise")):
-        # Every linear 16-divisible: n_embd 512, FFN 1792.
-        cfg = with_overrides(run_preset("tiny"), {
-            "model.n_layer": 4, "model.n_embd": 512, "model.head_size": 64, "model.vocab_size": 4096,
-            "batch.ctx_len": 512, "batch.micro_batch": 4, "batch.global_batch": 8,
-            "token_budget": (STEPS + 1) * 8 * 512, "optim.lr": 1e-3, "optim.warmup_steps": 5,
-            "checkpoint.every_steps": 10**6, "milestones.fraction": 1.0, "metrics.system_metrics": False,
-            "activation_memory": "selective", "compile": True, "stop_at_step": STEPS,
-            "precision": precision, "fp8_recipe": recipe,
-        })
+        cfg = small_run(STEPS, compile=True, precision=precision, fp8_recipe=recipe)  # FFN 1792: 16-divisible
         rows = Rows()
         train_here(cfg, f"{precision}-{recipe}", tmp / "data", tmp / "runs", callbacks=[rows], use_gpu=True)
         out[precision if precision == "bf16" else recipe] = rows
