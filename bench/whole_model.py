@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
     if mode == "auto":
         mode = "train" if card_gb and plan["headroom"] >= args.min_headroom else "split"
     print(f"{args.preset}: {count_parameters(cfg.model):,} parameters; plan at micro-batch 1 on one "
-          f"{card_gb:.1f} GB card (0: no GPU): peak {plan['peak']:.2f} GB (backward {plan['backward_peak']:.2f}, optimizer step "
-          f"{plan['step_peak']:.2f}), headroom {plan['headroom']:.1%} -> mode {mode}", flush=True)
+          f"{card_gb:.1f} GB card (0: no GPU): peak {plan['peak']:.2f} GB (backward {plan['backward_peak']:.2f}, "
+          f"optimizer step {plan['step_peak']:.2f}), headroom {plan['headroom']:.1%} -> mode {mode}", flush=True)
     record = environment(device, __file__, sys.argv[1:] if argv is None else argv)
     record.update({"preset": args.preset, "tiny": args.tiny, "mode": mode, "card_gb": card_gb,
                    "model": cfg.model.model_dump(), "parameters": count_parameters(cfg.model),

@@ -132,7 +132,8 @@ def plan_memory(cfg: RunConfig, gpus: int, gpu_memory_gb: float, micro_batch: in
     return MemoryPlan(
         preset=cfg.preset, gpus=gpus, gpu_memory=gpu_memory_gb * GB, micro_batch=B, ctx_len=T,
         grad_accum=cfg.batch.global_batch // (B * gpus) if cfg.batch.global_batch % (B * gpus) == 0 else 0,
-        activation_memory=policy, precision=cfg.precision, parameters=P, weights=weights, gradients=gradients, optimizer=optimizer,
+        activation_memory=policy, precision=cfg.precision, parameters=P, weights=weights, gradients=gradients,
+        optimizer=optimizer,
         buckets=buckets, activations=activations, transient=transient, step_extra=step_extra,
         backward_peak=backward_peak, step_peak=step_peak, peak=peak, headroom=1.0 - peak / (gpu_memory_gb * GB),
     )

@@ -24,9 +24,8 @@ import torch.nn as nn
 from rwkv5.errors import ConfigError
 from rwkv5.train.config import RunConfig
 
-__all__ = ["FP8_RECIPES", "is_block_linear", "apply_precision", "float8_linear_names"]
+__all__ = ["is_block_linear", "apply_precision", "float8_linear_names"]
 
-FP8_RECIPES = ("tensorwise", "rowwise")
 # Float8 matmuls (torch._scaled_mm) need both matrix dimensions of the weight divisible by 16.
 _FP8_DIVISOR = 16
 

@@ -14,7 +14,6 @@ STEPS = 20
 
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory):
-    pytest.importorskip("torchao.float8")
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 matmuls need compute capability 8.9+")
     from data_prep.shards import write_token_dataset

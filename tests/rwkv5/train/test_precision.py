@@ -12,8 +12,6 @@ from rwkv5.model import RWKV5
 from rwkv5.train.config import run_preset, with_overrides
 from rwkv5.train.precision import apply_precision, float8_linear_names, is_block_linear
 
-pytest.importorskip("torchao.float8")
-
 BLOCK_LINEARS = ("att.receptance", "att.key", "att.value", "att.gate", "att.output",
                  "ffn.key", "ffn.receptance", "ffn.value")
 CFG = ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=512)
