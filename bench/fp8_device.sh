@@ -47,6 +47,8 @@ if [[ $stages == *,speed,* ]]; then
     --out "$OUT/train-7b-L8-fp8.json" > /tmp/speed.log 2>&1
   # rank-prefixed lines ("[rank0]: Traceback ...") carry a child's error: keep them in the tail
   grep -E "^==|tokens/s|wrote|Error|error|rank0\]: [^ W]" /tmp/speed.log | tail -20
+  # and each failed child's last 40 stderr lines as bench/precision_runs.py repeats them, unfiltered
+  sed -n '/^== .* failed (/,/^== end of /p' /tmp/speed.log
   grep -v -E "Warning|warn\(|^ +return func" /tmp/speed.log | tail -60 > "$OUT/speed.tail"
   stamp speed
 fi

@@ -1,7 +1,10 @@
 """`bench/train_throughput.py --precision bf16 fp8 [--fp8-recipe tensorwise rowwise]`: one run per precision (and
 fp8 recipe), each a child process with the same arguments otherwise, so each has its own peak memory, compile
 and allocator; the record holds each run and `fp8_speedup`, fp8's tokens/s over bf16's (the first recipe
-listed; `fp8_speedup_by_recipe` for each)."""
+listed; `fp8_speedup_by_recipe` for each). A child's stderr passes through; when a run fails, its last 40 lines
+are printed again after it, unfiltered, between `== <label> failed` and `== end of <label>'s stderr` (a device
+script's filter of the whole log must not swallow the traceback), the record lists it under `failed` and the
+parent exits non-zero."""
 
 from __future__ import annotations
 
@@ -9,13 +12,15 @@ import json
 import subprocess
 import sys
 import tempfile
+from collections import deque
 from pathlib import Path
 
 from bench.record import ROOT, write_record
 
-__all__ = ["run_labels", "strip_options", "merge", "compare"]
+__all__ = ["run_labels", "strip_options", "merge", "run_child", "compare"]
 
 _OWN = ("--precision", "--fp8-recipe", "--out")
+TAIL_LINES = 40
 
 
 def run_labels(precisions: list[str], recipes: list[str]) -> list[tuple[str, str, str]]:
@@ -60,24 +65,44 @@ def merge(records: dict[str, dict], command: str) -> dict:
     }
 
 
+def run_child(cmd: list[str], tail_lines: int = TAIL_LINES) -> tuple[int, list[str]]:
+    """Run `cmd`, its stdout inherited and its stderr copied to ours line by line as it comes.
+
+    Returns:
+        The exit status and the last `tail_lines` lines of its stderr.
+    """
+    tail: deque[str] = deque(maxlen=tail_lines)
+    with subprocess.Popen(cmd, stderr=subprocess.PIPE) as proc:
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace")
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            tail.append(line.rstrip("\n"))
+    return proc.returncode, list(tail)
+
+
 def compare(argv: list[str], precisions: list[str], recipes: list[str], out: str | None) -> dict:
     """Run train_throughput.py once per precision/recipe with `argv` otherwise unchanged; write the merged record."""
     script = Path(__file__).resolve().with_name("train_throughput.py")
     base = strip_options(argv)
-    records = {}
+    records, failed = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, precision, recipe in run_labels(precisions, recipes):
             child = Path(tmp) / f"{label}.json"
             cmd = [sys.executable, str(script), *base, "--precision", precision, "--fp8-recipe", recipe,
                    "--out", str(child)]
             print(f"== {label}: {' '.join(cmd[1:])}", flush=True)
-            if subprocess.run(cmd).returncode != 0 or not child.exists():
-                print(f"== {label} failed", flush=True)
+            code, tail = run_child(cmd)
+            if code != 0 or not child.exists():
+                failed[label] = code
+                why = f"exit {code}" if code else "exit 0 without a record"
+                print(f"== {label} failed ({why}); the last {len(tail)} lines of its stderr:", *tail,
+                      f"== end of {label}'s stderr", sep="\n", flush=True)
                 continue
             records[label] = json.loads(child.read_text())
     if not records:
-        raise SystemExit("no run finished")
-    merged = merge(records, " ".join(["python3", "bench/train_throughput.py", *argv]))
+        raise SystemExit(f"no run finished: {', '.join(failed)} failed")
+    merged = merge(records, " ".join(["python3", "bench/train_throughput.py", *argv])) | {"failed": failed}
     first = next(iter(records.values()))
     card = first["gpu"].replace("NVIDIA ", "").split()[0].lower()
     depth = f"-L{first['model']['n_layer']}" if "--layers" in argv else ""
@@ -85,4 +110,6 @@ def compare(argv: list[str], precisions: list[str], recipes: list[str], out: str
     write_record(target, merged)
     print("tokens/s/GPU " + ", ".join(f"{k} {v:,.0f}" for k, v in merged["tokens_per_s_per_gpu"].items())
           + f"; fp8_speedup {merged['fp8_speedup']}")
+    if failed:
+        raise SystemExit(f"{', '.join(failed)} failed (their stderr above); the record holds the other runs")
     return merged

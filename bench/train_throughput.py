@@ -16,6 +16,7 @@ forward (with the loss), backward (which includes ZeRO-2's overlapped gradient r
 (optimizer, then the parameter all-gather), each ended by a CUDA synchronize on timed steps only; data wait
 comes from the loader; `--phases` turns these synchronizing timers on (they cost overlap, so MFU is
 measured without them). Writes `bench/results/train-<preset>[-L<layers>]-<gpus>gpu-<card>.json` (rank 0).
+No checkpoint is written (`NoCheckpoints`). Without CUDA it runs on the CPU (`--preset tiny`: the CPU tests).
 """
 
 from __future__ import annotations
@@ -41,6 +42,23 @@ from rwkv5.train.config import run_preset, with_overrides  # noqa: E402
 from rwkv5.train.worker import TrainJob, train  # noqa: E402
 
 PHASES = ("forward", "backward", "step")
+# Without CUDA the same run trains on the CPU (gloo, the PyTorch WKV op, emulated float8): the path CPU tests
+# drive end to end. It has no allocator peaks to read (peak_memory_gb 0).
+GPU = torch.cuda.is_available()
+
+
+def _peak_memory() -> int:
+    return torch.cuda.max_memory_allocated() if GPU else 0
+
+
+def _reset_peak_memory() -> None:
+    if GPU:
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _synchronize() -> None:
+    if GPU:
+        torch.cuda.synchronize()
 
 
 class StepRows(Callback):
@@ -62,12 +80,12 @@ class StepRows(Callback):
         def split_peaks(*args, **kwargs):
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary:
-                self.backward_peak = max(self.backward_peak, torch.cuda.max_memory_allocated())
-                torch.cuda.reset_peak_memory_stats()
+                self.backward_peak = max(self.backward_peak, _peak_memory())
+                _reset_peak_memory()
             out = step(*args, **kwargs)
             if boundary:
-                self.step_peak = max(self.step_peak, torch.cuda.max_memory_allocated())
-                torch.cuda.reset_peak_memory_stats()
+                self.step_peak = max(self.step_peak, _peak_memory())
+                _reset_peak_memory()
             return out
 
         engine.step = split_peaks
@@ -99,10 +117,10 @@ class PhaseTimer(Callback):
     def _timed(self, phase: str, method):
         @functools.wraps(method)
         def run(*args, **kwargs):
-            torch.cuda.synchronize()
+            _synchronize()
             t0 = time.perf_counter()
             out = method(*args, **kwargs)
-            torch.cuda.synchronize()
+            _synchronize()
             self._phase[phase] += time.perf_counter() - t0
             return out
 
@@ -118,6 +136,22 @@ class PhaseTimer(Callback):
         if self.rows and self.rows[-1]["step"] == step:
             self.rows[-1].update({k: float(v) for k, v in metrics.items() if k in ("tokens_per_s", "mfu",
                                                                                    "gpu_mem_gb", "compile_s")})
+
+
+class NoCheckpoints:
+    """A checkpoint store that holds nothing: `train()` starts fresh and its closing save writes nothing.
+
+    That save comes after the measured steps, and at 7b width with 8 layers it is ~32 GB (14 bytes a parameter:
+    bf16 weights, fp32 master and Adam moments) and tens of seconds, and each run kept its own under /tmp: two
+    of them fill a 64 GiB device disk (issue 28: after a direct run, all three `--precision` child runs failed).
+    Also, torchrun runs all use the run name "bench": a kept checkpoint made the next one resume past its end.
+    """
+
+    def latest(self) -> None:
+        return None
+
+    def save(self, engine, state, metrics) -> None:
+        pass
 
 
 def _documents(tokens: int, seed: int = 0):
@@ -153,6 +187,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="shared folder for data and checkpoints (multi-GPU)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.blocks and not GPU:
+        ap.error("--blocks times CUDA kernels: no GPU here")
     if len(args.precision or []) > 1 or len(args.fp8_recipe or []) > 1:
         from bench.precision_runs import compare
 
@@ -191,12 +227,12 @@ def main() -> None:
     while not (data / "manifest.json").exists():
         time.sleep(1)
     timer = PhaseTimer() if args.phases else StepRows()
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak_memory()
     t0 = time.time()
     train(TrainJob(cfg, f"bench-{time.time_ns()}" if world == 1 else "bench", str(data), str(work / "runs"),
-                   callbacks=[timer], use_gpu=True))
+                   callbacks=[timer], use_gpu=GPU), store=NoCheckpoints())
     wall = time.time() - t0
-    peak = torch.cuda.max_memory_allocated()
+    peak = _peak_memory()
     if isinstance(timer, StepRows):
         peak = max(peak, timer.backward_peak, timer.step_peak)
     if rank != 0:
@@ -216,17 +252,19 @@ def main() -> None:
     phases = {p: med(f"{p}_s") for p in PHASES if args.phases} | {"data_wait": med("data_wait_s")}
     phases["other"] = max(0.0, step_s - sum(phases.values()))
     tokens_gpu = cfg.tokens_per_step / step_s / world
-    card_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    card_gb = (torch.cuda.get_device_properties(0).total_memory if GPU
+               else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / 1e9
+    device_name = torch.cuda.get_device_name(0) if GPU else "cpu"
     plan = plan_memory(cfg, world, card_gb)
     result = {
         "command": " ".join(["python3", *sys.argv]) if world == 1 else
         f"torchrun --nproc-per-node {world} " + " ".join(sys.argv),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "preset": args.preset, "gpus": world, "gpu": torch.cuda.get_device_name(0),
+        "preset": args.preset, "gpus": world, "gpu": device_name,
         "model": cfg.model.model_dump(), "batch": cfg.batch.model_dump(), "grad_accum": cfg.batch.grad_accum(world),
         "activation_memory": cfg.activation_memory, "compile": cfg.compile,
         "compile_s": next((r["compile_s"] for r in timer.rows if "compile_s" in r), None),
-        "wkv_backend": default_backend("cuda"), "zero_stage": 2, "dtype": "bf16",
+        "wkv_backend": default_backend("cuda" if GPU else "cpu"), "zero_stage": 2, "dtype": "bf16",
         "overlap_comm": cfg.zero.overlaps(world),
         "precision": cfg.precision, "fp8_recipe": cfg.fp8_recipe if cfg.precision == "fp8" else None,
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
@@ -234,7 +272,7 @@ def main() -> None:
         "steps_measured": len(steady), "step_time_s": step_s, "tokens_per_s_per_gpu": tokens_gpu,
         "mfu": med("mfu") if any("mfu" in r for r in steady) else None,
         "peak_memory_gb": peak / 1e9, "planned_peak_gb": plan.peak / 1e9,
-        "plan_error": plan.peak / peak - 1,
+        "plan_error": plan.peak / peak - 1 if peak else None,
         "measured_backward_peak_gb": getattr(timer, "backward_peak", 0) / 1e9,
         "measured_step_peak_gb": getattr(timer, "step_peak", 0) / 1e9,
         "plan": {k: v / 1e9 if isinstance(v, float) and v > 1e6 else v
@@ -246,11 +284,11 @@ def main() -> None:
     print(f"\n{args.preset} L{cfg.model.n_layer} on {world} GPU(s): {tokens_gpu:,.0f} tokens/s/GPU, MFU "
           f"{result['mfu']}, step {step_s:.3f} s, compile {result['compile_s']} s, peak "
           f"{result['peak_memory_gb']:.2f} GB (plan {result['planned_peak_gb']:.2f} GB, "
-          f"{result['plan_error']:+.1%})")
+          f"{result['plan_error'] or 0:+.1%})")
     print(f"{'phase':<10} {'s':>8} {'share':>7}")
     for name, seconds in phases.items():
         print(f"{name:<10} {seconds:>8.4f} {seconds / step_s:>7.1%}")
-    card = torch.cuda.get_device_name(0).replace("NVIDIA ", "").split()[0].lower()
+    card = device_name.replace("NVIDIA ", "").split()[0].lower()
     depth = f"-L{args.layers}" if args.layers else ""
     out = Path(args.out or f"bench/results/train-{args.preset}{depth}-{world}gpu-{card}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
