@@ -22,7 +22,9 @@ quiet() { grep -v -E "^\[|Warning|warn\(|Failed to load|KernelPreference"; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv,noheader
 if [[ $stages == *,setup,* ]]; then
   tar -xJf .site/site312.tar.xz -C /tmp || exit 1
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site312 .site/torchao-*.whl || exit 1
+  if ls .site/torchao-*.whl > /dev/null 2>&1; then  # else packed into the site already (a slim site: no Ray)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site312 .site/torchao-*.whl || exit 1
+  fi
   python3 -c "import torch, torchao, deepspeed; from torchao.float8 import convert_to_float8_training
 print('torch', torch.__version__, 'torchao', torchao.__version__, 'deepspeed', deepspeed.__version__)" 2>&1 | quiet
   stamp setup
@@ -42,6 +44,10 @@ if [[ $stages == *,parity,* ]]; then
   stamp parity
 fi
 if [[ $stages == *,speed,* ]]; then
+  # clocks and power beside the runs: tells a falling MFU from step to step apart from the allocator's doing
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu --format=csv \
+    -lms 1000 > "$OUT/speed-clocks.csv" 2>/dev/null &
+  clocks=$!
   timeout ${SPEED_LIMIT:-260} python3 bench/train_throughput.py --preset 7b --layers 8 --grad-accum ${SPEED_ACCUM:-32} \
     --steps ${SPEED_STEPS:-4} --warmup 1 --precision bf16 fp8 --fp8-recipe tensorwise rowwise \
     --out "$OUT/train-7b-L8-fp8.json" > /tmp/speed.log 2>&1
@@ -50,5 +56,6 @@ if [[ $stages == *,speed,* ]]; then
   # and each failed child's last 40 stderr lines as bench/precision_runs.py repeats them, unfiltered
   sed -n '/^== .* failed (/,/^== end of /p' /tmp/speed.log
   grep -v -E "Warning|warn\(|^ +return func" /tmp/speed.log | tail -60 > "$OUT/speed.tail"
+  kill $clocks 2>/dev/null
   stamp speed
 fi

@@ -8,6 +8,7 @@
 #   ray/jars (Java workers), ray/rllib, *.js.map, the Prefect and MLflow web UIs (the run reads their APIs,
 #   PREFECT_UI_ENABLED=false), virtualenv (Ray's pip runtime environments only), and copies of packages the
 #   image already has (hf_xet, pygments, yaml); the three Ray executables are stripped of symbols.
+# `SLIM=1 bash bench/pack_site.sh` packs the training benches' site (below).
 # On the machine: tar -xJf site312.tar.xz -C /tmp, PYTHONPATH=/tmp/site312, PATH=/tmp/site312/bin, and the
 # console scripts' first line pointed at that machine's python3 (bench/pipeline_1gpu.sh does all of it).
 set -euo pipefail
@@ -37,6 +38,14 @@ rm -rf ray/jars ray/rllib prefect/server/ui prefect/server/ui-v2 mlflow/server/j
 find . -name '*.js.map' -delete
 find . -name __pycache__ -prune -exec rm -rf {} +
 strip --strip-unneeded ray/_raylet.so ray/core/src/ray/gcs/gcs_server ray/core/src/ray/raylet/raylet
+if [[ -n ${SLIM:-} ]]; then
+  # SLIM=1: the training benches only (bench/fp8_device.sh, bench/issue28_device.sh; ~29 MB): no Ray nor the
+  # services' cloud clients, which leaves room in the call for torchao (installed into the site).
+  rm -rf ray ray-*.dist-info databricks databricks_sdk-* asyncpg asyncpg-* burner_redis* redis redis-* \
+    cryptography cryptography-* google google_* googleapis_* opentelemetry* grpc*
+  python3 -m pip download -q "${target[@]}" --no-deps -d "$work/wheels" "torchao==0.18.0"
+  python3 -m pip install -q --no-deps --no-compile --target . "$work"/wheels/torchao-*.whl
+fi
 ls "$work/wheels" > "$work/site312/WHEELS.txt"
 mkdir -p "$(dirname "$out")"
 tar -C "$work" -cf - site312 | xz -T0 -9 > "$out"
