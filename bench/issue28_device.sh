@@ -4,7 +4,7 @@
 #   fits the card, else forward+backward of 32 layers + a 1/8 ZeRO-2 partition's optimizer step, summed as an
 #   estimate) -> the profile at 7b width, 8 layers (bench/profile_step.py) -> the policy-"none" GPU test ->
 #   7b width, 8 layers, policy "none" against "selective" through the real train(), same call and settings.
-#   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,gputest,none,overlap (default all)
+#   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,gputest,none,overlap,b1b5 (default all)
 # Expects the wheels (deepspeed, pydantic, hjson) in ../.whl or .whl, as bench/run_train_gpu.sh; JSON, traces and
 # logs go to $OUT. A stage starts only while the call's budget (BUDGET_S, default 540) still covers its limit.
 set -o pipefail
@@ -19,10 +19,14 @@ else
 fi
 export PYTHONPATH=$PWD:$site PYTHONUNBUFFERED=1 RWKV5_KERNEL_CACHE=/tmp/rwkv5-kernels TORCH_CUDA_ARCH_LIST=9.0
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
-stages=",${1:-build,whole,profile,gputest,none,overlap},"
+stages=",${1:-build,whole,profile,gputest,none,overlap,b1b5},"
 budget=${BUDGET_S:-540}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,memory.used --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$(date +%s)
+# clocks and power through the call: tells a falling MFU from step to step apart from the allocator's doing
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu --format=csv \
+  -lms 1000 > "$OUT/clocks.csv" 2>/dev/null &
+clocks=$!
 stamp() { echo "== $1: $(( $(date +%s) - t0 )) s"; }
 want() { [[ $stages == *,$1,* ]] && (( $(date +%s) - t0 + $2 <= budget )) || { [[ $stages == *,$1,* ]] && echo "== skip $1: budget"; false; }; }
 quiet() { grep -v -E "^\[|Warning|warn\(|^USDT"; }
@@ -56,4 +60,12 @@ if want overlap 120; then  # beside "train selective": ZeRO's gradient copies on
     | quiet | tail -6 | tee "$OUT/train-overlap.log"
   stamp "train selective, overlap_comm on"
 fi
+for overlap in off on; do  # the 1b5 preset's own settings (micro 4 x accum 8), ZeRO's copies inline and beside
+  if want b1b5 120; then
+    timeout 120 python3 bench/train_throughput.py --preset 1b5 --steps 6 --warmup 3 --overlap-comm $overlap \
+      --out "$OUT/train-1b5-overlap-$overlap.json" 2>&1 | quiet | tail -6 | tee "$OUT/train-1b5-$overlap.log"
+    stamp "1b5, overlap_comm $overlap"
+  fi
+done
+kill $clocks 2>/dev/null
 ls -la "$OUT"
