@@ -3,8 +3,12 @@
 #   build (WKV kernel, FusedAdam for sm_90) -> the whole 7B (bench/whole_model.py: train() where the memory plan
 #   fits the card, else forward+backward of 32 layers + a 1/8 ZeRO-2 partition's optimizer step, summed as an
 #   estimate) -> the profile at 7b width, 8 layers (bench/profile_step.py) -> the policy-"none" GPU test ->
-#   7b width, 8 layers, policy "none" against "selective" through the real train(), same call and settings.
+#   7b width, 8 layers, policy "none" against "selective" through the real train(), same call and settings ->
+#   ZeRO-2 settings side by side at that shape ("overlap": defaults, before, overlap_comm, small buckets) -> the
+#   1b5 preset with overlap_comm off and on ("b1b5").
 #   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,gputest,none,overlap,b1b5 (default all)
+#   The ZeRO comparison alone: `bash bench/issue28_device.sh build,overlap` (~2 minutes a variant; the budget
+#   check drops the last ones on a cold machine).
 # Expects the wheels (deepspeed, pydantic, hjson) in ../.whl or .whl, as bench/run_train_gpu.sh; JSON, traces and
 # logs go to $OUT. A stage starts only while the call's budget (BUDGET_S, default 540) still covers its limit.
 set -o pipefail
@@ -54,12 +58,34 @@ for policy in none selective; do
     stamp "train $policy"
   fi
 done
-if want overlap 120; then  # beside "train selective": ZeRO's gradient copies on a side stream on one GPU
-  timeout 120 python3 bench/train_throughput.py --preset 7b --layers 8 --grad-accum 16 --steps 4 --warmup 2 \
-    --activation-memory selective --overlap-comm on --out "$OUT/train-7b-L8-ga16-selective-overlap.json" 2>&1 \
-    | quiet | tail -6 | tee "$OUT/train-overlap.log"
-  stamp "train selective, overlap_comm on"
-fi
+# ZeRO-2 variants beside the defaults, same shape and settings as "train selective" (bench/NOTES.md, issue 28,
+# "What ZeRO-2 runs per micro-batch"; counts from bench/zero_overhead.py):
+#   defaults: the current config (skipped when the "none" stage already ran "selective" in this call);
+#   before:   the config before that change: DeepSpeed's reduce_scatter (a divide-by-1 of every gradient on one
+#             GPU) and its throughput timer (two device synchronizations a micro-batch);
+#   overlap:  overlap_comm on one GPU: copies and reduce on a side stream, one device sync a micro-batch;
+#   bucket16m: reduce buckets below every matrix (1.6e7 elements): matrices skip the bucket copy (-3.5 GB of
+#             copies a micro-batch), ten times the reduce calls.
+zero_variant() {
+  case $1 in
+    defaults) echo "" ;;
+    before) echo "--ds zero_optimization.reduce_scatter=true timers=null" ;;
+    overlap) echo "--overlap-comm on" ;;
+    bucket16m) echo "--set zero.reduce_bucket_size=16000000" ;;
+  esac
+}
+for variant in defaults before overlap bucket16m; do
+  [[ $variant == defaults && -f "$OUT/train-7b-L8-ga16-selective.json" ]] && continue
+  if want overlap 120; then
+    json="$OUT/train-7b-L8-ga16-selective-$variant.json"
+    [[ $variant == defaults ]] && json="$OUT/train-7b-L8-ga16-selective.json"
+    # shellcheck disable=SC2046  # the variant's flags are meant to split
+    timeout 120 python3 bench/train_throughput.py --preset 7b --layers 8 --grad-accum 16 --steps 4 --warmup 2 \
+      --activation-memory selective $(zero_variant $variant) --out "$json" 2>&1 \
+      | quiet | tail -6 | tee "$OUT/train-zero-$variant.log"
+    stamp "train selective, ZeRO $variant"
+  fi
+done
 for overlap in off on; do  # the 1b5 preset's own settings (micro 4 x accum 8), ZeRO's copies inline and beside
   if want b1b5 120; then
     timeout 120 python3 bench/train_throughput.py --preset 1b5 --steps 6 --warmup 3 --overlap-comm $overlap \

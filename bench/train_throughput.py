@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 2 bench/train_throughput.py --preset 7b --steps 20   # ZeRO-2 across GPUs
 
 `--layers N` keeps the preset's width and cuts the depth; `--compile`, `--activation-memory` and
-`--grad-accum` override the preset. The peak memory is compared with `rwkv5.train.memory_plan` for the same
+`--grad-accum` override the preset, `--set` any RunConfig field and `--ds` the DeepSpeed config itself. The peak memory is compared with `rwkv5.train.memory_plan` for the same
 config. `--blocks` also times one Block alone (eager and compiled) and a plain-PyTorch block around fla's
 chunk_rwkv6 (the anchor) in the same process, so the ratios come from one card.
 
@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.zero_overhead import deepspeed_overrides  # noqa: E402
 from rwkv5.train.callbacks import Callback  # noqa: E402
 from rwkv5.train.config import run_preset, with_overrides  # noqa: E402
 from rwkv5.train.worker import TrainJob, train  # noqa: E402
@@ -177,6 +178,11 @@ def main() -> None:
     ap.add_argument("--compile", choices=("on", "off"), default=None)
     ap.add_argument("--overlap-comm", choices=("on", "off"), default=None,
                     help="ZeRO-2 bucket reduce on a side stream (default: on several GPUs only)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON",
+                    help="RunConfig overrides by dotted key (zero.reduce_bucket_size=16000000)")
+    ap.add_argument("--ds", nargs="+", default=[], metavar="KEY=JSON",
+                    help="DeepSpeed config overrides by dotted key, null deletes one (timers=null: DeepSpeed's "
+                         "default); bench/zero_overhead.py's deepspeed_overrides")
     ap.add_argument("--precision", nargs="+", choices=("bf16", "fp8"), default=None,
                     help="block matmul precision; several: one run each, fp8_speedup in one record")
     ap.add_argument("--fp8-recipe", nargs="+", choices=("tensorwise", "rowwise"), default=None,
@@ -214,6 +220,7 @@ def main() -> None:
         overrides["precision"] = args.precision[0]
     if args.fp8_recipe:
         overrides["fp8_recipe"] = args.fp8_recipe[0]
+    overrides.update(_key_values(args.set))
     cfg = with_overrides(cfg, overrides)
     cfg = with_overrides(cfg, {"token_budget": (args.steps + 1) * cfg.tokens_per_step,
                                "stop_at_step": args.steps})
@@ -229,8 +236,9 @@ def main() -> None:
     timer = PhaseTimer() if args.phases else StepRows()
     _reset_peak_memory()
     t0 = time.time()
-    train(TrainJob(cfg, f"bench-{time.time_ns()}" if world == 1 else "bench", str(data), str(work / "runs"),
-                   callbacks=[timer], use_gpu=GPU), store=NoCheckpoints())
+    with deepspeed_overrides(_key_values(args.ds)):
+        train(TrainJob(cfg, f"bench-{time.time_ns()}" if world == 1 else "bench", str(data), str(work / "runs"),
+                       callbacks=[timer], use_gpu=GPU), store=NoCheckpoints())
     wall = time.time() - t0
     peak = _peak_memory()
     if isinstance(timer, StepRows):
@@ -265,7 +273,8 @@ def main() -> None:
         "activation_memory": cfg.activation_memory, "compile": cfg.compile,
         "compile_s": next((r["compile_s"] for r in timer.rows if "compile_s" in r), None),
         "wkv_backend": default_backend("cuda" if GPU else "cpu"), "zero_stage": 2, "dtype": "bf16",
-        "overlap_comm": cfg.zero.overlaps(world),
+        "overlap_comm": cfg.zero.overlaps(world), "zero": cfg.zero.model_dump(),
+        "deepspeed_overrides": _key_values(args.ds),
         "precision": cfg.precision, "fp8_recipe": cfg.fp8_recipe if cfg.precision == "fp8" else None,
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
                      "python": platform.python_version()},
@@ -302,6 +311,18 @@ def main() -> None:
 
         result["blocks"] = time_blocks(cfg.model, args.block_batch, cfg.batch.ctx_len)
         _write(out, result)
+
+
+def _key_values(items: list[str]) -> dict:
+    """`["a.b=1", "c=null"]` -> `{"a.b": 1, "c": None}`: JSON values, a bare word as a string."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def _write(out: Path, result: dict) -> None:

@@ -168,17 +168,38 @@ class MetricsConfig(_Section):
 
 
 class ZeroConfig(_Section):
-    """DeepSpeed ZeRO-2 communication. Matters mostly on several workers; one worker has nothing to send."""
+    """DeepSpeed ZeRO-2 communication. Matters mostly on several workers; one worker has nothing to send.
+
+    Per micro-batch, ZeRO-2 (DeepSpeed 0.19.8, bf16) copies each gradient into the bucket as autograd produces
+    it, reduces each full bucket, copies this rank's part of it into the partition buffer and, from the second
+    micro-batch of a step on, adds that to the previous micro-batches' sum: two copies and one add per
+    parameter, plus a few ops and one collective per bucket (`bench/NOTES.md`, issue 28, "What ZeRO-2 runs per
+    micro-batch"). No setting removes the per-parameter work while keeping ZeRO-2; `bench/zero_overhead.py`
+    counts what each candidate setting changes.
+    """
 
     overlap_comm: bool | None = None
     """Reduce gradient buckets on a side stream while backward goes on. None: on several workers only (on one, the
     second bucket buffer costs memory for copies alone); True on one worker puts ZeRO's per-micro-batch gradient
-    copies beside backward instead of between its kernels (issue 28's profile: ~9% of a micro-batch)."""
+    copies beside backward instead of between its kernels (issue 28's profile: ~9% of a micro-batch), the same
+    ops in the same number, at the price of a device synchronization at the end of every backward; whether that
+    pays on one GPU is for `bench/issue28_device.sh` to measure."""
     reduce_bucket_size: int = 200_000_000
-    """Gradient elements per reduce-scatter bucket. Each bucket is a bf16 buffer (two with overlap_comm): 2e8
-    is 400 MB, a few layers of the 7B, large enough for full-bandwidth collectives and small next to 80 GB."""
+    """Gradient elements per reduce bucket. Each bucket is a bf16 buffer (two with overlap_comm): 2e8 is 400 MB,
+    about one layer of the 7B, large enough for full-bandwidth collectives and small next to 80 GB. A gradient
+    larger than a bucket (the 7B's embedding and head, 2.68e8) is reduced where autograd left it, without the
+    copy into the bucket: buckets of 5e8 (DeepSpeed's default) would copy those two as well (+1.1 GB a micro-batch
+    at 7b width with 8 layers) to save a few collectives; buckets below every matrix (1.6e7) would spare all
+    matrices that copy (-3.5 GB) at ten times the reduce calls, which `bench/issue28_device.sh` times on a GPU."""
     allgather_bucket_size: int = 200_000_000
     """Parameter elements per all-gather after the optimizer step (bf16, 400 MB at 2e8)."""
+    reduce_scatter: bool = False
+    """Split each bucket by the rank that owns each slice and divide it by the world size before reducing it
+    (DeepSpeed's default, True). With DeepSpeed's `use_multi_rank_bucket_allreduce` (on by default) the split
+    bucket is all-reduced whole anyway, so False (one in-place all-reduce of the bucket, then a multiply by
+    1/workers) moves the same bytes, skips the concatenation of a bucket whose slices belong to several ranks,
+    and on one worker skips the scaling altogether: DeepSpeed divides every gradient by 1 otherwise (13
+    kernels writing 4.6 GB per micro-batch at 7b width with 8 layers). Gradients stay partitioned either way."""
 
     def overlaps(self, workers: int) -> bool:
         """Whether buckets are reduced on a side stream for a run on `workers` workers."""

@@ -73,7 +73,9 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) 
 def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
     """ZeRO stage 2 in bf16 with explicit clipping; batch sizes from the run preset and the worker count.
 
-    Bucket sizes and overlap come from `cfg.zero` (`ZeroConfig.overlaps`: by default on several workers only).
+    Bucket sizes, overlap and reduce_scatter come from `cfg.zero` (`ZeroConfig.overlaps`: by default on several
+    workers only). DeepSpeed's throughput timer is off: it synchronizes the device in every forward and every
+    `engine.step()` (twice a micro-batch, draining the GPU's queue), and `SpeedCallback` measures instead.
     """
     zero = cfg.zero
     return {
@@ -86,7 +88,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
             "stage": 2,
             "contiguous_gradients": True,
             "overlap_comm": zero.overlaps(world_size),
-            "reduce_scatter": True,
+            "reduce_scatter": zero.reduce_scatter,
             "reduce_bucket_size": zero.reduce_bucket_size,
             "allgather_bucket_size": zero.allgather_bucket_size,
         },
@@ -95,4 +97,5 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False}},
     }

@@ -1,5 +1,6 @@
-"""The loop on 2 CPU ranks (gloo, DeepSpeed ZeRO-2): the per-step loss read once per step, overlap_comm and
-the bucket sizes do not change the numbers, and 2 accumulated micro-batches equal one of twice the size."""
+"""The loop on 2 CPU ranks (gloo, DeepSpeed ZeRO-2): the per-step loss read once per step, overlap_comm,
+the bucket sizes and reduce_scatter do not change the numbers, and 2 accumulated micro-batches equal one of twice
+the size."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def test_deepspeed_config_overlaps_on_several_workers_only():
     assert not deepspeed_config(with_overrides(cfg, {"zero.overlap_comm": False}), 8)["zero_optimization"]["overlap_comm"]
     assert eight["reduce_bucket_size"] == cfg.zero.reduce_bucket_size == 200_000_000
     assert deepspeed_config(cfg, 8)["gradient_accumulation_steps"] == 7
+    # Issue 28: no divide-by-world-size pass before the bucket's all-reduce, no synchronizing throughput timer.
+    assert not one["reduce_scatter"] and not eight["reduce_scatter"]
+    assert deepspeed_config(cfg, 1)["timers"] == {"throughput": {"enabled": False}}
 
 
 def test_two_ranks_losses_do_not_depend_on_overlap_buckets_or_accumulation(token_data, tmp_path):
@@ -50,6 +54,7 @@ def test_two_ranks_losses_do_not_depend_on_overlap_buckets_or_accumulation(token
     assert len(ref) == 3 and all(x == x for x in ref)
     assert got["micro2_no_overlap"] == pytest.approx(ref, rel=1e-6)
     assert got["micro2_small_buckets"] == pytest.approx(ref, rel=1e-6)
+    assert got["micro2_reduce_scatter"] == pytest.approx(ref, rel=1e-6)  # DeepSpeed's own split-and-divide path
     # The first step sees the same weights and samples: equal up to float rounding of the mean. Later steps
     # follow weights updated from bf16 gradients summed in another order.
     assert got["micro1_accum2"][0] == pytest.approx(ref[0], rel=1e-4)

@@ -26,6 +26,8 @@ SETTINGS = {
     # Buckets far smaller than the model: many reduce-scatters per backward.
     "micro2_small_buckets": {"batch.micro_batch": 2, "zero.reduce_bucket_size": 20_000,
                              "zero.allgather_bucket_size": 20_000},
+    # DeepSpeed's default: each bucket split by owning rank and divided by the world size before the reduce.
+    "micro2_reduce_scatter": {"batch.micro_batch": 2, "zero.reduce_scatter": True},
 }
 
 
