@@ -386,7 +386,7 @@ def _worker(args) -> None:
     import torch.distributed as dist
 
     rows = [count_config(name, Path(args.data), Path(args.work) / "runs", args.grad_accum,
-                         int(os.environ["WORLD_SIZE"]))
+                         int(os.environ["WORLD_SIZE"]), profile=not args.no_profiler)
             for name in args.configs]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, rows)
@@ -407,6 +407,8 @@ def _run_ranks(args, data: Path, work: Path, ranks: int) -> list[list[dict]]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
            str(_port()), __file__, "--worker", "--worker-out", str(out), "--data", str(data), "--work", str(work),
            "--ranks", str(ranks), "--grad-accum", str(args.grad_accum), "--configs", *args.configs]
+    if args.no_profiler:
+        cmd.append("--no-profiler")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{ranks}-rank run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -418,6 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2], help="world sizes (gloo processes)")
     ap.add_argument("--configs", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches in the counted step")
+    ap.add_argument("--no-profiler", action="store_true", help="count without torch.profiler's cross-check")
     ap.add_argument("--out", default=str(ROOT / "bench/results/zero-overhead-cpu.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -438,7 +441,8 @@ def main(argv: list[str] | None = None) -> dict:
         data = write_documents(work / "data")
         for ranks in args.ranks:
             if ranks == 1:
-                per_rank = [[count_config(name, data, work / "runs", args.grad_accum) for name in args.configs]]
+                per_rank = [[count_config(name, data, work / "runs", args.grad_accum, profile=not args.no_profiler)
+                             for name in args.configs]]
             else:
                 per_rank = _run_ranks(args, data, work, ranks)
             record["worlds"][str(ranks)] = per_rank
