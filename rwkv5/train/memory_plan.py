@@ -1,7 +1,8 @@
 """Device memory of a pretraining run per GPU under DeepSpeed ZeRO-2 bf16, computed from the config alone.
 
 Model states are counted from what ZeRO-2 allocates: bf16 weights on every GPU; the gradient partition and
-the fp32 master weights and Adam moments split over the GPUs; bf16 reduce buckets. Activations are counted per
+the fp32 master weights and Adam moments split over the GPUs (a second gradient partition during backward when
+micro-batches accumulate); bf16 reduce buckets. Activations are counted per
 block from what each activation-memory policy keeps (see `rwkv5.model.Block`), plus the transient of one block
 being recomputed and differentiated, plus the chunked loss. The peak is the larger of the backward peak and
 the optimizer-step peak (when ZeRO flattens the gradient partition and converts it to fp32).
@@ -61,6 +62,8 @@ class MemoryPlan:
     parameters: int
     weights: float
     gradients: float
+    accumulating: float
+    """The second gradient partition during backward from a step's second micro-batch on (0 without accumulation)."""
     optimizer: float
     buckets: float
     activations: float
@@ -126,14 +129,19 @@ def plan_memory(cfg: RunConfig, gpus: int, gpu_memory_gb: float, micro_batch: in
     step_extra = 6.0 * P / gpus
 
     states = weights + gradients + optimizer + buckets
-    backward_peak = states + activations + transient
+    grad_accum = cfg.batch.global_batch // (B * gpus) if cfg.batch.global_batch % (B * gpus) == 0 else 0
+    # From a step's second micro-batch on, ZeRO-2 reduces into a fresh partition-sized buffer while the running
+    # sum of the earlier ones is still held (DeepSpeed 0.19.8 stage_1_and_2.py:2192 and :1039): two partitions
+    # live during backward. The step then sums and frees one, so the step peak holds one.
+    accumulating = gradients if grad_accum != 1 else 0.0
+    backward_peak = states + accumulating + activations + transient
     step_peak = states + step_extra
     peak = max(backward_peak, step_peak)
     return MemoryPlan(
         preset=cfg.preset, gpus=gpus, gpu_memory=gpu_memory_gb * GB, micro_batch=B, ctx_len=T,
-        grad_accum=cfg.batch.global_batch // (B * gpus) if cfg.batch.global_batch % (B * gpus) == 0 else 0,
+        grad_accum=grad_accum,
         activation_memory=policy, precision=cfg.precision, parameters=P, weights=weights, gradients=gradients,
-        optimizer=optimizer,
+        accumulating=accumulating, optimizer=optimizer,
         buckets=buckets, activations=activations, transient=transient, step_extra=step_extra,
         backward_peak=backward_peak, step_peak=step_peak, peak=peak, headroom=1.0 - peak / (gpu_memory_gb * GB),
     )
@@ -145,6 +153,7 @@ def format_plan(plan: MemoryPlan) -> str:
         ("weights (bf16, every GPU)", plan.weights),
         (f"gradients (bf16 partition, 1/{plan.gpus})", plan.gradients),
         (f"optimizer (fp32 master + Adam, 1/{plan.gpus})", plan.optimizer),
+        ("gradient partition being reduced (backward)", plan.accumulating),
         ("reduce buckets (bf16)", plan.buckets),
         (f"activations / micro-batch ({plan.activation_memory}, B{plan.micro_batch} T{plan.ctx_len})",
          plan.activations),

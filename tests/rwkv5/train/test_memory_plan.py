@@ -30,6 +30,16 @@ def test_zero2_partitions_optimizer_and_gradients_not_weights():
     assert eight.buckets == 2 * one.buckets  # overlap_comm's second buffer on several GPUs only
 
 
+def test_accumulating_micro_batches_hold_a_second_gradient_partition_in_backward_only():
+    cfg = run_preset("7b")
+    accumulating = plan_memory(cfg, 8, 80)  # 7 micro-batches a step
+    single = plan_memory(with_overrides(cfg, {"batch.global_batch": 16}), 8, 80)  # 2 x 1 x 8: no accumulation
+    assert accumulating.grad_accum == 7 and single.grad_accum == 1
+    assert single.accumulating == 0 and accumulating.accumulating == accumulating.gradients
+    assert accumulating.backward_peak - single.backward_peak == pytest.approx(accumulating.gradients)
+    assert accumulating.step_peak == single.step_peak
+
+
 def test_activations_grow_with_micro_batch_and_shrink_with_recomputation():
     cfg = run_preset("7b")
     acts = {p: plan_memory(cfg, 8, 80, activation_memory=p).activations for p in ("none", "selective", "full")}
