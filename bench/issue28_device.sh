@@ -6,7 +6,7 @@
 #   7b width, 8 layers, policy "none" against "selective" through the real train(), same call and settings ->
 #   ZeRO-2 settings side by side at that shape ("overlap": defaults, before, overlap_comm, small buckets) -> the
 #   1b5 preset with overlap_comm off and on ("b1b5").
-#   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,gputest,none,overlap,b1b5 (default all)
+#   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,profile1b5,gputest,none,overlap,b1b5 (default all)
 #   The ZeRO comparison alone: `bash bench/issue28_device.sh build,overlap` (~2 minutes a variant; the budget
 #   check drops the last ones on a cold machine).
 # Expects the wheels (deepspeed, pydantic, hjson) in ../.whl or .whl, as bench/run_train_gpu.sh; JSON, traces and
@@ -23,7 +23,7 @@ else
 fi
 export PYTHONPATH=$PWD:$site PYTHONUNBUFFERED=1 RWKV5_KERNEL_CACHE=/tmp/rwkv5-kernels TORCH_CUDA_ARCH_LIST=9.0
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
-stages=",${1:-build,whole,profile,gputest,none,overlap,b1b5},"
+stages=",${1:-build,whole,profile,profile1b5,gputest,none,overlap,b1b5},"
 budget=${BUDGET_S:-540}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,memory.used --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$(date +%s)
@@ -46,6 +46,11 @@ fi
 if want profile 150; then
   timeout 150 python3 bench/profile_step.py --layers 8 --grad-accum 4 --out-dir "$OUT" 2>&1 | quiet | tail -30 | tee "$OUT/profile.log"
   stamp profile
+fi
+if want profile1b5 150; then  # the 1b5 preset's step (0.431 against 0.48): where its time goes
+  timeout 150 python3 bench/profile_step.py --preset 1b5 --layers 24 --grad-accum 4 --out-dir "$OUT" 2>&1 | quiet \
+    | tail -30 | tee "$OUT/profile-1b5.log"
+  stamp profile1b5
 fi
 if want gputest 80; then
   timeout 80 python3 -m pytest -q -x -p no:cacheprovider -s tests/gpu/test_compiled_block_shapes.py 2>&1 | quiet | tail -8 | tee "$OUT/gputest.log"
