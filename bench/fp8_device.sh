@@ -3,6 +3,8 @@
 # speedup, each under its own time limit so one stage's trouble leaves the others' results.
 #   run(command="bash bench/fp8_device.sh", carry=[".site"], timeout_s=600)
 #   bash bench/fp8_device.sh STAGES            STAGES: comma list of setup,build,tests,parity,speed (default all)
+# SITE_ARCHIVE: the site to unpack (default .site/site312.tar.xz; the slim one of `SLIM=1 bash bench/pack_site.sh`
+# is .site-bench/site312.tar.xz: then carry [".site-bench"]).
 # Needs in .site/ (ignored by git): site312.tar.xz (bench/pack_site.sh: deepspeed, pydantic, ...) and the torchao
 # wheel (torchao-0.18.0-cp310-abi3-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl, abi3: any CPython >= 3.10),
 # together ~60 MB of the 64 MiB a call carries. Estimated on an H100 (seconds): setup 25, build 60-90, tests
@@ -21,7 +23,7 @@ stamp() { echo "== $1: $(( $(date +%s) - t0 )) s"; }
 quiet() { grep -v -E "^\[|Warning|warn\(|Failed to load|KernelPreference"; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv,noheader
 if [[ $stages == *,setup,* ]]; then
-  tar -xJf .site/site312.tar.xz -C /tmp || exit 1
+  tar -xJf "${SITE_ARCHIVE:-.site/site312.tar.xz}" -C /tmp || exit 1
   if ls .site/torchao-*.whl > /dev/null 2>&1; then  # else packed into the site already (a slim site: no Ray)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site312 .site/torchao-*.whl || exit 1
   fi

@@ -8,11 +8,13 @@
 #   ray/jars (Java workers), ray/rllib, *.js.map, the Prefect and MLflow web UIs (the run reads their APIs,
 #   PREFECT_UI_ENABLED=false), virtualenv (Ray's pip runtime environments only), and copies of packages the
 #   image already has (hf_xet, pygments, yaml); the three Ray executables are stripped of symbols.
-# `SLIM=1 bash bench/pack_site.sh` packs the training benches' site (below).
+# `SLIM=1 bash bench/pack_site.sh` packs the training benches' site (below) into .site-bench/ (ignored by git).
 # On the machine: tar -xJf site312.tar.xz -C /tmp, PYTHONPATH=/tmp/site312, PATH=/tmp/site312/bin, and the
 # console scripts' first line pointed at that machine's python3 (bench/pipeline_1gpu.sh does all of it).
 set -euo pipefail
-out=$(realpath -m "${1:-.site/site312.tar.xz}")
+default_out=.site/site312.tar.xz
+[[ -n ${SLIM:-} ]] && default_out=.site-bench/site312.tar.xz  # beside the full one: each call carries one folder
+out=$(realpath -m "${1:-$default_out}")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64
