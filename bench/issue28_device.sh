@@ -9,12 +9,17 @@
 #   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,profile1b5,gputest,none,overlap,b1b5 (default all)
 #   The ZeRO comparison alone: `bash bench/issue28_device.sh build,overlap` (~2 minutes a variant; the budget
 #   check drops the last ones on a cold machine).
-# Expects the wheels (deepspeed, pydantic, hjson) in ../.whl or .whl, as bench/run_train_gpu.sh; JSON, traces and
+# Expects a site: /tmp/site312 unpacked already, or SITE_ARCHIVE (default .site-bench/site312.tar.xz), or else the
+# wheels (deepspeed, pydantic, hjson) in ../.whl or .whl, as bench/run_train_gpu.sh; JSON, traces and
 # logs go to $OUT. A stage starts only while the call's budget (BUDGET_S, default 540) still covers its limit.
 set -o pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-if [[ -d /tmp/site312 ]]; then  # unpacked by bench/fp8_device.sh setup (or pipeline_1gpu.sh) earlier in the call
+archive=${SITE_ARCHIVE:-.site-bench/site312.tar.xz}  # SLIM=1 bash bench/pack_site.sh; carry [".site-bench"]
+if [[ ! -d /tmp/site312 && -f $archive ]]; then
+  tar -xJf "$archive" -C /tmp || exit 1
+fi
+if [[ -d /tmp/site312 ]]; then  # unpacked above, or by bench/fp8_device.sh setup / pipeline_1gpu.sh earlier
   site=/tmp/site312
 else
   WHL=$(ls -d .whl ../.whl 2>/dev/null | head -1)
