@@ -6,7 +6,7 @@
 #   7b width, 8 layers, policy "none" against "selective" through the real train(), same call and settings ->
 #   ZeRO-2 settings side by side at that shape ("overlap": defaults, before, overlap_comm, small buckets) -> the
 #   1b5 preset with overlap_comm off and on ("b1b5").
-#   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,profile1b5,gputest,none,overlap,b1b5 (default all)
+#   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,profile1b5,gputest,none,overlap,L12,b1b5 (default all)
 #   The ZeRO comparison alone: `bash bench/issue28_device.sh build,overlap` (~2 minutes a variant; the budget
 #   check drops the last ones on a cold machine).
 # Expects a site: /tmp/site312 unpacked already, or SITE_ARCHIVE (default .site-bench/site312.tar.xz), or else the
@@ -28,7 +28,7 @@ else
 fi
 export PYTHONPATH=$PWD:$site PYTHONUNBUFFERED=1 RWKV5_KERNEL_CACHE=/tmp/rwkv5-kernels TORCH_CUDA_ARCH_LIST=9.0
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
-stages=",${1:-build,whole,profile,profile1b5,gputest,none,overlap,b1b5},"
+stages=",${1:-build,whole,profile,profile1b5,gputest,none,overlap,L12,b1b5},"
 budget=${BUDGET_S:-540}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,memory.used --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$(date +%s)
@@ -96,6 +96,12 @@ for variant in defaults before overlap bucket16m; do
     stamp "train selective, ZeRO $variant"
   fi
 done
+if want L12 200; then  # 12 of the 7B's 32 layers (plan 70.2 GB of an H100's 85): the head's share 12% -> 8%
+  timeout 200 python3 bench/train_throughput.py --preset 7b --layers 12 --grad-accum 16 --steps 4 --warmup 1 \
+    --precision bf16 fp8 --fp8-recipe tensorwise --out "$OUT/train-7b-L12-fp8.json" 2>&1 \
+    | grep -E "^==|tokens/s|fp8_speedup|Error" | tail -8 | tee "$OUT/train-L12.log"
+  stamp "7b width, 12 layers, bf16 and fp8"
+fi
 for overlap in off on; do  # the 1b5 preset's own settings (micro 4 x accum 8), ZeRO's copies inline and beside
   if want b1b5 120; then
     timeout 120 python3 bench/train_throughput.py --preset 1b5 --steps 6 --warmup 3 --overlap-comm $overlap \
