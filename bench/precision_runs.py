@@ -104,9 +104,8 @@ def compare(argv: list[str], precisions: list[str], recipes: list[str], out: str
         raise SystemExit(f"no run finished: {', '.join(failed)} failed")
     merged = merge(records, " ".join(["python3", "bench/train_throughput.py", *argv])) | {"failed": failed}
     first = next(iter(records.values()))
-    card = first["gpu"].replace("NVIDIA ", "").split()[0].lower()
     depth = f"-L{first['model']['n_layer']}" if "--layers" in argv else ""
-    target = Path(out or ROOT / f"bench/results/train-{first['preset']}{depth}-{first['gpus']}gpu-{card}-fp8.json")
+    target = Path(out or ROOT / f"bench/results/train-{first['preset']}{depth}-{first['gpus']}gpu-{first['card']}-fp8.json")
     write_record(target, merged)
     print("tokens/s/GPU " + ", ".join(f"{k} {v:,.0f}" for k, v in merged["tokens_per_s_per_gpu"].items())
           + f"; fp8_speedup {merged['fp8_speedup']}")

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.record import card_slug  # noqa: E402
 from bench.zero_overhead import deepspeed_overrides  # noqa: E402
 from rwkv5.train.callbacks import Callback  # noqa: E402
 from rwkv5.train.config import run_preset, with_overrides  # noqa: E402
@@ -236,7 +237,8 @@ def main() -> None:
     timer = PhaseTimer() if args.phases else StepRows()
     _reset_peak_memory()
     t0 = time.time()
-    with deepspeed_overrides(_key_values(args.ds)):
+    ds_overrides = _key_values(args.ds)
+    with deepspeed_overrides(ds_overrides):
         train(TrainJob(cfg, f"bench-{time.time_ns()}" if world == 1 else "bench", str(data), str(work / "runs"),
                        callbacks=[timer], use_gpu=GPU), store=NoCheckpoints())
     wall = time.time() - t0
@@ -268,13 +270,13 @@ def main() -> None:
         "command": " ".join(["python3", *sys.argv]) if world == 1 else
         f"torchrun --nproc-per-node {world} " + " ".join(sys.argv),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "preset": args.preset, "gpus": world, "gpu": device_name,
+        "preset": args.preset, "gpus": world, "gpu": device_name, "card": card_slug("cuda" if GPU else "cpu"),
         "model": cfg.model.model_dump(), "batch": cfg.batch.model_dump(), "grad_accum": cfg.batch.grad_accum(world),
         "activation_memory": cfg.activation_memory, "compile": cfg.compile,
         "compile_s": next((r["compile_s"] for r in timer.rows if "compile_s" in r), None),
         "wkv_backend": default_backend("cuda" if GPU else "cpu"), "zero_stage": 2, "dtype": "bf16",
         "overlap_comm": cfg.zero.overlaps(world), "zero": cfg.zero.model_dump(),
-        "deepspeed_overrides": _key_values(args.ds),
+        "deepspeed_overrides": ds_overrides,
         "precision": cfg.precision, "fp8_recipe": cfg.fp8_recipe if cfg.precision == "fp8" else None,
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": deepspeed.__version__,
                      "python": platform.python_version()},
@@ -297,9 +299,8 @@ def main() -> None:
     print(f"{'phase':<10} {'s':>8} {'share':>7}")
     for name, seconds in phases.items():
         print(f"{name:<10} {seconds:>8.4f} {seconds / step_s:>7.1%}")
-    card = device_name.replace("NVIDIA ", "").split()[0].lower()
     depth = f"-L{args.layers}" if args.layers else ""
-    out = Path(args.out or f"bench/results/train-{args.preset}{depth}-{world}gpu-{card}.json")
+    out = Path(args.out or f"bench/results/train-{args.preset}{depth}-{world}gpu-{result['card']}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     _write(out, result)
     if args.blocks:  # after the training numbers are safe on disk: fla's first calls autotune for a while

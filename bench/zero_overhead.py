@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -394,18 +393,14 @@ def _worker(args) -> None:
         Path(args.worker_out).write_text(json.dumps(gathered))
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_ranks(args, data: Path, work: Path, ranks: int) -> list[list[dict]]:
+    from rwkv5.train.worker import _free_port
+
     out = work / f"ranks{ranks}.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
     env.update(CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-           str(_port()), __file__, "--worker", "--worker-out", str(out), "--data", str(data), "--work", str(work),
+           str(_free_port()), __file__, "--worker", "--worker-out", str(out), "--data", str(data), "--work", str(work),
            "--ranks", str(ranks), "--grad-accum", str(args.grad_accum), "--configs", *args.configs]
     if args.no_profiler:
         cmd.append("--no-profiler")
