@@ -465,6 +465,16 @@ def _chunk_loss_grad(logits, targets, token_weight, l2_factor: float, want_grad:
     return loss, g.to(logits.dtype)
 
 
+def compile_chunk_step(**kwargs):
+    """`_chunk_loss_grad` under torch.compile with automatic dynamic shapes. Chat samples (the milestone
+    fine-tune, the held-out evaluation) give each sample's last chunk its own row count: a static compile made
+    one graph per count until Dynamo's recompile limit (8), then ran eagerly, and a fresh process paid those
+    compiles again at every milestone. This compiles at most twice: static for the first count, then one graph
+    with the row count symbolic (pretraining's chunks all have one count: one static graph). kwargs go to
+    torch.compile (tests pick a quick backend)."""
+    return torch.compile(_chunk_loss_grad, dynamic=None, **kwargs)
+
+
 class _FusedOnCuda:
     """`_chunk_loss_grad` compiled on CUDA (one pass for the softmax statistics, one for the gradient, instead
     of a float32 copy per elementwise step); eager elsewhere, and eager for good if the first compile fails."""
@@ -479,7 +489,7 @@ class _FusedOnCuda:
         if self.worked:
             return self.compiled(logits, *args)
         try:
-            self.compiled = self.compiled or torch.compile(_chunk_loss_grad, dynamic=False)
+            self.compiled = self.compiled or compile_chunk_step()
             out = self.compiled(logits, *args)
         except Exception:  # a compiler problem must not stop training: same numbers, eager speed
             self.failed = True

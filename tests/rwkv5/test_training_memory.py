@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rwkv5.config import ModelConfig
-from rwkv5.model import RWKV5, Block, build_model, chunked_lm_loss, lm_loss
+from rwkv5.model import RWKV5, Block, _chunk_loss_grad, build_model, chunked_lm_loss, compile_chunk_step, lm_loss
 
 SMALL = ModelConfig(n_layer=2, n_embd=64, head_size=16, vocab_size=300)
 
@@ -64,6 +64,28 @@ def test_chunked_loss_without_grad_keeps_nothing():
     with torch.no_grad():
         loss = chunked_lm_loss(h, w, t, chunk_tokens=4)
     assert loss.item() == pytest.approx(lm_loss(h @ w.t(), t).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("want_grad", [False, True])
+def test_compiled_loss_step_compiles_at_most_twice_for_ragged_chunks(want_grad):
+    """Chat samples give every last chunk its own row count (the milestone fine-tune, the held-out evaluation):
+    the compiled loss step must not recompile per count (a static compile did, up to Dynamo's limit of 8, in
+    every fresh milestone process), and keeps the eager numbers."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    step = compile_chunk_step(backend="aot_eager")
+    for n in (5, 11, 3, 17, 8, 13):
+        logits, targets = torch.randn(n, 40), torch.randint(0, 40, (n,))
+        weight = torch.full((n,), 1.0 / n)
+        got, want = step(logits, targets, weight, 1e-4 / n, want_grad), _chunk_loss_grad(
+            logits, targets, weight, 1e-4 / n, want_grad)
+        torch.testing.assert_close(got[0], want[0])
+        if want_grad:
+            torch.testing.assert_close(got[1], want[1])
+    assert counters["stats"]["unique_graphs"] <= 2
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("policy", ["none", "selective", "full"])
