@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from data_prep.atomic import atomic_path, atomic_write_text
@@ -80,10 +81,14 @@ def _ready(cfg: StackConfig, svc: Service, log_offset: int) -> bool:
         return svc.ready_line.encode() in log.read()
 
 
-def _wait_healthy(cfg: StackConfig, svc: Service, pid: int, timeout: float, log_offset: int = 0) -> None:
+def _wait_healthy(cfg: StackConfig, svc: Service, pid: int, timeout: float, log_offset: int = 0,
+                  on_ready: Callable[[], None] | None = None) -> None:
+    """Until `svc` answers (then `on_ready()`) and has stayed alive for its `settle_s`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _ready(cfg, svc, log_offset):
+            if on_ready is not None:
+                on_ready()
             settled = time.monotonic() + svc.settle_s
             while time.monotonic() < settled:
                 if _read_pid(cfg, svc.name) is None:

@@ -133,6 +133,7 @@ class Service:
     health_token: Path | None = None  # a bearer token the health check must send
     ready_line: str | None = None  # also wait for this in the service's log: its health URL answers earlier
     settle_s: float = 0.0  # once ready, it must stay alive this long to count as started
+    starts_after: str | None = None  # the service that must answer first (`up` starts the others at once)
 
 
 def visible_gpus() -> int:
@@ -149,10 +150,11 @@ def _bin(name: str) -> str:
 
 
 def services(cfg: StackConfig) -> list[Service]:
-    """The stack's long-running processes, in start order.
+    """The stack's long-running processes; `up` starts each once its `starts_after` answers, the rest at once.
 
-    Ray's head goes first: its raylet must register with its GCS within a fixed 30 s, which fails on a
-    2-core machine while a Prefect server is starting beside it.
+    Ray's head goes first, alone: its raylet must register with its GCS within a fixed 30 s, which fails on a
+    2-core machine while a Prefect server is starting beside it. Once the head answers, the Prefect and MLflow
+    servers start side by side (while the head settles), and the worker once the Prefect server answers.
     """
     ml = cfg.state_dir / "mlflow"
     gpus = visible_gpus() if cfg.gpus is None else cfg.gpus
@@ -190,6 +192,7 @@ def services(cfg: StackConfig) -> list[Service]:
             f"{cfg.prefect_api_url}/health",
             cfg.prefect_port,
             f"http://{cfg.host}:{cfg.prefect_port}",
+            starts_after="ray-head",
         ),
         Service(  # `mlflow server` has no background mode
             "mlflow-server",
@@ -202,6 +205,7 @@ def services(cfg: StackConfig) -> list[Service]:
             f"{cfg.mlflow_url}/health",
             cfg.mlflow_port,
             cfg.mlflow_url,
+            starts_after="ray-head",
         ),
         Service(  # `prefect worker start` has no background mode
             "prefect-worker",
@@ -209,5 +213,6 @@ def services(cfg: StackConfig) -> list[Service]:
             None,
             0,
             f"http://{cfg.host}:{cfg.prefect_port}/work-pools/work-pool/{WORK_POOL}",
+            starts_after="prefect-server",
         ),
     ]

@@ -8,7 +8,11 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -79,7 +83,8 @@ class StackError(RuntimeError):
 def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: float = 600.0) -> dict[str, str]:
     """Start what is not running yet; returns {service: state} where state is 'started' or 'running'.
 
-    A service that cannot be started does not keep the others down (a dead Ray head must not leave the
+    Services start side by side, each once the one it `starts_after` answers (`services`: Ray's head alone, then
+    the servers, then the worker); waits overlap, so the stack is up in about the slowest chain's time. A service that cannot be started does not keep the others down (a dead Ray head must not leave the
     Prefect worker unstarted): every service is tried, then `StackError` lists the failures with the states
     of all of them.
 
@@ -92,22 +97,44 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     _ensure_token(cfg.ray_token_file)
     env = {**_without_rendezvous(os.environ), **cfg.env(), **SERVICE_ENV}
+    svcs = services(cfg)
     result: dict[str, str] = {}
-    for svc in services(cfg):
+    answered = {svc.name: threading.Event() for svc in svcs}  # it answers, or its start is over (either way)
+    finished = {svc.name: threading.Event() for svc in svcs}
+
+    def bring_up(svc: Service) -> None:
         try:
+            if svc.starts_after in answered:
+                answered[svc.starts_after].wait()
             if svc.name == _WORKER:
+                if "prefect-server" in finished:
+                    finished["prefect-server"].wait()  # its state says whether the worker can start
                 server_ok = not is_failure(result.get("prefect-server", ""))
                 result[svc.name] = _up_worker(cfg, svc, env, prefect_ok=server_ok)
             else:
-                result[svc.name] = _up_service(cfg, svc, env, timeout)
+                result[svc.name] = _up_service(cfg, svc, env, timeout, on_ready=answered[svc.name].set)
         except (RuntimeError, OSError) as exc:
             result[svc.name] = f"failed: {exc}"
-    if deploy is not None and not is_failure(result.get("prefect-server", "")):
-        done = _prefect(cfg, env, "--no-prompt", "deploy", "--all", "--prefect-file", str(deploy))
-        if done.returncode != 0:
-            result["deployments"] = f"failed: prefect deploy:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-        else:
-            result["deployments"] = "applied"
+        finally:
+            answered[svc.name].set()
+            finished[svc.name].set()
+
+    with ThreadPoolExecutor(max_workers=len(svcs) or 1, thread_name_prefix="rwkv5-up") as pool:
+        started = [pool.submit(bring_up, svc) for svc in svcs]
+        if deploy is not None:  # once the work pool is there; the other servers may still be starting
+            if _WORKER in finished:
+                finished[_WORKER].wait()
+            else:
+                futures_wait(started)
+            if not is_failure(result.get("prefect-server", "")):
+                done = _prefect(cfg, env, "--no-prompt", "deploy", "--all", "--prefect-file", str(deploy))
+                if done.returncode != 0:
+                    result["deployments"] = f"failed: prefect deploy:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+                else:
+                    result["deployments"] = "applied"
+        for future in started:
+            future.result()  # an unexpected error surfaces here, after every start has ended
+    result = {name: result[name] for name in [svc.name for svc in svcs] + ["deployments"] if name in result}
     (cfg.state_dir / "stack.json").write_text(json.dumps(
         {"prefect": cfg.prefect_api_url, "mlflow": cfg.mlflow_url, "ray": cfg.ray_address,
          "ray_dashboard": cfg.ray_dashboard_url}, indent=2))
@@ -116,7 +143,8 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
     return result
 
 
-def _up_service(cfg: StackConfig, svc: Service, env: dict[str, str], timeout: float) -> str:
+def _up_service(cfg: StackConfig, svc: Service, env: dict[str, str], timeout: float,
+                on_ready: Callable[[], None] | None = None) -> str:
     if _healthy(svc.health_url, token=svc.health_token) or (svc.name == "ray-head" and _port_open(cfg.host, cfg.ray_port)):
         return "running"
     attempt = 1
@@ -124,7 +152,7 @@ def _up_service(cfg: StackConfig, svc: Service, env: dict[str, str], timeout: fl
         log_offset = _log_file(cfg, svc).stat().st_size if _log_file(cfg, svc).is_file() else 0
         pid = _start(cfg, svc, env)
         try:
-            _wait_healthy(cfg, svc, pid, timeout, log_offset)
+            _wait_healthy(cfg, svc, pid, timeout, log_offset, on_ready)
             return "started"
         except RuntimeError as exc:  # exited while starting (retried), or not healthy in time
             # What a failed start left behind (Ray's GCS server) must not hold the port or outlive `down`.

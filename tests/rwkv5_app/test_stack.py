@@ -72,6 +72,37 @@ def test_up_returns_states_when_everything_starts(cfg, monkeypatch):
 
 
 
+def _stamped_service(name: str, port: int, delay_s: float = 0.0, after: str | None = None) -> Service:
+    """An HTTP service that logs when its process began and when it started answering (after `delay_s`)."""
+    script = (f"import time, runpy, sys; print('began', time.time(), flush=True); time.sleep({delay_s}); "
+              "print('answers', time.time(), flush=True); "
+              f"sys.argv = ['http.server', '{port}', '--bind', '127.0.0.1']; "
+              "runpy.run_module('http.server', run_name='__main__')")
+    url = f"http://127.0.0.1:{port}/"
+    return Service(name, [sys.executable, "-c", script], url, port, url, starts_after=after)
+
+
+def _stamp(cfg: StackConfig, name: str, what: str) -> float:
+    line = next(line for line in (cfg.state_dir / "logs" / f"{name}.log").read_text().splitlines()
+                if line.startswith(what))
+    return float(line.split()[1])
+
+
+def test_a_service_starts_once_the_one_it_follows_answers_and_the_rest_start_at_once(cfg, monkeypatch):
+    """`rwkv5 up` overlaps the starts (Ray's head alone first, then the servers side by side): a dependent
+    service must not begin before its dependency answers, an independent one must not wait for it."""
+    slow, after, beside = _free_port(), _free_port(), _free_port()
+    monkeypatch.setattr(supervisor, "services", lambda _cfg: [
+        _stamped_service("slow", slow, delay_s=3.0), _stamped_service("after", after, after="slow"),
+        _stamped_service("beside", beside)])
+    try:
+        assert stack.up(cfg, timeout=60) == {"slow": "started", "after": "started", "beside": "started"}
+    finally:
+        stack.down(cfg)
+    assert _stamp(cfg, "after", "began") >= _stamp(cfg, "slow", "answers")
+    assert _stamp(cfg, "beside", "began") < _stamp(cfg, "slow", "answers")
+
+
 def test_services_do_not_inherit_a_distributed_rendezvous(cfg, monkeypatch):
     """A shell that ran torch.distributed keeps MASTER_PORT and friends; flow runs started through the worker
     must not join that stale group (the e2e's one-process pretraining once tried to listen on such a port)."""
