@@ -1,8 +1,7 @@
 """Milestones: at every `milestones.fraction` of the token budget, a consolidated bf16 checkpoint at a stable path.
 
-The file is made from the DeepSpeed checkpoint saved at that step (`get_fp32_state_dict_from_zero_checkpoint`,
-then cast to bf16), written atomically to `<run>/milestones/m{index:03d}/model.safetensors`, and then the
-`on_milestone` hooks run. A `done.json` marker written after the hooks makes each milestone fire once, also
+The file holds the weights of the step just checkpointed, cast to bf16 (`write_weights`), written atomically to
+`<run>/milestones/m{index:03d}/model.safetensors`, and then the `on_milestone` hooks run. A `done.json` marker written after the hooks makes each milestone fire once, also
 when the process dies in between and the run restarts.
 """
 
@@ -18,7 +17,7 @@ from data_prep.atomic import atomic_write_text
 from rwkv5.config import ModelConfig
 
 __all__ = ["crossed", "percent_of", "milestone_dir", "is_done", "mark_done", "read_done", "completed", "run_dir_of",
-           "write_consolidated"]
+           "write_weights"]
 
 
 def crossed(tokens_seen: int, token_budget: int, fraction: float) -> list[int]:
@@ -62,15 +61,16 @@ def completed(run_dir: str | Path) -> list[dict]:
     return sorted((row for row in rows if row.get("percent") is not None), key=lambda row: row["percent"])
 
 
-def write_consolidated(ckpt_dir: str | Path, tag: str, out_dir: Path, model_cfg: ModelConfig, meta: dict) -> Path:
-    """Consolidate a ZeRO checkpoint to fp32, cast to bf16 and save it as a native checkpoint (rwkv5.checkpoint)."""
-    from rwkv5.train.deepspeed_import import import_deepspeed
+def write_weights(state_dict: dict[str, torch.Tensor], out_dir: Path, model_cfg: ModelConfig, meta: dict) -> Path:
+    """Save the training module's weights, cast to bf16, as a native checkpoint (rwkv5.checkpoint).
 
-    import_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    Under ZeRO-2 every rank holds all the weights, and after each step they are the fp32 master weights cast
+    to the training dtype, so this equals consolidating the step's DeepSpeed checkpoint and casting it
+    (`tests/rwkv5/train/test_train_here.py` checks it). It reads nothing back: consolidating loaded every
+    rank's optimizer shard into one process's memory (~90 GB for the 7b) and took seconds per milestone even
+    for the 169m, while pretraining waits in `shared` mode.
+    """
     from rwkv5.checkpoint import save_state_dict
 
-    fp32 = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
-    bf16 = {name: t.to(torch.bfloat16) for name, t in fp32.items()}
+    bf16 = {name: t.detach().to("cpu", torch.bfloat16) for name, t in state_dict.items()}
     return save_state_dict(bf16, model_cfg, Path(out_dir) / "model.safetensors", meta)

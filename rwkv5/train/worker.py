@@ -347,7 +347,7 @@ class _Loop:
             cb.post_rollback(bad_step, restored_step)
 
     def _fire_milestones(self, indices: list[int]) -> None:
-        """Rank 0 consolidates the checkpoint just saved and runs the hooks; a marker makes each fire once."""
+        """Rank 0 writes the weights of the checkpoint just saved and runs the hooks; a marker makes each fire once."""
         run_dir, ckpt = self.job.run_dir, self.store.latest()
         for index in indices:
             if self.rank == 0 and not milestones.is_done(run_dir, index):
@@ -356,12 +356,12 @@ class _Loop:
 
     def _write_milestone(self, index: int, ckpt: Path | None) -> None:
         if ckpt is None:
-            raise CheckpointError(f"milestone {index}: no checkpoint to consolidate under {self.job.run_dir}")
+            raise CheckpointError(f"milestone {index}: no checkpoint of its step under {self.job.run_dir}")
         meta = {"run_name": self.job.run_name, "milestone": index,
                 "percent": milestones.percent_of(index, self.cfg.milestones.fraction), "step": self.state.step,
                 "tokens_seen": self.state.tokens_seen}
-        path = milestones.write_consolidated(ckpt, TAG, milestones.milestone_dir(self.job.run_dir, index),
-                                             self.cfg.model, meta)
+        path = milestones.write_weights(self.engine.module.state_dict(),
+                                        milestones.milestone_dir(self.job.run_dir, index), self.cfg.model, meta)
         info = MilestoneInfo(index=index, step=self.state.step, tokens_seen=self.state.tokens_seen, path=path)
         for cb in self.callbacks:
             cb.on_milestone(info)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from rwkv5.errors import ConfigError
 from rwkv5.train.callbacks import TraceCallback
@@ -66,3 +67,22 @@ def test_a_run_paused_at_every_milestone_trains_like_one_that_never_paused(token
     for step in want:
         assert got[step]["ids"] == want[step]["ids"], f"step {step} read other samples"
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], abs=1e-6), step
+
+
+def test_a_milestone_file_holds_the_checkpoint_of_its_step_cast_to_bf16(token_data, small_run, tmp_path):
+    """Milestones are written from the training module's weights, without reading the checkpoint back: they
+    must equal DeepSpeed's own consolidation of the checkpoint saved at that step, cast to bf16, key for key."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from rwkv5.train.checkpoint import TAG, list_checkpoints
+
+    train_here(small_run(4), "weights", token_data, tmp_path)
+    done = json.loads((tmp_path / "weights" / "milestones" / "m002" / "done.json").read_text())
+    checkpoint = next(c for c in list_checkpoints(tmp_path / "weights") if c.name.endswith(f"{done['step']:08d}"))
+    want = {k: v.to(torch.bfloat16) for k, v in get_fp32_state_dict_from_zero_checkpoint(
+        str(checkpoint), tag=TAG).items()}
+    got = load_file(done["path"])
+    assert sorted(got) == sorted(want)
+    for name, tensor in want.items():
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], tensor), name
