@@ -33,7 +33,8 @@ if [[ $mode == start ]]; then
   done
   stamp unpacked
   # The run (its pretraining waits for the kernel in the preflight stage), detached from this call.
-  # The builds at low priority: beside them the stack's start took 101 s in session 14, against 58 s before.
+  # The builds at low priority, so that `rwkv5 up` beside them is not slowed (101 s in session 14; 58 s in the
+  # half-GPU record's run).
   setsid bash -c "nice -n 10 python3 -m kernels.build > /tmp/kernel-build.log 2>&1 &
     nice -n 10 python3 -c 'from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()' \
       > /tmp/fused-adam.log 2>&1 &

@@ -11,8 +11,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -101,6 +99,7 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
     result: dict[str, str] = {}
     answered = {svc.name: threading.Event() for svc in svcs}  # it answers, or its start is over (either way)
     finished = {svc.name: threading.Event() for svc in svcs}
+    errors: list[BaseException] = []
 
     def bring_up(svc: Service) -> None:
         try:
@@ -115,25 +114,33 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
                 result[svc.name] = _up_service(cfg, svc, env, timeout, on_ready=answered[svc.name].set)
         except (RuntimeError, OSError) as exc:
             result[svc.name] = f"failed: {exc}"
+        except BaseException as exc:  # noqa: BLE001 - raised again below, once every start has ended
+            errors.append(exc)
         finally:
             answered[svc.name].set()
             finished[svc.name].set()
 
-    with ThreadPoolExecutor(max_workers=len(svcs) or 1, thread_name_prefix="rwkv5-up") as pool:
-        started = [pool.submit(bring_up, svc) for svc in svcs]
-        if deploy is not None:  # once the work pool is there; the other servers may still be starting
-            if _WORKER in finished:
-                finished[_WORKER].wait()
+    # Daemon threads: Ctrl-C stops `up` at once instead of waiting out the services' health timeouts.
+    threads = [threading.Thread(target=bring_up, args=(svc,), name=f"rwkv5-up-{svc.name}", daemon=True)
+               for svc in svcs]
+    for thread in threads:
+        thread.start()
+    if deploy is not None:  # once the work pool is there; the other servers may still be starting
+        if _WORKER in finished:
+            finished[_WORKER].wait()
+        else:
+            for thread in threads:
+                thread.join()
+        if not is_failure(result.get("prefect-server", "")):
+            done = _prefect(cfg, env, "--no-prompt", "deploy", "--all", "--prefect-file", str(deploy))
+            if done.returncode != 0:
+                result["deployments"] = f"failed: prefect deploy:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
             else:
-                futures_wait(started)
-            if not is_failure(result.get("prefect-server", "")):
-                done = _prefect(cfg, env, "--no-prompt", "deploy", "--all", "--prefect-file", str(deploy))
-                if done.returncode != 0:
-                    result["deployments"] = f"failed: prefect deploy:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
-                else:
-                    result["deployments"] = "applied"
-        for future in started:
-            future.result()  # an unexpected error surfaces here, after every start has ended
+                result["deployments"] = "applied"
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
     result = {name: result[name] for name in [svc.name for svc in svcs] + ["deployments"] if name in result}
     (cfg.state_dir / "stack.json").write_text(json.dumps(
         {"prefect": cfg.prefect_api_url, "mlflow": cfg.mlflow_url, "ray": cfg.ray_address,
