@@ -169,8 +169,9 @@ def _releases(layout, run_name: str) -> list[dict]:
     return found
 
 
-def _milestone_mode(api_url: str, run_name: str) -> dict:
-    """The preflight's milestone row: the mode the run used and the GPU numbers behind it."""
+def _preflight_rows(api_url: str, run_name: str) -> list[dict]:
+    """The preflight table: each check's result, detail and seconds (the CUDA kernel's says whether the run
+    waited for the build started beside `rwkv5 up`)."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -179,8 +180,7 @@ def _milestone_mode(api_url: str, run_name: str) -> dict:
     with SyncPrefectClient(api_url) as client:
         found = client.read_latest_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key("preflight", run_name)])))
-    rows = (json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data) if found else []
-    return next((row for row in rows if row.get("check") == "milestones"), {})
+    return (json.loads(found[0].data) if isinstance(found[0].data, str) else found[0].data) if found else []
 
 
 def _beside(record: dict, other: Path) -> dict:
@@ -251,6 +251,7 @@ def main() -> None:
         _wait(cfg.prefect_api_url, run_name, pretrain_id, t + args.deadline_s)
         timings["waited_s"] = round(time.monotonic() - t, 1)
         layout = Layout.default(str(cfg.state_dir))
+        preflight = _preflight_rows(cfg.prefect_api_url, run_name)
         record = {
             "command": f"prefect deployment run {args.deployment} (bench/pipeline_1gpu.py, after rwkv5 up)",
             "deployment": args.deployment, "parameters": parameters,
@@ -260,7 +261,8 @@ def main() -> None:
             "mlflow": _mlflow_record(cfg.mlflow_url, run_name),
             "milestone_table": MilestoneTable(layout.milestone_results(run_name)).rows(),
             "releases": _releases(layout, run_name),
-            "milestone_mode": _milestone_mode(cfg.prefect_api_url, run_name),
+            "milestone_mode": next((row for row in preflight if row.get("check") == "milestones"), {}),
+            "preflight": preflight,
         }
         record = {"complete": _complete(record), **record, "beside": _beside(record, args.beside)}
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from rwkv5.train.callbacks import (
     StepInfo,
     TrainContext,
 )
-from rwkv5.train.checkpoint import TAG, LocalStore, RayStore, TrainerState, load_engine_state, save_engine_state
+from rwkv5.train.checkpoint import LocalStore, RayStore, TrainerState, load_engine_state
 from rwkv5.train.config import RunConfig
 from rwkv5.train.data import RankBatches
 from rwkv5.train.deepspeed_import import import_deepspeed
