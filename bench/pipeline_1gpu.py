@@ -199,6 +199,40 @@ def _beside(record: dict, other: Path) -> dict:
             "ratio": round(now["median"] / then["median"], 3)}
 
 
+PAUSE_PARTS = ("relaunch", "to_start", "fine_tune", "evaluate_base", "evaluate_finetune", "log_evals", "release")
+
+
+def pause_breakdown(prefect: dict) -> dict:
+    """Where each `shared`-mode pause went, from the record's task timings (seconds from the pretrain flow run's
+    creation): the pretraining segment that ended at the milestone (`relaunch`: its whole task, start-up to
+    export), the milestone flow run's start (`to_start`: creation to running), then its tasks. Returns a row per
+    milestone run and the medians."""
+    pretrain_tasks = sorted((t for t in prefect["pretrain"]["tasks"] if t["task"].startswith("pretrain-")
+                             and t.get("end_s") is not None), key=lambda t: t["end_s"])
+    rows = []
+    for run in prefect["milestones"]:
+        tasks = {}
+        for task in run["tasks"]:
+            if task.get("end_s") is None:
+                continue
+            kind = task["task"].rsplit("-", 1)[0].replace("-", "_")
+            if kind == "evaluate":
+                kind = "evaluate_finetune" if "evaluate_base" in tasks else "evaluate_base"
+            tasks[kind] = round(task["end_s"] - task["start_s"], 1)
+        segment = [t for t in pretrain_tasks if t["end_s"] <= run["created_s"] + 1.0]
+        row = {"percent": run["percent"],
+               "relaunch": round(segment[-1]["end_s"] - segment[-1]["start_s"], 1) if segment else None,
+               "to_start": round(run["start_s"] - run["created_s"], 1) if run.get("start_s") is not None else None,
+               **{part: tasks.get(part) for part in PAUSE_PARTS[2:]}}
+        rows.append(row)
+    medians = {}
+    for part in PAUSE_PARTS:
+        values = [row[part] for row in rows[1:] if row[part] is not None]  # the first segment compiles from cold
+        medians[part] = round(statistics.median(values), 1) if values else None
+    medians["pause"] = round(sum(v for v in medians.values() if v is not None), 1)
+    return {"rows": rows, "median_after_the_first": medians}
+
+
 def _complete(record: dict) -> bool:
     """The pretrain flow run and ten milestone runs Completed, ten releases with manifests."""
     p = record["prefect"]
@@ -264,7 +298,8 @@ def main() -> None:
             "milestone_mode": next((row for row in preflight if row.get("check") == "milestones"), {}),
             "preflight": preflight,
         }
-        record = {"complete": _complete(record), **record, "beside": _beside(record, args.beside)}
+        record = {"complete": _complete(record), **record, "beside": _beside(record, args.beside),
+                  "pauses": pause_breakdown(record["prefect"])}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(record, indent=1, default=str))
         p, m = record["prefect"], record["mlflow"].get("pretrain", {})
@@ -273,6 +308,7 @@ def main() -> None:
         print(f"releases with manifest: {sum(r['manifest'] for r in record['releases'])}; "
               f"wkv_backend: {m.get('params', {}).get('wkv_backend')}; "
               f"tokens/s: {m.get('metrics', {}).get('tokens_per_s')}; mfu: {m.get('metrics', {}).get('mfu')}")
+        print(f"one pause, medians after the first (s): {record['pauses']['median_after_the_first']}")
         print(f"milestones: {record['milestone_mode'].get('detail')}; complete: {record['complete']}; "
               f"beside: {record['beside']}")
         print(f"wrote {args.out}")
