@@ -9,7 +9,8 @@
 # call may run 10 minutes, and the whole run (stack start, pretraining, ten milestone runs of ~40 s each on an
 # H100) takes about that long. Each mode waits up to WAIT_S (default 540) for the run's JSON, then copies to
 # $OUT what there is: $RECORD-<card>.json (default pipeline-1gpu-shared), the run's log and the stack's and
-# Ray's logs (logs.tgz).
+# Ray's logs (logs.tgz), and once the run is recorded, the build caches (caches.tgz: copy it to .site/ for the
+# next session's `start`).
 set -uo pipefail
 mode=${1:?start or finish}
 wait_s=${2:-540}
@@ -32,6 +33,13 @@ if [[ $mode == start ]]; then
     if head -n1 "$script" | grep -q '^#!.*python'; then sed -i "1s|.*|#!$py|" "$script"; fi
   done
   stamp unpacked
+  # Build caches an earlier device run sent back (caches.tgz, put in .site/): the WKV5 kernel loads instead of
+  # building, and the first pretraining finds its compiled graphs. Touched, so that ninja does not take the
+  # checkout's newer sources for changes; a cache that does not match is simply not used.
+  if [[ -f .site/caches.tgz ]]; then
+    tar -xzf .site/caches.tgz -C /tmp && find /tmp/rwkv5-kernels -type f -exec touch {} + 2>/dev/null
+    stamp "build caches unpacked"
+  fi
   # The run (its pretraining waits for the kernel in the preflight stage), detached from this call.
   # The builds at low priority, so that `rwkv5 up` beside them is not slowed (101 s in session 14; 58 s in the
   # half-GPU record's run).
@@ -71,4 +79,11 @@ tail -n 2 /tmp/kernel-build.log /tmp/fused-adam.log /tmp/ext-build.log 2>/dev/nu
 # The stack's logs (the worker's holds every flow run's output) and the Ray session's logs.
 tar -czf "$OUT/logs.tgz" -C "$RWKV5_HOME" logs $(cd "$RWKV5_HOME" && ls -d ray/session_latest/logs 2>/dev/null) \
   2>/dev/null
+# The build caches for the next session's run (at most 16 MiB come back: the kernel's alone if both are more).
+if [[ -f $result ]]; then
+  tar -czf "$OUT/caches.tgz" -C /tmp rwkv5-kernels inductor 2>/dev/null
+  if (( $(stat -c %s "$OUT/caches.tgz" 2>/dev/null || echo 0) > 16000000 )); then
+    tar -czf "$OUT/caches.tgz" -C /tmp rwkv5-kernels 2>/dev/null
+  fi
+fi
 ls -la "$OUT"
