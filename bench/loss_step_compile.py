@@ -12,9 +12,7 @@ every later milestone process does (`TORCHINDUCTOR_CACHE_DIR` is shared). Prints
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -52,6 +50,7 @@ def main() -> None:
     sys.path.insert(0, str(REPO))
     import torch
 
+    from bench.record import card_slug, environment, write_record
     from rwkv5.model import _chunk_loss_grad, compile_chunk_step
 
     variants = {"static (before)": lambda: torch.compile(_chunk_loss_grad, dynamic=False),
@@ -66,15 +65,9 @@ def main() -> None:
     for row in rows:
         print(f"{row['variant']:<20} {row['cache']:<6} {row['graphs']:>6} {row['seconds']:>8.2f} "
               f"{row['seconds'] / base[row['cache']]:>9.2f}x")
-    out = args.out or REPO / "bench" / "results" / f"loss-step-compile-{args.device}.json"
-    record = {"command": "python bench/loss_step_compile.py " + " ".join(sys.argv[1:]), "device": args.device,
-              "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "host": platform.node(),
-              "torch": torch.__version__, "vocab": args.vocab, "row_counts": ROW_COUNTS, "rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    device = torch.device(args.device)
+    write_record(args.out or REPO / "bench" / "results" / f"loss-step-compile-{card_slug(device)}.json",
+                 {**environment(device, __file__), "vocab": args.vocab, "row_counts": ROW_COUNTS, "rows": rows})
 
 
 if __name__ == "__main__":

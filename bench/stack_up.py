@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,12 +24,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(1, str(REPO))  # after the script's folder; a child puts its tree first
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from data_prep.atomic import atomic_write_text  # noqa: E402
 
 
 def child(tree: Path) -> None:
@@ -38,6 +34,7 @@ def child(tree: Path) -> None:
     sys.path.insert(0, str(tree))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped from outside: `down` still runs
     import rwkv5_app.stack.supervisor as supervisor
+    from bench.first_run import _free_port  # below the ephemeral range, where Ray picks its helper ports
     from rwkv5_app.stack.services import StackConfig
 
     t0 = time.monotonic()
@@ -58,11 +55,9 @@ def child(tree: Path) -> None:
 
     for name in ("_up_service", "_up_worker", "_prefect"):
         timed(name)
-    ports = iter(sorted({_free_port() for _ in range(8)}))
-    ray_port = 26379 + os.getpid() % 1000  # Ray's worker ports take 10002-19999: stay above them
-    cfg = StackConfig(state_dir=Path(tempfile.mkdtemp(prefix="stack-up-")), prefect_port=next(ports),
-                      mlflow_port=next(ports), ray_port=ray_port, ray_dashboard_port=ray_port + 1,
-                      ray_client_port=ray_port + 2, gpus=0)
+    cfg = StackConfig(state_dir=Path(tempfile.mkdtemp(prefix="stack-up-")), prefect_port=_free_port(),
+                      mlflow_port=_free_port(), ray_port=_free_port(), ray_dashboard_port=_free_port(),
+                      ray_client_port=_free_port(), gpus=0)
     try:
         states = supervisor.up(cfg, deploy=tree / "prefect.yaml")
         up_s = time.monotonic() - t0
@@ -125,10 +120,7 @@ def main() -> None:
         "against": args.against, "repeats": args.repeats, "up_s_median": medians,
         "ratio": round(medians["this tree"] / base, 3) if base else None, "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    tmp.replace(args.out)
+    atomic_write_text(args.out, json.dumps(record, indent=1) + "\n")
     print(f"\nwrote {args.out}")
 
 

@@ -1,8 +1,9 @@
 """Milestones: at every `milestones.fraction` of the token budget, a consolidated bf16 checkpoint at a stable path.
 
 The file holds the weights of the step just checkpointed, cast to bf16 (`write_weights`), written atomically to
-`<run>/milestones/m{index:03d}/model.safetensors`, and then the `on_milestone` hooks run. A `done.json` marker written after the hooks makes each milestone fire once, also
-when the process dies in between and the run restarts.
+`<run>/milestones/m{index:03d}/model.safetensors`, and then the `on_milestone` hooks run. A `done.json` marker
+written after the hooks makes each milestone fire once, also when the process dies in between and the run
+restarts.
 """
 
 from __future__ import annotations

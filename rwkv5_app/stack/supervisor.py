@@ -104,10 +104,9 @@ def up(cfg: StackConfig | None = None, deploy: Path | None = None, timeout: floa
     def bring_up(svc: Service) -> None:
         try:
             if svc.starts_after in answered:
-                answered[svc.starts_after].wait()
+                # The worker needs its server's outcome (below); the others only that it answers.
+                (finished if svc.name == _WORKER else answered)[svc.starts_after].wait()
             if svc.name == _WORKER:
-                if "prefect-server" in finished:
-                    finished["prefect-server"].wait()  # its state says whether the worker can start
                 server_ok = not is_failure(result.get("prefect-server", ""))
                 result[svc.name] = _up_worker(cfg, svc, env, prefect_ok=server_ok)
             else:
