@@ -113,6 +113,8 @@ class Placement(BaseModel):
 
 
 def _need(workers: int, gpus_per_worker: float) -> str:
+    if workers == 0:
+        return f"{gpus_per_worker:g} GPUs (the milestone flow's process)"
     return f"{workers * gpus_per_worker:g} GPUs ({workers} x {gpus_per_worker:g})"
 
 
@@ -122,13 +124,14 @@ def place_milestones(requested: str, workers: int, gpus_per_worker: float, finet
     """Resolve `requested` ("auto", "shared" or "dedicated") for a run on a cluster of the given size.
 
     Pretraining asks for `workers` x `gpus_per_worker` GPUs and a CPU per worker, a fine-tune for
-    `finetune_workers` x `finetune_gpus_per_worker` and a CPU per worker (0 workers: the flow's own process,
-    no cluster resources). `cluster_gpus`/`cluster_cpus` are what the cluster has or its autoscaler may grow to;
-    None where no Ray cluster is involved.
+    `finetune_workers` x `finetune_gpus_per_worker` and a CPU per worker. With 0 workers the fine-tune runs in
+    the milestone flow's own process: no Ray resources, but on a GPU it still takes `finetune_gpus_per_worker`
+    of the node's GPUs, which Ray does not see, so they count here. `cluster_gpus`/`cluster_cpus` are what the
+    cluster has or its autoscaler may grow to; None where no Ray cluster is involved.
     """
     if requested not in MILESTONE_MODES:
         raise ConfigError(f"milestone_mode must be one of {', '.join(MILESTONE_MODES)}, got {requested!r}")
-    train_gpus, tune_gpus = workers * gpus_per_worker, finetune_workers * finetune_gpus_per_worker
+    train_gpus, tune_gpus = workers * gpus_per_worker, max(finetune_workers, 1) * finetune_gpus_per_worker
     train_cpus, tune_cpus = workers, finetune_workers
     if cluster_gpus is None:  # neither side uses Ray: each runs in a process of its own
         mode = "dedicated" if requested == "auto" else requested

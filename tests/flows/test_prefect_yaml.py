@@ -95,8 +95,9 @@ def test_every_deployment_s_milestone_settings_validate(deployments):
 
 
 def test_the_one_gpu_deployment_fits_one_80gb_gpu_and_shares_it_with_its_milestones(deployments):
-    """pretrain/1gpu: one Ray Train worker with the whole GPU; the milestone fine-tune would need it too, so auto
-    resolves to shared on a one-GPU cluster; the preset's plan fits 80 GB; ten milestones fall on distinct steps."""
+    """pretrain/1gpu: one Ray Train worker with the whole GPU; the milestone fine-tune (in the milestone flow's
+    process, on the GPU) would need it too, so auto resolves to shared on a one-GPU cluster; the preset's plan
+    fits 80 GB; ten milestones fall on distinct steps."""
     from rwkv5.train.config import run_preset, with_overrides
     from rwkv5.train.memory_plan import plan_memory
     from rwkv5.train.milestone_settings import place_milestones, settings_from
@@ -104,7 +105,8 @@ def test_the_one_gpu_deployment_fits_one_80gb_gpu_and_shares_it_with_its_milesto
 
     p = deployments["1gpu"]["parameters"]
     settings = settings_from(p["milestones"]).for_run("sample", p["gpus_per_worker"])
-    assert p["workers"] == 1 and p["gpus_per_worker"] == 1 and settings.finetune_workers == 1
+    assert p["workers"] == 1 and p["gpus_per_worker"] == 1 and settings.finetune_workers == 0
+    assert settings.gpus_per_worker == 1  # the fine-tune trains on the GPU
     one_gpu = {"GPU": 1.0, "CPU": 16.0}
     assert cluster_resources(p["workers"], p["gpus_per_worker"], total=one_gpu).status == "ok"
     placement = place_milestones(p["milestone_mode"], p["workers"], p["gpus_per_worker"], settings.finetune_workers,

@@ -40,6 +40,16 @@ def test_auto_is_dedicated_only_where_pretraining_and_a_fine_tune_fit_at_once():
     assert place_milestones("shared", 8, 1, 8, 1, cluster_gpus=64, cluster_cpus=512).mode == "shared"
 
 
+def test_a_fine_tune_in_the_flow_process_counts_the_gpu_it_takes():
+    """0 fine-tune workers on a GPU: no Ray resources, but the GPU it uses is one pretraining may hold."""
+    one_gpu = place_milestones("auto", 1, 1, 0, 1, cluster_gpus=1, cluster_cpus=16)  # pretrain/1gpu
+    assert one_gpu.mode == "shared"
+    assert "a fine-tune 1 GPUs (the milestone flow's process)" in one_gpu.detail
+    assert place_milestones("auto", 1, 1, 0, 1, cluster_gpus=2, cluster_cpus=16).mode == "dedicated"
+    assert place_milestones("dedicated", 1, 1, 0, 1, cluster_gpus=1, cluster_cpus=16).mode is None
+    assert place_milestones("auto", 2, 0, 0, 0, cluster_gpus=0, cluster_cpus=2).mode == "dedicated"  # CPU: no GPU
+
+
 def test_what_cannot_fit_fails_with_one_line():
     dedicated = place_milestones("dedicated", 8, 1, 8, 1, cluster_gpus=8, cluster_cpus=128)
     assert dedicated.mode is None and "\n" not in dedicated.detail
