@@ -49,12 +49,15 @@ if want whole 170; then
   stamp whole
 fi
 if want profile 150; then
-  timeout 150 python3 bench/profile_step.py --layers 8 --grad-accum 4 --out-dir "$OUT" 2>&1 | quiet | tail -30 | tee "$OUT/profile.log"
+  # Unfiltered and unbuffered too: in session 15 both profiles wrote their step trace and ended without a word
+  # (breakdown computed afterwards from the trace); the raw log shows why next time.
+  PYTHONUNBUFFERED=1 timeout 150 python3 bench/profile_step.py --layers 8 --grad-accum 4 --out-dir "$OUT" 2>&1 \
+    | tee "$OUT/profile-raw.log" | quiet | tail -30 | tee "$OUT/profile.log"
   stamp profile
 fi
 if want profile1b5 150; then  # the 1b5 preset's step (0.431 against 0.48): where its time goes
-  timeout 150 python3 bench/profile_step.py --preset 1b5 --layers 24 --grad-accum 4 --out-dir "$OUT" 2>&1 | quiet \
-    | tail -30 | tee "$OUT/profile-1b5.log"
+  PYTHONUNBUFFERED=1 timeout 150 python3 bench/profile_step.py --preset 1b5 --layers 24 --grad-accum 4 --out-dir "$OUT" \
+    2>&1 | tee "$OUT/profile-1b5-raw.log" | quiet | tail -30 | tee "$OUT/profile-1b5.log"
   stamp profile1b5
 fi
 if want gputest 80; then

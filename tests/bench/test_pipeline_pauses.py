@@ -8,7 +8,8 @@ from pathlib import Path
 
 from bench.pipeline_1gpu import PAUSE_PARTS, pause_breakdown
 
-RECORD = Path(__file__).resolve().parents[2] / "bench" / "results" / "pipeline-1gpu-shared-h100-partial.json"
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
+RECORD = RESULTS / "pipeline-1gpu-shared-h100-partial.json"
 
 
 def _milestone(percent, created, start, durations):
@@ -46,3 +47,13 @@ def test_the_session_14_record_splits_into_nine_pauses_of_about_155_s():
     assert all(row[part] is not None for row in found["rows"] for part in PAUSE_PARTS)
     assert found["rows"][0]["relaunch"] == max(row["relaunch"] for row in found["rows"])
     assert 140 < found["median_after_the_first"]["pause"] < 170
+
+
+def test_the_session_15_record_splits_into_ten_pauses_and_its_own_medians():
+    """The complete run: ten pauses, and the record's stored medians are what the function gives today."""
+    record = json.loads((RESULTS / "pipeline-1gpu-shared-h100.json").read_text())
+    found = pause_breakdown(record["prefect"])
+    assert [row["percent"] for row in found["rows"]] == list(range(10, 110, 10))
+    assert all(row[part] is not None for row in found["rows"] for part in PAUSE_PARTS)
+    assert found == record["pauses"]
+    assert found["median_after_the_first"]["pause"] < 100  # against ~155 s in session 14
