@@ -5,8 +5,9 @@
 #   estimate) -> the profile at 7b width, 8 layers (bench/profile_step.py) -> the policy-"none" GPU test ->
 #   7b width, 8 layers, policy "none" against "selective" through the real train(), same call and settings ->
 #   ZeRO-2 settings side by side at that shape ("overlap": defaults, before, overlap_comm, small buckets) -> the
-#   1b5 preset with overlap_comm off and on ("b1b5").
-#   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,profile1b5,gputest,none,overlap,L12,b1b5 (default all)
+#   1b5 preset with overlap_comm off and on ("b1b5") -> ZeRO's reduction once per step against the defaults, 7b
+#   width and 1b5 ("once").
+#   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,profile1b5,gputest,none,overlap,L12,b1b5,once (default all)
 #   The ZeRO comparison alone: `bash bench/issue28_device.sh build,overlap` (~2 minutes a variant; the budget
 #   check drops the last ones on a cold machine).
 # Expects a site: /tmp/site312 unpacked already, or SITE_ARCHIVE (default .site-bench/site312.tar.xz), or else the
@@ -28,7 +29,7 @@ else
 fi
 export PYTHONPATH=$PWD:$site PYTHONUNBUFFERED=1 RWKV5_KERNEL_CACHE=/tmp/rwkv5-kernels TORCH_CUDA_ARCH_LIST=9.0
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
-stages=",${1:-build,whole,profile,profile1b5,gputest,none,overlap,L12,b1b5},"
+stages=",${1:-build,whole,profile,profile1b5,gputest,none,overlap,L12,b1b5,once},"
 budget=${BUDGET_S:-540}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,memory.used --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$(date +%s)
@@ -110,6 +111,23 @@ for overlap in off on; do  # the 1b5 preset's own settings (micro 4 x accum 8), 
     timeout 120 python3 bench/train_throughput.py --preset 1b5 --steps 6 --warmup 3 --overlap-comm $overlap \
       --out "$OUT/train-1b5-overlap-$overlap.json" 2>&1 | quiet | tail -6 | tee "$OUT/train-1b5-$overlap.log"
     stamp "1b5, overlap_comm $overlap"
+  fi
+done
+# Reduce once per step (`zero.reduce_once_per_step`, DeepSpeed's coalesce_grad_reduction) against the defaults at
+# 7b width (16 micro-batches a step) and on the 1b5 preset (8): ZeRO's per-micro-batch bucket and partition copies
+# go (bench/zero_overhead.py: 362 -> 90.5 copies a micro-batch at accumulation 4); the defaults run first, so the
+# variant meets the warmer, power-capped card.
+for run in 7b:defaults 7b:once 1b5:defaults 1b5:once; do
+  preset=${run%%:*} variant=${run#*:}
+  if want once 130; then
+    shape="--layers 8 --grad-accum 16 --steps 4 --warmup 2 --activation-memory selective"
+    [[ $preset == 1b5 ]] && shape="--steps 6 --warmup 3"
+    flag=""
+    [[ $variant == once ]] && flag="--set zero.reduce_once_per_step=true"
+    # shellcheck disable=SC2086  # shape and flag are meant to split
+    timeout 130 python3 bench/train_throughput.py --preset $preset $shape $flag \
+      --out "$OUT/train-$preset-once-$variant.json" 2>&1 | quiet | tail -6 | tee "$OUT/train-$preset-once-$variant.log"
+    stamp "$preset, reduce once per step: $variant"
   fi
 done
 kill $clocks 2>/dev/null

@@ -81,6 +81,10 @@ CANDIDATES: dict[str, dict] = {
     "round_robin": {"ds": {"zero_optimization.round_robin_gradients": True}},
     "comm_fp32": {"ds": {"communication_data_type": "fp32"}},
     "grad_accum_fp32": {"ds": {"data_types": {"grad_accum_dtype": "fp32"}}},
+    # Gradients summed by autograd where they are, reduced once per step (`engine.coalesce_grad_reduction()`).
+    # The sums themselves (autograd's add_ into .grad, one per parameter from the second micro-batch on) fall
+    # outside ZeRO's ranges and are not counted here: they replace the epilogue's.
+    "reduce_once": {"zero": {"reduce_once_per_step": True}},
 }
 
 _COPIES = {"copy_", "_to_copy", "cat", "clone", "_copy_from", "_copy_from_and_resize"}
@@ -90,6 +94,7 @@ _ALLOCS = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strid
 _WIRE = {"allreduce_": 2.0, "reduce_": 1.0, "reduce_scatter_": 1.0, "_reduce_scatter_base_": 1.0}
 _RANGES = {  # ZeRO optimizer method -> range name; the innermost range owns an op
     "process_gradients": "zero.hook",
+    "reduce_ready_partitions_and_remove_grads": "zero.hook",  # the once-per-step flush calls it per parameter
     "average_tensor": "zero.reduce",
     "buffered_reduce_fallback": "zero.reduce",
     "_buffered_reduce_fallback_preserving_fp32": "zero.reduce",
@@ -237,21 +242,23 @@ class ZeroOpCounter(Callback):
         if hasattr(self, "_restore"):
             self._restore()
 
+    def _micro_of(self, micro: int) -> int:
+        """Ops after the step's last backward (a reduction once per step flushes there) count to the last one."""
+        return min(micro, self.micro_batches - 1)
+
     @property
     def per_micro_batch(self) -> list[dict]:
         out = [Counter() for _ in range(self.micro_batches)]
         for (micro, _), c in self.counts.items():
-            if micro < self.micro_batches:
-                out[micro].update(c)
+            out[self._micro_of(micro)].update(c)
         return [dict(c) for c in out]
 
     def totals(self) -> dict:
         """Per-micro-batch means: everything, then each range apart under `ranges`."""
         total, ranges = Counter(), {}
-        for (micro, name), c in self.counts.items():
-            if micro < self.micro_batches:
-                total.update(c)
-                ranges.setdefault(name, Counter()).update(c)
+        for (_, name), c in self.counts.items():
+            total.update(c)
+            ranges.setdefault(name, Counter()).update(c)
         n = max(self.micro_batches, 1)
 
         def mean(c):

@@ -200,6 +200,12 @@ class ZeroConfig(_Section):
     1/workers) moves the same bytes, skips the concatenation of a bucket whose slices belong to several ranks,
     and on one worker skips the scaling altogether: DeepSpeed divides every gradient by 1 otherwise (13
     kernels writing 4.6 GB per micro-batch at 7b width with 8 layers). Gradients stay partitioned either way."""
+    reduce_once_per_step: bool = False
+    """Let autograd sum the micro-batches' gradients where they are and reduce them once per optimizer step
+    (DeepSpeed's `engine.coalesce_grad_reduction()`), instead of ZeRO-2's copy, reduce and add per micro-batch.
+    Removes the bucket and partition copies of every micro-batch but the step's and divides the collectives by
+    the accumulation; costs the full bf16 gradients held through the step on every worker (2 bytes a parameter,
+    against the 2/workers of a partition: the memory plan counts it). What it gains is for the device benches."""
 
     def overlaps(self, workers: int) -> bool:
         """Whether buckets are reduced on a side stream for a run on `workers` workers."""

@@ -2,7 +2,8 @@
 
 Model states are counted from what ZeRO-2 allocates: bf16 weights on every GPU; the gradient partition and
 the fp32 master weights and Adam moments split over the GPUs (a second gradient partition during backward when
-micro-batches accumulate); bf16 reduce buckets. Activations are counted per
+micro-batches accumulate; with `zero.reduce_once_per_step`, instead, the full bf16 gradients autograd sums
+through the step); bf16 reduce buckets. Activations are counted per
 block from what each activation-memory policy keeps (see `rwkv5.model.Block`), plus the transient of one block
 being recomputed and differentiated, plus the chunked loss. The peak is the larger of the backward peak and
 the optimizer-step peak (when ZeRO flattens the gradient partition and converts it to fp32).
@@ -63,7 +64,11 @@ class MemoryPlan:
     weights: float
     gradients: float
     accumulating: float
-    """The second gradient partition during backward from a step's second micro-batch on (0 without accumulation)."""
+    """The second gradient partition during backward from a step's second micro-batch on (0 without accumulation,
+    and when reducing once per step)."""
+    local_gradients: float
+    """Reducing once per step: the full bf16 gradients autograd sums on every GPU until the step's one reduction
+    (0 otherwise: ZeRO-2 frees each gradient once it is copied to its bucket)."""
     optimizer: float
     buckets: float
     activations: float
@@ -133,15 +138,17 @@ def plan_memory(cfg: RunConfig, gpus: int, gpu_memory_gb: float, micro_batch: in
     # From a step's second micro-batch on, ZeRO-2 reduces into a fresh partition-sized buffer while the running
     # sum of the earlier ones is still held (DeepSpeed 0.19.8 stage_1_and_2.py:2192 and :1039): two partitions
     # live during backward. The step then sums and frees one, so the step peak holds one.
-    accumulating = gradients if grad_accum != 1 else 0.0
-    backward_peak = states + accumulating + activations + transient
+    once = cfg.zero.reduce_once_per_step
+    accumulating = gradients if grad_accum != 1 and not once else 0.0
+    local_gradients = 2.0 * P if once else 0.0
+    backward_peak = states + accumulating + local_gradients + activations + transient
     step_peak = states + step_extra
     peak = max(backward_peak, step_peak)
     return MemoryPlan(
         preset=cfg.preset, gpus=gpus, gpu_memory=gpu_memory_gb * GB, micro_batch=B, ctx_len=T,
         grad_accum=grad_accum,
         activation_memory=policy, precision=cfg.precision, parameters=P, weights=weights, gradients=gradients,
-        accumulating=accumulating, optimizer=optimizer,
+        accumulating=accumulating, local_gradients=local_gradients, optimizer=optimizer,
         buckets=buckets, activations=activations, transient=transient, step_extra=step_extra,
         backward_peak=backward_peak, step_peak=step_peak, peak=peak, headroom=1.0 - peak / (gpu_memory_gb * GB),
     )
@@ -154,6 +161,7 @@ def format_plan(plan: MemoryPlan) -> str:
         (f"gradients (bf16 partition, 1/{plan.gpus})", plan.gradients),
         (f"optimizer (fp32 master + Adam, 1/{plan.gpus})", plan.optimizer),
         ("gradient partition being reduced (backward)", plan.accumulating),
+        ("full gradients until the step's one reduction", plan.local_gradients),
         ("reduce buckets (bf16)", plan.buckets),
         (f"activations / micro-batch ({plan.activation_memory}, B{plan.micro_batch} T{plan.ctx_len})",
          plan.activations),

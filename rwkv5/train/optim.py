@@ -73,15 +73,20 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, device: torch.device) 
 def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict:
     """ZeRO stage 2 in bf16 with explicit clipping; batch sizes from the run preset and the worker count.
 
-    Bucket sizes, overlap and reduce_scatter come from `cfg.zero` (`ZeroConfig.overlaps`: by default on several
-    workers only). DeepSpeed's throughput timer is off: it synchronizes the device in every forward and every
+    Bucket sizes, overlap, reduce_scatter and the reduction once per step come from `cfg.zero`
+    (`ZeroConfig.overlaps`: by default on several workers only). DeepSpeed's throughput timer is off: it synchronizes the device in every forward and every
     `engine.step()` (twice a micro-batch, draining the GPU's queue), and `SpeedCallback` measures instead.
     """
     zero = cfg.zero
+    accum = cfg.batch.grad_accum(world_size)
+    # Reducing once per step, the loop runs all of a step's micro-batches inside one coalescing block and steps
+    # once: to DeepSpeed that is one micro-batch of all of them (it would otherwise scale each by 1/accum and
+    # expect a step() per micro-batch).
+    once = zero.reduce_once_per_step
     return {
         "train_batch_size": cfg.batch.global_batch,
-        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch,
-        "gradient_accumulation_steps": cfg.batch.grad_accum(world_size),
+        "train_micro_batch_size_per_gpu": cfg.batch.micro_batch * (accum if once else 1),
+        "gradient_accumulation_steps": 1 if once else accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": True, "check_grad_overflow": True},
         "zero_optimization": {

@@ -7,6 +7,7 @@ The loop only sequences the components: data slices (`data.py`), the schedule (`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -269,25 +270,28 @@ class _Loop:
         # back per micro-batch would stall the host until the GPU catches up, every time.
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         ids, compile_s = [], None
-        for i, mb in enumerate(self.batches.micro_batches(step)):
-            t_mb = time.perf_counter()
-            loss = self.loss_fn(engine, mb)
-            value = loss.detach().to(torch.float64)
-            finite = torch.isfinite(value)
-            sums += torch.stack([torch.where(finite, value, 0.0), (~finite).to(torch.float64)])
-            ids.append(mb.sample_ids)
-            engine.backward(loss)
-            if self.time_first:
-                torch.cuda.synchronize(self.device)
-                compile_s, self.time_first = time.perf_counter() - t_mb, False
-            if i == self.accum - 1:
-                total, bad = _all_reduce(sums)
-                mean_loss = total / (self.accum * self.world) if bad == 0 else float("nan")
-                verdict = judge_step(mean_loss, bad > 0, self.detector, cfg.stability.spike_action)
-                self.guard.skip_next = not verdict.apply
-            # Named for profiles (bench/profile_step.py); a range costs microseconds when no profiler runs.
-            with torch.profiler.record_function("rwkv5.optimizer_step"):
-                engine.step()
+        once = cfg.zero.reduce_once_per_step  # one coalescing block and one engine.step() (deepspeed_config)
+        with engine.coalesce_grad_reduction() if once else contextlib.nullcontext():
+            for i, mb in enumerate(self.batches.micro_batches(step)):
+                t_mb = time.perf_counter()
+                loss = self.loss_fn(engine, mb)
+                value = loss.detach().to(torch.float64)
+                finite = torch.isfinite(value)
+                sums += torch.stack([torch.where(finite, value, 0.0), (~finite).to(torch.float64)])
+                ids.append(mb.sample_ids)
+                engine.backward(loss / self.accum if once else loss)  # else DeepSpeed scales by 1/accum
+                if self.time_first:
+                    torch.cuda.synchronize(self.device)
+                    compile_s, self.time_first = time.perf_counter() - t_mb, False
+                if i == self.accum - 1:
+                    total, bad = _all_reduce(sums)
+                    mean_loss = total / (self.accum * self.world) if bad == 0 else float("nan")
+                    verdict = judge_step(mean_loss, bad > 0, self.detector, cfg.stability.spike_action)
+                    self.guard.skip_next = not verdict.apply
+                if not once:
+                    self._engine_step()
+        if once:
+            self._engine_step()
         self.guard.skip_next = False
         applied = verdict.apply and not getattr(engine.optimizer, "overflow", False)
         grad_norm = engine.get_global_grad_norm()
@@ -306,6 +310,11 @@ class _Loop:
             data_wait_s=self.batches.take_wait(), applied=applied, nonfinite=nonfinite_step,
             spike=verdict.spike, sample_ids=sample_ids,
         )
+
+    def _engine_step(self) -> None:
+        # Named for profiles (bench/profile_step.py); a range costs microseconds when no profiler runs.
+        with torch.profiler.record_function("rwkv5.optimizer_step"):
+            self.engine.step()
 
     def _metrics(self, info: StepInfo) -> dict[str, float]:
         s = self.state

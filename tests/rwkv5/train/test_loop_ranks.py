@@ -1,6 +1,6 @@
 """The loop on 2 CPU ranks (gloo, DeepSpeed ZeRO-2): the per-step loss read once per step, overlap_comm,
-the bucket sizes and reduce_scatter do not change the numbers, and 2 accumulated micro-batches equal one of twice
-the size."""
+the bucket sizes and reduce_scatter do not change the numbers, 2 accumulated micro-batches equal one of twice
+the size, and reducing them once per step equals reducing each."""
 
 from __future__ import annotations
 
@@ -59,6 +59,11 @@ def test_two_ranks_losses_do_not_depend_on_overlap_buckets_or_accumulation(token
     # follow weights updated from bf16 gradients summed in another order.
     assert got["micro1_accum2"][0] == pytest.approx(ref[0], rel=1e-4)
     assert got["micro1_accum2"] == pytest.approx(ref, rel=1e-2)
+    # Reduced once per step instead of per micro-batch: the same sums, added before the reduce instead of after.
+    assert got["micro1_accum2_once"][0] == pytest.approx(got["micro1_accum2"][0], rel=1e-6)
+    assert got["micro1_accum2_once"] == pytest.approx(got["micro1_accum2"], rel=1e-3)
+    # The norm of the reduced gradient: a rank stepping on its own gradients alone would show a larger one.
+    assert got["micro1_accum2_once.grad_norm"] == pytest.approx(got["micro1_accum2.grad_norm"], rel=1e-2)
 
 
 def test_loop_reads_device_values_once_per_step_whatever_the_accumulation(monkeypatch, token_data, small_run,
@@ -93,3 +98,28 @@ def test_loop_reads_device_values_once_per_step_whatever_the_accumulation(monkey
         assert state.step == 2
         counts[micro] = len(reads)
     assert counts[1] == counts[4] and 2 <= counts[4] <= 2 * 2, counts
+
+
+def test_one_rank_reducing_once_per_step_trains_bit_for_bit_like_reducing_each_micro_batch(token_data, small_run,
+                                                                                           tmp_path):
+    """On one rank the sums are the same bf16 additions in the same order: equal losses and gradient norms."""
+    from rwkv5.train import worker
+    from rwkv5.train.callbacks import Callback
+
+    class Rows(Callback):
+        def __init__(self):
+            self.rows = []
+
+        def post_step(self, info, metrics):
+            self.rows.append((info.loss, info.grad_norm))
+
+    got = {}
+    for once in (False, True):
+        cfg = small_run(3, **{"batch.micro_batch": 1, "zero.reduce_once_per_step": once})
+        assert cfg.batch.grad_accum(1) == 4
+        rows = Rows()
+        worker.train(worker.TrainJob(cfg, f"once-{once}", str(token_data), str(tmp_path), callbacks=[rows]))
+        got[once] = rows.rows
+    assert len(got[True]) == 3 and got[True] == got[False]
+    assert deepspeed_config(cfg, 1)["gradient_accumulation_steps"] == 1  # DeepSpeed sees one micro-batch of 4
+    assert deepspeed_config(cfg, 1)["train_micro_batch_size_per_gpu"] == 4

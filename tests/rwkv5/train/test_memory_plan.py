@@ -40,6 +40,19 @@ def test_accumulating_micro_batches_hold_a_second_gradient_partition_in_backward
     assert accumulating.step_peak == single.step_peak
 
 
+def test_reducing_once_per_step_holds_full_gradients_instead_of_a_second_partition():
+    """On 8 GPUs the 7b preset then needs 2 bytes a parameter more than one partition more, and still fits 80 GB;
+    on one GPU the full gradients are the partition, so the peak does not move."""
+    cfg = run_preset("7b")
+    once_cfg = with_overrides(cfg, {"zero.reduce_once_per_step": True})
+    P = count_parameters(cfg.model)
+    per_step, once = plan_memory(cfg, 8, 80), plan_memory(once_cfg, 8, 80)
+    assert once.accumulating == 0 and once.local_gradients == 2 * P and per_step.local_gradients == 0
+    assert once.backward_peak - per_step.backward_peak == pytest.approx(2 * P - per_step.gradients)
+    assert once.step_peak == per_step.step_peak and once.fits(0.05) and not once.fits(0.10)
+    assert plan_memory(once_cfg, 1, 150).backward_peak == pytest.approx(plan_memory(cfg, 1, 150).backward_peak)
+
+
 def test_activations_grow_with_micro_batch_and_shrink_with_recomputation():
     cfg = run_preset("7b")
     acts = {p: plan_memory(cfg, 8, 80, activation_memory=p).activations for p in ("none", "selective", "full")}

@@ -2,7 +2,7 @@
 
     python -m torch.distributed.run --nproc-per-node 2 tests/rwkv5/train/two_ranks_loop.py DATA_DIR OUT_DIR
 
-Writes OUT_DIR/losses.json (rank 0): per setting, the mean loss of each step.
+Writes OUT_DIR/losses.json (rank 0): per setting, the mean loss of each step (and `<setting>.grad_norm`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ SETTINGS = {
     "micro2_no_overlap": {"batch.micro_batch": 2, "zero.overlap_comm": False},
     # The same global batch as 2 accumulated micro-batches of 1 per rank.
     "micro1_accum2": {"batch.micro_batch": 1, "zero.overlap_comm": True},
+    # The same, summed where autograd leaves the gradients and reduced once per step (coalesce_grad_reduction).
+    "micro1_accum2_once": {"batch.micro_batch": 1, "zero.overlap_comm": True, "zero.reduce_once_per_step": True},
     # Buckets far smaller than the model: many reduce-scatters per backward.
     "micro2_small_buckets": {"batch.micro_batch": 2, "zero.reduce_bucket_size": 20_000,
                              "zero.allgather_bucket_size": 20_000},
@@ -35,8 +37,11 @@ class Losses(Callback):
     def __init__(self):
         self.losses = []
 
+        self.grad_norms = []
+
     def post_step(self, info, metrics):
         self.losses.append(info.loss)
+        self.grad_norms.append(info.grad_norm)
 
 
 def main() -> None:
@@ -52,6 +57,7 @@ def main() -> None:
         losses = Losses()
         train(TrainJob(cfg, name, data, str(out / "runs"), callbacks=[losses], use_gpu=False))
         results[name] = losses.losses
+        results[f"{name}.grad_norm"] = losses.grad_norms
     if dist.get_rank() == 0:
         (out / "losses.json").write_text(json.dumps(results))
 
