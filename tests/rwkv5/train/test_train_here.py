@@ -17,8 +17,10 @@ def _rows(path) -> dict[int, dict]:
     return {row["step"]: row for row in map(json.loads, open(path))}
 
 
-def test_stopped_run_resumes_exactly_and_needs_resume(token_data, small_run, tmp_path):
-    cfg = small_run(4)
+@pytest.mark.parametrize("overrides", [{}, {"batch.micro_batch": 1, "zero.reduce_once_per_step": True}],
+                         ids=["default", "reduce_once_per_step"])
+def test_stopped_run_resumes_exactly_and_needs_resume(token_data, small_run, tmp_path, overrides):
+    cfg = small_run(4, **overrides)
     straight = train_here(cfg, "straight", token_data, tmp_path, callbacks=[TraceCallback(tmp_path / "a.jsonl")])
     assert (straight.step, straight.applied, straight.tokens_seen) == (4, 4, 4 * 4 * 32)
 
