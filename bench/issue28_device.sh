@@ -6,8 +6,8 @@
 #   7b width, 8 layers, policy "none" against "selective" through the real train(), same call and settings ->
 #   ZeRO-2 settings side by side at that shape ("overlap": defaults, before, overlap_comm, small buckets) -> the
 #   1b5 preset with overlap_comm off and on ("b1b5") -> ZeRO's reduction once per step against the defaults, 7b
-#   width and 1b5 ("once").
-#   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,profile1b5,gputest,none,overlap,L12,b1b5,once (default all)
+#   width and 1b5 ("once") -> the 1b5 at micro-batch 8 ("b1b5m8").
+#   bash bench/issue28_device.sh [STAGES]    STAGES: comma list of build,whole,profile,profile1b5,gputest,none,overlap,L12,b1b5,once,b1b5m8 (default all)
 #   The ZeRO comparison alone: `bash bench/issue28_device.sh build,overlap` (~2 minutes a variant; the budget
 #   check drops the last ones on a cold machine).
 # Expects a site: /tmp/site312 unpacked already, or SITE_ARCHIVE (default .site-bench/site312.tar.xz), or else the
@@ -29,7 +29,7 @@ else
 fi
 export PYTHONPATH=$PWD:$site PYTHONUNBUFFERED=1 RWKV5_KERNEL_CACHE=/tmp/rwkv5-kernels TORCH_CUDA_ARCH_LIST=9.0
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
-stages=",${1:-build,whole,profile,profile1b5,gputest,none,overlap,L12,b1b5,once},"
+stages=",${1:-build,whole,profile,profile1b5,gputest,none,overlap,L12,b1b5,once,b1b5m8},"
 budget=${BUDGET_S:-540}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,memory.used --format=csv,noheader | tee "$OUT/gpu.txt"
 t0=$(date +%s)
@@ -130,5 +130,11 @@ for run in 7b:defaults 7b:once 1b5:defaults 1b5:once; do
     stamp "$preset, reduce once per step: $variant"
   fi
 done
+if want b1b5m8 130; then  # the 1b5 at micro-batch 8 x 4 (plan 74.2 GB): twice the work per kernel launch, the
+  # same step; its profile is 15.5% idle and 17.4% elementwise kernels (bench/NOTES.md, session 15)
+  timeout 130 python3 bench/train_throughput.py --preset 1b5 --steps 6 --warmup 3 --micro-batch 8 --global-batch 32 \
+    --out "$OUT/train-1b5-micro8.json" 2>&1 | quiet | tail -6 | tee "$OUT/train-1b5-micro8.log"
+  stamp "1b5, micro-batch 8"
+fi
 kill $clocks 2>/dev/null
 ls -la "$OUT"
