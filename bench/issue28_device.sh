@@ -49,16 +49,25 @@ if want whole 170; then
   timeout 170 python3 bench/whole_model.py --out "$OUT/whole-7b.json" 2>&1 | quiet | tail -20 | tee "$OUT/whole.log"
   stamp whole
 fi
+# A profile that wrote its step trace but not its breakdown: break the trace down on its own.
+breakdown_left() {
+  for trace in "$OUT"/profile-*-step.json.gz; do
+    [[ -f $trace && ! -f ${trace%-step.json.gz}-profile.json ]] || continue
+    python3 bench/profile_step.py --from-trace "$trace" --grad-accum 4 --out-dir "$OUT" 2>&1 | quiet | tail -12
+  done
+}
 if want profile 150; then
   # Unfiltered and unbuffered too: in session 15 both profiles wrote their step trace and ended without a word
   # (breakdown computed afterwards from the trace); the raw log shows why next time.
   PYTHONUNBUFFERED=1 timeout 150 python3 bench/profile_step.py --layers 8 --grad-accum 4 --out-dir "$OUT" 2>&1 \
     | tee "$OUT/profile-raw.log" | quiet | tail -30 | tee "$OUT/profile.log"
+  breakdown_left
   stamp profile
 fi
 if want profile1b5 150; then  # the 1b5 preset's step (0.431 against 0.48): where its time goes
   PYTHONUNBUFFERED=1 timeout 150 python3 bench/profile_step.py --preset 1b5 --layers 24 --grad-accum 4 --out-dir "$OUT" \
     2>&1 | tee "$OUT/profile-1b5-raw.log" | quiet | tail -30 | tee "$OUT/profile-1b5.log"
+  breakdown_left
   stamp profile1b5
 fi
 if want gputest 80; then

@@ -3,6 +3,8 @@ compiled block alone, each broken down by category, per micro-batch.
 
     python3 bench/profile_step.py --layers 8 --grad-accum 4        # 7b width, 8 layers; then the block alone
     python3 bench/profile_step.py --device cpu --tiny               # smoke run (CPU: aten ops instead of kernels)
+    python3 bench/profile_step.py --from-trace bench/results/profile-7b-L8-h100-step.json.gz --grad-accum 4
+                                    # the breakdown of a trace already written (a run that ended after its trace)
 
 Categories of device time (GPU kernels; on the CPU the self time of aten ops), first by the named range an event
 falls in, then by its name:
@@ -226,6 +228,20 @@ def _print(title: str, b: dict) -> None:
         print(f"  {k:<18} {v:9.3f} ms  {b['share'][k]:6.1%}")
 
 
+def breakdown_file(trace_path: Path, micro_batches: int, out_dir: Path, argv: list[str]) -> dict:
+    """The step breakdown of a trace this script wrote, as `<stem>-profile.json` in `out_dir` (without the block
+    profile): for a run that wrote its trace and ended before its breakdown (session 15 on the H100)."""
+    with gzip.open(trace_path, "rt") as f:
+        trace = json.load(f)
+    stem = trace_path.name.removesuffix(".json.gz").removesuffix("-step")
+    record = environment("cpu", __file__, argv) | {"from_trace": trace_path.name, "grad_accum": micro_batches}
+    record["step"] = breakdown(trace, micro_batches)
+    record["step_trace"] = trace_path.name
+    _print(f"{trace_path.name}, {micro_batches} micro-batches", record["step"])
+    write_record(out_dir / f"{stem}-profile.json", record)
+    return record
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="7b")
@@ -237,7 +253,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny width (CPU smoke run)")
     ap.add_argument("--out-dir", default=str(ROOT / "bench/results"))
+    ap.add_argument("--from-trace", default=None, help="only break down this step trace (.json.gz) into "
+                                                       "<out-dir>/<its stem>-profile.json; --grad-accum: its micro-batches")
     args = ap.parse_args(argv)
+    if args.from_trace:
+        return breakdown_file(Path(args.from_trace), args.grad_accum, Path(args.out_dir),
+                              sys.argv[1:] if argv is None else argv)
     from bench.train_throughput import _documents
     from bench.whole_model import device_and_preset
     from rwkv5.train.worker import TrainJob, train

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.profile_step import breakdown
+from bench.profile_step import breakdown, main
 
 
 def _x(name, cat, ts, dur):
@@ -34,3 +34,19 @@ def test_breakdown_files_kernels_by_range_then_name():
                                 "optimizer": 60, "zero_bookkeeping": 120, "idle": 220})
     assert b["span_ms"] == pytest.approx(0.7 / 2)
     assert b["host_allocator_ms"] == pytest.approx(0.005) and b["host_sync_ms"] == pytest.approx(0.002)
+
+
+def test_a_written_trace_is_broken_down_on_its_own(tmp_path):
+    """`--from-trace`: the breakdown of a trace already on disk, named after it, the same as `breakdown`'s."""
+    import gzip
+    import json
+
+    trace = {"traceEvents": [_x("sm90_xmma_gemm_bf16bf16_bf16f32", "kernel", 0, 100),
+                             _x("triton_per_fused_add_mul_0", "kernel", 150, 50)]}
+    path = tmp_path / "profile-7b-L8-h100-step.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(trace, f)
+    record = main(["--from-trace", str(path), "--grad-accum", "2", "--out-dir", str(tmp_path)])
+    written = json.loads((tmp_path / "profile-7b-L8-h100-profile.json").read_text())
+    assert written["step"] == record["step"] == breakdown(trace, 2)
+    assert written["step"]["ms"]["idle"] == pytest.approx(50 / 2e3) and written["from_trace"] == path.name
