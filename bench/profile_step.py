@@ -253,8 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny width (CPU smoke run)")
     ap.add_argument("--out-dir", default=str(ROOT / "bench/results"))
-    ap.add_argument("--from-trace", default=None, help="only break down this step trace (.json.gz) into "
-                                                       "<out-dir>/<its stem>-profile.json; --grad-accum: its micro-batches")
+    ap.add_argument("--from-trace", default=None,
+                    help="only break down this step trace (.json.gz) into <out-dir>/<its stem>-profile.json; "
+                         "--grad-accum: its micro-batches")
     args = ap.parse_args(argv)
     if args.from_trace:
         return breakdown_file(Path(args.from_trace), args.grad_accum, Path(args.out_dir),

@@ -74,8 +74,9 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
     """ZeRO stage 2 in bf16 with explicit clipping; batch sizes from the run preset and the worker count.
 
     Bucket sizes, overlap, reduce_scatter and the reduction once per step come from `cfg.zero`
-    (`ZeroConfig.overlaps`: by default on several workers only). DeepSpeed's throughput timer is off: it synchronizes the device in every forward and every
-    `engine.step()` (twice a micro-batch, draining the GPU's queue), and `SpeedCallback` measures instead.
+    (`ZeroConfig.overlaps`: by default on several workers only). DeepSpeed's throughput timer is off: it
+    synchronizes the device in every forward and every `engine.step()` (twice a micro-batch, draining the GPU's
+    queue), and `SpeedCallback` measures instead.
     """
     zero = cfg.zero
     accum = cfg.batch.grad_accum(world_size)
